@@ -1,0 +1,26 @@
+"""sere-loss: feature self-relation (SERE) losses for self-supervised transformers.
+
+SERE (Li, Gao, Cheng, TPAMI 2023) adds two terms to DINO, iBOT or MoCo v3 style objectives: the
+spatial self-relation of the patches of a view, compared across views on their overlap, and the
+channel self-relation of a view. ``SERELoss`` computes both for a multi-crop batch; the kernels
+are in :mod:`sere_loss.functional`.
+"""
+
+from . import functional
+from .heads import PredictionHead, ProjectionHead, RelationHeads
+from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
+from .sampler import RegionAlignedSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelSelfRelationLoss",
+    "PredictionHead",
+    "ProjectionHead",
+    "RegionAlignedSampler",
+    "RelationHeads",
+    "SERELoss",
+    "SpatialSelfRelationLoss",
+    "__version__",
+    "functional",
+]

@@ -1,0 +1,139 @@
+"""Input checks that say what was expected and what came.
+
+Every public function and module of ``sere_loss`` validates user input through these helpers, so
+that a wrong call fails with a ``ValueError`` or ``TypeError`` naming the argument, the expected
+layout and the shape that actually arrived. No bare ``assert`` is used for user input: it would
+vanish under ``python -O``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    """Return ``x`` if it is a tensor, else raise a ``TypeError``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_ndim(x: object, ndim: int, name: str, layout: str) -> Tensor:
+    """Check that ``x`` is a tensor with ``ndim`` dimensions laid out as ``layout``."""
+    t = check_tensor(x, name)
+    if t.ndim != ndim:
+        raise ValueError(
+            f"{name} must have shape {layout} ({ndim} dims), got shape {tuple(t.shape)} "
+            f"({t.ndim} dims)"
+        )
+    return t
+
+
+def check_floating(x: Tensor, name: str) -> Tensor:
+    """Check that ``x`` holds floating-point numbers."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_choice(value: object, name: str, choices: Iterable[str]) -> str:
+    """Check that an option string is one of ``choices``."""
+    options = tuple(choices)
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_positive(value: object, name: str) -> float:
+    """Check that a temperature or scale is a finite number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Check that ``value`` is an int of at least one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_nonnegative_int(value: object, name: str) -> int:
+    """Check that ``value`` is an int of at least zero."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_size(value: object, name: str) -> tuple[int, int]:
+    """Normalise a lattice or grid size given as ``n`` or ``(h, w)`` to ``(h, w)``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair: tuple[object, ...] = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
+    h = check_positive_int(pair[0], f"{name}[0]")
+    w = check_positive_int(pair[1], f"{name}[1]")
+    return h, w
+
+
+def check_unit_interval(value: object, name: str) -> float:
+    """Check that ``value`` is a number in [0, 1] (a momentum, say)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def check_boxes(boxes: object, name: str) -> Tensor:
+    """Check crop boxes ``(B, 4)`` as normalised ``(x0, y0, x1, y1)`` inside [0, 1]."""
+    b = check_ndim(boxes, 2, name, "(B, 4)")
+    if b.shape[1] != 4:
+        raise ValueError(f"{name} must have shape (B, 4) as (x0, y0, x1, y1), got {tuple(b.shape)}")
+    check_floating(b, name)
+    if b.numel() == 0:
+        return b
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    lo, hi = float(b.min()), float(b.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must be normalised to the original image, inside [0, 1]; got values in "
+            f"[{lo:.4g}, {hi:.4g}]"
+        )
+    bad = (b[:, 0] >= b[:, 2]) | (b[:, 1] >= b[:, 3])
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} rows must satisfy x0 < x1 and y0 < y1; row {k} is "
+            f"{[round(v, 4) for v in b[k].tolist()]}"
+        )
+    return b
+
+
+def check_flips(flips: object, batch: int, name: str) -> Tensor:
+    """Check flip flags ``(B,)``, bool or 0/1 integers, and return them as bool."""
+    f = check_ndim(flips, 1, name, "(B,)")
+    if f.shape[0] != batch:
+        raise ValueError(
+            f"{name} must have shape ({batch},) to match the boxes, got {tuple(f.shape)}"
+        )
+    if f.dtype == torch.bool:
+        return f
+    if f.is_floating_point() or f.is_complex():
+        raise TypeError(f"{name} must be bool (or 0/1 integers), got dtype {f.dtype}")
+    if f.numel() and not bool(((f == 0) | (f == 1)).all()):
+        raise ValueError(f"{name} given as integers must hold only 0 and 1")
+    return f.bool()

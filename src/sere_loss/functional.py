@@ -1,0 +1,340 @@
+"""Reference kernels of SERE: the maths of every term, in one place.
+
+The modules in :mod:`sere_loss.losses` only arrange views and heads around these functions. Each
+function states its semantics in its docstring with the shapes of every tensor, and follows
+``SPEC.md`` (the paper where it is right, the authors' code where the paper's numbers came from
+it). Notation: ``B`` batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`` heads,
+``S = Hs * Ws`` sampled points.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ._checks import (
+    check_boxes,
+    check_choice,
+    check_flips,
+    check_floating,
+    check_ndim,
+    check_positive,
+    check_positive_int,
+    check_size,
+    check_tensor,
+)
+
+__all__ = [
+    "channel_relation",
+    "overlap_grids",
+    "relation_cross_entropy",
+    "sample_region",
+    "spatial_relation",
+    "view_pairs",
+]
+
+_POINTS = ("center", "official")
+_PADDINGS = ("border", "zeros")
+_REDUCTIONS = ("mean", "sum", "none")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def spatial_relation(x: Tensor, num_heads: int) -> Tensor:
+    r"""Multi-head spatial self-relation logits (paper Eq. 2, before the softmax).
+
+    The channels are split into ``M = num_heads`` groups of ``D = C / M``; per group
+    ``A_m = X_m X_m^T / sqrt(D)``. The scale is ``sqrt(C / M)`` as in the authors' code (the
+    paper writes ``sqrt(C)``).
+
+    Args:
+        x: sampled features ``(B, S, C)``.
+        num_heads: ``M``, must divide ``C``.
+
+    Returns:
+        Logits ``(B, M, S, S)``.
+
+    Example:
+        >>> x = torch.randn(2, 9, 12)
+        >>> spatial_relation(x, num_heads=3).shape
+        torch.Size([2, 3, 9, 9])
+    """
+    x = check_ndim(x, 3, "x", "(B, S, C)")
+    num_heads = check_positive_int(num_heads, "num_heads")
+    channels = x.shape[-1]
+    if channels % num_heads:
+        raise ValueError(
+            f"the channel count C must divide by num_heads M; got C={channels} from x of shape "
+            f"{tuple(x.shape)} and M={num_heads}"
+        )
+    heads: Tensor = rearrange(x, "b s (m d) -> b m s d", m=num_heads)
+    logits: Tensor = (heads @ heads.transpose(-1, -2)) * (channels // num_heads) ** -0.5
+    return logits
+
+
+def channel_relation(x: Tensor) -> Tensor:
+    r"""Channel self-relation logits (paper Eq. 4, before the softmax): ``x^T x / N``.
+
+    Args:
+        x: projected tokens of a whole view ``(B, N, C)``.
+
+    Returns:
+        Logits ``(B, C, C)``.
+
+    Example:
+        >>> channel_relation(torch.randn(2, 49, 8)).shape
+        torch.Size([2, 8, 8])
+    """
+    x = check_ndim(x, 3, "x", "(B, N, C)")
+    if x.shape[1] == 0:
+        raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
+    return (x.transpose(1, 2) @ x) / x.shape[1]
+
+
+def _no_autocast(device: torch.device) -> AbstractContextManager[object]:
+    """Disable autocast on ``device`` where autocast exists for it."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+def relation_cross_entropy(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Row-wise cross-entropy between teacher and student relations (paper Eq. 3 and 5).
+
+    ``CE = -sum_j softmax(teacher / t_t)_ij * log_softmax(student / t_s)_ij`` for every row
+    ``i``, averaged over the rows and every leading dimension but the batch (heads, say), then
+    over the batch items that ``mask`` keeps. The teacher is detached here: no gradient ever
+    reaches it. The maths runs in float32 even under autocast (float64 stays float64).
+
+    Args:
+        student_logits: ``(B, ..., R, K)`` relation logits of the student.
+        teacher_logits: same shape as ``student_logits``.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        mask: optional ``(B,)`` bool, the batch items to keep. With nothing kept, the result is a
+            zero that is still connected to ``student_logits`` (zero gradient), so distributed
+            training never waits on a missing gradient.
+        reduction: ``"mean"`` over kept items (default), ``"sum"`` over kept items, or
+            ``"none"`` for the per-item losses ``(B,)`` with dropped items set to zero.
+
+    Returns:
+        A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
+
+    Example:
+        >>> s, t = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+        >>> relation_cross_entropy(s, t, teacher_temp=0.5).shape
+        torch.Size([])
+    """
+    student_logits = check_tensor(student_logits, "student_logits")
+    teacher_logits = check_tensor(teacher_logits, "teacher_logits")
+    check_floating(student_logits, "student_logits")
+    check_floating(teacher_logits, "teacher_logits")
+    if student_logits.ndim < 2:
+        raise ValueError(
+            "student_logits must have shape (B, ..., R, K) with at least 2 dims, got "
+            f"{tuple(student_logits.shape)}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+    batch = student_logits.shape[0]
+    if mask is not None:
+        mask = check_ndim(mask, 1, "mask", "(B,)")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        if mask.shape[0] != batch:
+            raise ValueError(
+                f"mask must have shape ({batch},) to match the logits, got {tuple(mask.shape)}"
+            )
+
+    with _no_autocast(student_logits.device):
+        target = F.softmax(_upcast(teacher_logits.detach()) / teacher_temp, dim=-1)
+        log_pred = F.log_softmax(_upcast(student_logits) / student_temp, dim=-1)
+        per_row = -(target * log_pred).sum(dim=-1)
+        per_item = per_row.reshape(batch, -1).mean(dim=1)
+        if mask is None:
+            kept = per_item
+            count = per_item.new_tensor(float(batch))
+        else:
+            kept = torch.where(mask.to(per_item.device), per_item, per_item.new_zeros(()))
+            count = mask.sum().to(per_item)
+        if reduction == "none":
+            return kept
+        total = kept.sum()
+        if reduction == "sum":
+            return total
+        return total / count.clamp(min=1.0)
+
+
+def overlap_grids(
+    boxes1: Tensor,
+    flips1: Tensor,
+    boxes2: Tensor,
+    flips2: Tensor,
+    size: int | tuple[int, int],
+    points: str = "center",
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Sampling grids over the overlap of two views (the region-aligned sampling ``O``).
+
+    Each view is described by its crop box in the ORIGINAL image, normalised to [0, 1] as
+    ``(x0, y0, x1, y1)``, and whether it was flipped horizontally after cropping. The overlap is
+    the intersection of the two boxes; an ``Hs x Ws`` lattice of points over it is mapped into
+    each view's own coordinates (``u = (x - x0) / (x1 - x0)``, ``u -> 1 - u`` when flipped) and
+    written in ``grid_sample``'s convention for ``align_corners=False`` (x then y, ``2u - 1``).
+
+    ``points="center"`` (default, the paper) puts a point at the centre of each of the
+    ``Hs x Ws`` cells of the overlap. ``points="official"`` reproduces the authors' lattice,
+    spaced edge to edge with both ends included (needs ``Hs, Ws >= 2``). Pairs whose boxes do
+    not overlap get ``valid = False`` and grids filled with ``-2`` (outside every view), as the
+    authors' code does; mask them out of any loss.
+
+    Args:
+        boxes1: ``(B, 4)`` crop boxes of the first views.
+        flips1: ``(B,)`` bool, horizontal flip of the first views.
+        boxes2: ``(B, 4)`` crop boxes of the second views.
+        flips2: ``(B,)`` bool.
+        size: ``(Hs, Ws)`` or an int for a square lattice.
+        points: ``"center"`` or ``"official"``.
+
+    Returns:
+        ``(grid1, grid2, valid)``: grids ``(B, Hs, Ws, 2)`` in the boxes' dtype, and ``valid``
+        ``(B,)`` bool.
+
+    Example:
+        >>> b1 = torch.tensor([[0.0, 0.0, 0.5, 1.0]])
+        >>> b2 = torch.tensor([[0.25, 0.0, 1.0, 1.0]])
+        >>> f = torch.tensor([False])
+        >>> g1, g2, valid = overlap_grids(b1, f, b2, f, size=2)
+        >>> g1[0, 0, :, 0].tolist()  # x of the two columns, in view 1: u = 0.625, 0.875
+        [0.25, 0.75]
+        >>> valid.tolist()
+        [True]
+    """
+    boxes1 = check_boxes(boxes1, "boxes1")
+    boxes2 = check_boxes(boxes2, "boxes2")
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(
+            f"boxes1 and boxes2 must have the same shape (B, 4), got {tuple(boxes1.shape)} and "
+            f"{tuple(boxes2.shape)}"
+        )
+    batch = boxes1.shape[0]
+    flips1 = check_flips(flips1, batch, "flips1").to(boxes1.device)
+    flips2 = check_flips(flips2, batch, "flips2").to(boxes1.device)
+    hs, ws = check_size(size, "size")
+    points = check_choice(points, "points", _POINTS)
+    if points == "official" and (hs < 2 or ws < 2):
+        raise ValueError(
+            f"points='official' spaces points edge to edge and needs size >= (2, 2), got {(hs, ws)}"
+        )
+    boxes2 = boxes2.to(boxes1)
+
+    lo = torch.maximum(boxes1[:, :2], boxes2[:, :2])  # (B, 2): overlap x0, y0
+    hi = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])  # (B, 2): overlap x1, y1
+    valid = (lo < hi).all(dim=1)
+
+    def lattice(n: int) -> Tensor:
+        k = torch.arange(n, dtype=boxes1.dtype, device=boxes1.device)
+        return (k + 0.5) / n if points == "center" else k / (n - 1)
+
+    # Lattice points in original-image coordinates: xs (B, Ws), ys (B, Hs).
+    xs = lo[:, :1] + lattice(ws) * (hi[:, :1] - lo[:, :1])
+    ys = lo[:, 1:] + lattice(hs) * (hi[:, 1:] - lo[:, 1:])
+
+    def to_view(boxes: Tensor, flips: Tensor) -> Tensor:
+        u = (xs - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1])
+        u = torch.where(flips[:, None], 1.0 - u, u)
+        v = (ys - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2])
+        grid = torch.stack(
+            (u[:, None, :].expand(-1, hs, -1), v[:, :, None].expand(-1, -1, ws)), dim=-1
+        )
+        grid = 2.0 * grid - 1.0
+        return torch.where(valid[:, None, None, None], grid, grid.new_full((), -2.0))
+
+    return to_view(boxes1, flips1), to_view(boxes2, flips2), valid
+
+
+def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Tensor:
+    r"""Read features at grid points by bilinear interpolation (``align_corners=False``).
+
+    ``padding="border"`` (default) replicates the edge pixels for points between a view's
+    border and its first pixel centre, so every point reads a feature of the view.
+    ``padding="zeros"`` reproduces the authors' code, where such points blend with zeros.
+
+    Args:
+        features: feature maps ``(B, C, H, W)``.
+        grid: ``(B, Hs, Ws, 2)`` from :func:`overlap_grids`.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        Sampled features ``(B, Hs * Ws, C)``, row-major over the lattice.
+
+    Example:
+        >>> feats = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> sample_region(feats, torch.zeros(1, 1, 1, 2)).tolist()  # the centre
+        [[[1.5]]]
+    """
+    features = check_ndim(features, 4, "features", "(B, C, H, W)")
+    check_floating(features, "features")
+    grid = check_ndim(grid, 4, "grid", "(B, Hs, Ws, 2)")
+    if grid.shape[-1] != 2 or grid.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"grid must have shape (B, Hs, Ws, 2) with B={features.shape[0]} as in features "
+            f"{tuple(features.shape)}, got {tuple(grid.shape)}"
+        )
+    padding = check_choice(padding, "padding", _PADDINGS)
+    sampled = F.grid_sample(
+        features,
+        grid.to(dtype=features.dtype, device=features.device),
+        mode="bilinear",
+        padding_mode=padding,
+        align_corners=False,
+    )
+    return rearrange(sampled, "b c h w -> b (h w) c")
+
+
+def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:
+    """The (teacher view, student view) pairs of multi-crop SERE (SPEC 5).
+
+    The teacher sees the global views ``0 .. G-1`` only; the student sees all views, globals
+    first, then locals ``G .. G+L-1``. Pairs: teacher global ``i`` with every student global
+    ``j != i``, then teacher global ``i`` with every student local. No local-local and no
+    same-view pairs; every pair weighs the same.
+
+    Args:
+        num_global: ``G >= 1``.
+        num_local: ``L >= 0``.
+
+    Returns:
+        Global-global pairs first (teacher-major), then global-local pairs (teacher-major).
+
+    Example:
+        >>> view_pairs(2, 2)
+        [(0, 1), (1, 0), (0, 2), (0, 3), (1, 2), (1, 3)]
+    """
+    num_global = check_positive_int(num_global, "num_global")
+    if isinstance(num_local, bool) or not isinstance(num_local, int) or num_local < 0:
+        raise ValueError(f"num_local must be an int >= 0, got {num_local!r}")
+    total = num_global + num_local
+    global_pairs = [(i, j) for i in range(num_global) for j in range(num_global) if j != i]
+    local_pairs = [(i, v) for i in range(num_global) for v in range(num_global, total)]
+    return global_pairs + local_pairs

@@ -1,0 +1,162 @@
+"""Projection and prediction heads of SERE, and the student/teacher set that a term owns.
+
+A head maps tokens ``(B, N, C)`` to tokens ``(B, N, C')`` (``C' = C`` for the default heads).
+Batch normalisation treats every token of every image as a sample (statistics over ``B * N``),
+as the authors' ``BatchNorm2d`` over ``(B, C, H, W)`` maps does. Any ``nn.Module`` with that
+contract can replace a default head, ``nn.Identity()`` included.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_ndim, check_positive_int, check_unit_interval
+
+__all__ = ["PredictionHead", "ProjectionHead", "RelationHeads"]
+
+
+class _TokenBatchNorm(nn.Module):
+    """BatchNorm over the channels of tokens ``(B, N, C)``, statistics over ``B * N``.
+
+    It wraps a plain ``nn.BatchNorm1d`` fed with ``(B * N, C)`` rather than subclassing it, so
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps the inner layer and still sees 2-D input.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, channels = x.shape
+        return self.bn(x.reshape(batch * tokens, channels)).reshape(batch, tokens, channels)  # type: ignore[no-any-return]
+
+
+class ProjectionHead(nn.Sequential):
+    """SERE projection ``h`` (paper Sec. 3.2): BatchNorm over channels, then ReLU.
+
+    Args:
+        dim: channel count ``C``.
+
+    Shape:
+        - Input: ``(B, N, C)``.
+        - Output: ``(B, N, C)``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        dim = check_positive_int(dim, "dim")
+        super().__init__(_TokenBatchNorm(dim), nn.ReLU())
+
+
+class PredictionHead(nn.Sequential):
+    """SERE prediction ``g`` (student only): bias-free linear ``C -> C``, BatchNorm, ReLU.
+
+    The linear layer is the authors' 1x1 convolution, initialised the same way
+    (normal with std ``sqrt(2 / C)``, fan-out mode).
+
+    Args:
+        dim: channel count ``C``.
+
+    Shape:
+        - Input: ``(B, N, C)``.
+        - Output: ``(B, N, C)``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        dim = check_positive_int(dim, "dim")
+        linear = nn.Linear(dim, dim, bias=False)
+        nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
+        super().__init__(linear, _TokenBatchNorm(dim), nn.ReLU())
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+class RelationHeads(nn.Module):
+    """The heads one SERE term owns: student projection and prediction, and the teacher's.
+
+    - ``projection`` / ``prediction``: the student's heads for global views.
+    - ``local_projection`` / ``local_prediction``: the student's heads for local views (their
+      own BatchNorm statistics, as in the authors' code), or the global ones when
+      ``local_heads=False``.
+    - ``teacher_projection``: a frozen copy of ``projection`` that follows it by exponential
+      moving average through :meth:`update_teacher`. The teacher has no prediction head and sees
+      global views only. Its BatchNorm runs in the same mode as this module (batch statistics
+      in training) and keeps its own running buffers; they are not averaged.
+
+    Args:
+        dim: channel count ``C`` of the backbone's tokens.
+        projection: the student's projection; ``None`` for :class:`ProjectionHead`.
+        prediction: the student's prediction; ``None`` for :class:`PredictionHead`
+            (``nn.Identity()`` when ``symmetric``).
+        local_heads: give local views their own pair of heads (copies of the global ones).
+        symmetric: no prediction head on the student (paper Table 15, "symmetry").
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        projection: nn.Module | None = None,
+        prediction: nn.Module | None = None,
+        *,
+        local_heads: bool = True,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        dim = check_positive_int(dim, "dim")
+        if symmetric and prediction is not None:
+            raise ValueError(
+                "symmetric=True means the student has no prediction head; got a prediction "
+                f"module {type(prediction).__name__} as well"
+            )
+        self.projection = projection if projection is not None else ProjectionHead(dim)
+        if symmetric:
+            self.prediction: nn.Module = nn.Identity()
+        else:
+            self.prediction = prediction if prediction is not None else PredictionHead(dim)
+        self.local_heads = bool(local_heads)
+        if self.local_heads:
+            self.local_projection: nn.Module = copy.deepcopy(self.projection)
+            self.local_prediction: nn.Module = copy.deepcopy(self.prediction)
+        self.teacher_projection = _frozen_copy(self.projection)
+
+    def student(self, tokens: Tensor, local: bool = False) -> Tensor:
+        """Student branch ``g(h(tokens))``: ``(B, N, C) -> (B, N, C')``."""
+        tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
+        if local and self.local_heads:
+            return self.local_prediction(self.local_projection(tokens))  # type: ignore[no-any-return]
+        return self.prediction(self.projection(tokens))  # type: ignore[no-any-return]
+
+    def teacher(self, tokens: Tensor) -> Tensor:
+        """Teacher branch ``h_teacher(tokens)`` without gradient: ``(B, N, C) -> (B, N, C')``."""
+        tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
+        with torch.no_grad():
+            return self.teacher_projection(tokens.detach())  # type: ignore[no-any-return]
+
+    def student_parameters_unused(self, used_local: bool) -> list[nn.Parameter]:
+        """Trainable parameters that a forward without local views leaves untouched."""
+        if used_local or not self.local_heads:
+            return []
+        modules = (self.local_projection, self.local_prediction)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step ``teacher = m * teacher + (1 - m) * student`` on the projection's parameters.
+
+        Call it right after the backbone's own EMA step, with the same momentum.
+        """
+        momentum = check_unit_interval(momentum, "momentum")
+        student: list[Tensor] = [p.detach() for p in self.projection.parameters()]
+        teacher: list[Tensor] = list(self.teacher_projection.parameters())
+        if len(student) != len(teacher):  # pragma: no cover - the teacher is a deep copy
+            raise RuntimeError("teacher and student projections no longer have the same parameters")
+        if student:
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)

@@ -1,0 +1,546 @@
+"""SERE losses as modules: views, heads and pairing around the kernels of ``functional``.
+
+The maths of each term is in :mod:`sere_loss.functional`; these modules own the heads, split the
+multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import (
+    check_boxes,
+    check_flips,
+    check_ndim,
+    check_nonnegative_int,
+    check_positive,
+    check_positive_int,
+    check_size,
+)
+from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
+from .functional import channel_relation, relation_cross_entropy, spatial_relation, view_pairs
+from .heads import RelationHeads
+from .sampler import RegionAlignedSampler
+
+__all__ = ["ChannelSelfRelationLoss", "SERELoss", "SpatialSelfRelationLoss"]
+
+
+def _zero_touch(params: Iterable[nn.Parameter], like: Tensor) -> Tensor:
+    """A zero connected to ``params``, so each of them gets a (zero) gradient.
+
+    DistributedDataParallel without ``find_unused_parameters`` waits for a gradient of every
+    trainable parameter; heads that a step did not use (local heads with no local views) must
+    still get one.
+    """
+    zero = like.new_zeros(())
+    for p in params:
+        zero = zero + p.sum() * 0.0
+    return zero
+
+
+def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]:
+    boxes_t = check_ndim(boxes, 3, "boxes", "(B, V, 4)")
+    if boxes_t.shape[1] != views or boxes_t.shape[2] != 4:
+        raise ValueError(
+            f"boxes must have shape (B, V, 4) with V={views} views (globals first, then locals), "
+            f"got {tuple(boxes_t.shape)}"
+        )
+    check_boxes(boxes_t.reshape(-1, 4), "boxes (flattened to (B * V, 4))")
+    flips_t = check_ndim(flips, 2, "flips", "(B, V)")
+    if tuple(flips_t.shape) != tuple(boxes_t.shape[:2]):
+        raise ValueError(
+            f"flips must have shape (B, V) = {tuple(boxes_t.shape[:2])} like boxes, got "
+            f"{tuple(flips_t.shape)}"
+        )
+    flips_t = check_flips(flips_t.reshape(-1), flips_t.numel(), "flips").view(flips_t.shape)
+    return boxes_t, flips_t
+
+
+def _temps(
+    teacher_temp: float | None, student_temp: float | None, default: tuple[float, float]
+) -> tuple[float, float]:
+    tt = default[0] if teacher_temp is None else check_positive(teacher_temp, "teacher_temp")
+    ts = default[1] if student_temp is None else check_positive(student_temp, "student_temp")
+    return tt, ts
+
+
+class SpatialSelfRelationLoss(nn.Module):
+    r"""Spatial self-relation loss ``L_p`` over a multi-crop batch (paper Eq. 2-3, SPEC 2, 4, 5).
+
+    Both branches project every token of a view (``h``: BatchNorm + ReLU), the student then
+    predicts (``g``: linear, BatchNorm, ReLU). For each (teacher global ``i``, student view ``v``)
+    pair the two views' features are sampled at the same ``Hs x Ws`` points of their overlap in
+    the original image (13 x 13 between globals, 6 x 6 with a local view), turned into ``M``-head
+    relation logits, and compared by row-wise cross-entropy, teacher sharpened by
+    ``teacher_temp``. Pairs whose crops do not overlap are masked out; the result is the mean
+    over every kept (image, pair) term, and a zero still connected to every head parameter when
+    nothing overlaps.
+
+    Temperatures: the defaults (teacher 0.5, student 1.0) are the authors' code, which produced
+    the paper's numbers; the paper's text states them the other way round.
+
+    Args:
+        dim: channel count ``C`` of the backbone's tokens.
+        num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
+        teacher_temp: ``t_t`` (0.5).
+        student_temp: ``t_s`` (1.0).
+        global_size: lattice between two global views (13).
+        local_size: lattice between a global and a local view (6).
+        points: ``"center"`` (paper) or ``"official"`` (authors' lattice).
+        padding: ``"border"`` or ``"zeros"`` (authors' code).
+        num_global_views: ``G``, the views the teacher sees (2).
+        num_prefix_tokens: leading tokens to drop from ViT tokens (1 for a CLS token, more with
+            registers); ignored for CNN maps.
+        projection: the student's projection ``h``; ``None`` for the default, ``nn.Identity()``
+            for none. The teacher's is a frozen copy that follows by EMA (:meth:`update_teacher`).
+        prediction: the student's prediction ``g``; ``None`` for the default.
+        local_heads: separate heads for local views (the authors' default).
+        symmetric: no prediction head (paper Table 15).
+
+    Shape:
+        - student_global, teacher_global: ``(G * B, T, C)`` tokens, ``(G * B, C, H, W)`` maps, or
+          a list of ``G`` tensors of batch ``B``.
+        - student_local: ``(L * B, ...)`` or a list of ``L``; optional.
+        - boxes: ``(B, G + L, 4)`` crop boxes, normalised ``(x0, y0, x1, y1)`` in the original
+          image, in the order of the views (globals, then locals).
+        - flips: ``(B, G + L)`` bool, horizontal flip of each view.
+        - Output: scalar.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 6,
+        *,
+        teacher_temp: float = 0.5,
+        student_temp: float = 1.0,
+        global_size: int | tuple[int, int] = 13,
+        local_size: int | tuple[int, int] = 6,
+        points: str = "center",
+        padding: str = "border",
+        num_global_views: int = 2,
+        num_prefix_tokens: int = 0,
+        projection: nn.Module | None = None,
+        prediction: nn.Module | None = None,
+        local_heads: bool = True,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        dim = check_positive_int(dim, "dim")
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        if projection is None and prediction is None and dim % self.num_heads:
+            raise ValueError(
+                f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}"
+            )
+        self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
+        self.student_temp = check_positive(student_temp, "student_temp")
+        global_lattice = check_size(global_size, "global_size")
+        local_lattice = check_size(local_size, "local_size")
+        self.global_sampler = RegionAlignedSampler(global_lattice, points, padding)
+        self.local_sampler = RegionAlignedSampler(local_lattice, points, padding)
+        self.num_global_views = check_positive_int(num_global_views, "num_global_views")
+        self.num_prefix_tokens = check_nonnegative_int(num_prefix_tokens, "num_prefix_tokens")
+        self.heads = RelationHeads(
+            dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
+        )
+
+    def forward(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None = None,
+        *,
+        global_grid: int | tuple[int, int] | None = None,
+        local_grid: int | tuple[int, int] | None = None,
+        teacher_temp: float | None = None,
+        student_temp: float | None = None,
+    ) -> Tensor:
+        """Compute ``L_p``.
+
+        Args:
+            student_global: the student backbone's output for the global views.
+            teacher_global: the teacher backbone's output for the same global views.
+            boxes: ``(B, V, 4)`` crop boxes of all views.
+            flips: ``(B, V)`` flip flags of all views.
+            student_local: the student's output for the local views, if any.
+            global_grid: ``(H, W)`` token grid of global views when it is not square.
+            local_grid: ``(H, W)`` token grid of local views when it is not square.
+            teacher_temp: overrides the stored teacher temperature for this call (schedules).
+            student_temp: overrides the stored student temperature for this call.
+
+        Returns:
+            The loss, a float32 scalar.
+        """
+        tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        g = self.num_global_views
+        teacher, _, batch = join_views(teacher_global, g, None, "teacher_global")
+        student, _, _ = join_views(student_global, g, batch, "student_global")
+        local, num_local = None, 0
+        if student_local is not None:
+            local, num_local, _ = join_views(student_local, None, batch, "student_local")
+        boxes, flips = _geometry(boxes, flips, g + num_local)
+        if boxes.shape[0] != batch:
+            raise ValueError(
+                f"boxes describe a batch of {boxes.shape[0]} images, the views a batch of {batch}"
+            )
+        pairs = view_pairs(g, num_local)
+        if not pairs:
+            raise ValueError(
+                "the spatial term needs at least two views: got one global view and no local"
+            )
+
+        t_tokens, t_hw = to_tokens(teacher, self.num_prefix_tokens, global_grid, "teacher_global")
+        s_tokens, s_hw = to_tokens(student, self.num_prefix_tokens, global_grid, "student_global")
+        t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
+        view_maps = list(torch.split(to_maps(self.heads.student(s_tokens), s_hw), batch))
+        if local is not None:
+            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
+            l_maps = to_maps(self.heads.student(l_tokens, local=True), l_hw)
+            view_maps += list(torch.split(l_maps, batch))
+        teacher_maps = torch.split(t_maps, batch)
+
+        total = t_maps.new_zeros((), dtype=torch.float32)
+        count = t_maps.new_zeros((), dtype=torch.float32)
+        groups = (
+            ([p for p in pairs if p[1] < g], self.global_sampler),
+            ([p for p in pairs if p[1] >= g], self.local_sampler),
+        )
+        for group, sampler in groups:
+            if not group:
+                continue
+            t_parts, s_parts, kept = [], [], []
+            for i, v in group:
+                t_feats, s_feats, valid = sampler(
+                    teacher_maps[i],
+                    view_maps[v],
+                    boxes[:, i],
+                    flips[:, i],
+                    boxes[:, v],
+                    flips[:, v],
+                )
+                t_parts.append(t_feats)
+                s_parts.append(s_feats)
+                kept.append(valid)
+            mask = torch.cat(kept)
+            t_rel = spatial_relation(torch.cat(t_parts), self.num_heads)
+            s_rel = spatial_relation(torch.cat(s_parts), self.num_heads)
+            total = total + relation_cross_entropy(s_rel, t_rel, ts, tt, mask, reduction="sum")
+            count = count + mask.sum()
+        loss = total / count.clamp(min=1.0)
+        return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
+        self.heads.update_teacher(momentum)
+
+    def extra_repr(self) -> str:
+        """Settings shown by ``print(module)``."""
+        return (
+            f"num_heads={self.num_heads}, teacher_temp={self.teacher_temp}, "
+            f"student_temp={self.student_temp}, num_global_views={self.num_global_views}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}"
+        )
+
+
+class ChannelSelfRelationLoss(nn.Module):
+    r"""Channel self-relation loss ``L_c`` over a multi-crop batch (paper Eq. 4-5, SPEC 3, 5).
+
+    Each view's tokens are projected (and, on the student, predicted) as in the spatial term,
+    then turned into ``C x C`` logits ``c^T c / N`` over the whole view (no sampling, no heads),
+    so views of different resolutions compare directly. Pairs as in SPEC 5; the result is the
+    mean over every (image, pair) term.
+
+    The paper (Sec. 4.3) finds that ``L_c`` without an image-level loss ``L_I`` can collapse
+    (every channel encoding the same feature): add it to a DINO, iBOT or MoCo v3 objective.
+
+    Temperatures: teacher 0.1 and student 1.0 are the authors' code (the paper's text swaps
+    them).
+
+    Args:
+        dim: channel count ``C``.
+        teacher_temp: ``t_t`` (0.1).
+        student_temp: ``t_s`` (1.0).
+        num_global_views: ``G`` (2).
+        num_prefix_tokens: leading tokens to drop (1 for a CLS token).
+        projection: the student's projection; ``None`` for the default.
+        prediction: the student's prediction; ``None`` for the default.
+        local_heads: separate heads for local views.
+        symmetric: no prediction head.
+
+    Shape:
+        - student_global, teacher_global: ``(G * B, T, C)``, ``(G * B, C, H, W)`` or a list of
+          ``G`` tensors.
+        - student_local: ``(L * B, ...)`` or a list of ``L``; optional.
+        - Output: scalar.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        teacher_temp: float = 0.1,
+        student_temp: float = 1.0,
+        num_global_views: int = 2,
+        num_prefix_tokens: int = 0,
+        projection: nn.Module | None = None,
+        prediction: nn.Module | None = None,
+        local_heads: bool = True,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        dim = check_positive_int(dim, "dim")
+        self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
+        self.student_temp = check_positive(student_temp, "student_temp")
+        self.num_global_views = check_positive_int(num_global_views, "num_global_views")
+        self.num_prefix_tokens = check_nonnegative_int(num_prefix_tokens, "num_prefix_tokens")
+        self.heads = RelationHeads(
+            dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
+        )
+
+    def forward(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        student_local: Views | None = None,
+        *,
+        teacher_temp: float | None = None,
+        student_temp: float | None = None,
+    ) -> Tensor:
+        """Compute ``L_c``.
+
+        Args:
+            student_global: the student backbone's output for the global views.
+            teacher_global: the teacher backbone's output for the same global views.
+            student_local: the student's output for the local views, if any.
+            teacher_temp: overrides the stored teacher temperature for this call.
+            student_temp: overrides the stored student temperature for this call.
+
+        Returns:
+            The loss, a float32 scalar.
+        """
+        tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        g = self.num_global_views
+        teacher, _, batch = join_views(teacher_global, g, None, "teacher_global")
+        student, _, _ = join_views(student_global, g, batch, "student_global")
+        num_local = 0
+        prefix = self.num_prefix_tokens
+        t_tokens = patch_tokens(teacher, prefix, "teacher_global")
+        s_tokens = patch_tokens(student, prefix, "student_global")
+        t_rel = channel_relation(self.heads.teacher(t_tokens))
+        s_rel = [channel_relation(self.heads.student(s_tokens))]
+        if student_local is not None:
+            local, num_local, _ = join_views(student_local, None, batch, "student_local")
+            l_tokens = patch_tokens(local, prefix, "student_local")
+            s_rel.append(channel_relation(self.heads.student(l_tokens, local=True)))
+        pairs = view_pairs(g, num_local)
+        if not pairs:
+            raise ValueError(
+                "the channel term needs at least two views: got one global view and no local"
+            )
+        student_rel = torch.cat(s_rel).view(g + num_local, batch, *t_rel.shape[1:])
+        teacher_rel = t_rel.view(g, batch, *t_rel.shape[1:])
+        t_idx = torch.tensor([i for i, _ in pairs], device=t_rel.device)
+        s_idx = torch.tensor([v for _, v in pairs], device=t_rel.device)
+        loss = relation_cross_entropy(
+            student_rel[s_idx].flatten(0, 1), teacher_rel[t_idx].flatten(0, 1), ts, tt
+        )
+        return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
+        self.heads.update_teacher(momentum)
+
+    def extra_repr(self) -> str:
+        """Settings shown by ``print(module)``."""
+        return (
+            f"teacher_temp={self.teacher_temp}, student_temp={self.student_temp}, "
+            f"num_global_views={self.num_global_views}, num_prefix_tokens={self.num_prefix_tokens}"
+        )
+
+
+class SERELoss(nn.Module):
+    r"""Both SERE terms for a multi-crop batch: ``alpha * L_p + beta * L_c`` (paper Eq. 6).
+
+    Add it to the method's own loss ``L_I``: ``loss = dino_loss + sere(...)``. The paper's
+    weights: DINO ``alpha = beta = 1``; iBOT ``alpha = 0.2, beta = 0.5`` (the authors' iBOT code
+    also scales ``L_I`` by ``(4 - alpha - beta) / 2``, which is the trainer's business). A term
+    with weight 0 is not built, so it owns no idle parameters.
+
+    Args:
+        dim: channel count ``C`` of the backbone's tokens.
+        alpha: weight of the spatial term (1.0).
+        beta: weight of the channel term (1.0).
+        num_heads: heads of the spatial relation (6).
+        num_global_views: ``G`` (2).
+        num_prefix_tokens: leading tokens to drop (1 for a CLS token).
+        local_heads: separate heads for local views.
+        symmetric: no prediction heads.
+        points: lattice of the spatial term, ``"center"`` or ``"official"``.
+        padding: ``"border"`` or ``"zeros"``.
+        spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
+            then do not apply to it).
+        channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
+
+    Shape:
+        As :class:`SpatialSelfRelationLoss`; output a scalar, or ``(loss, terms)`` with
+        ``return_terms=True``, ``terms`` holding the unweighted, detached ``"spatial"`` and
+        ``"channel"`` values for logging.
+
+    Example:
+        >>> sere = SERELoss(dim=48, num_heads=6)
+        >>> tokens = torch.randn(2 * 4, 49, 48)  # 2 global views of a batch of 4, 7 x 7 tokens
+        >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]).expand(4, 2, 4)
+        >>> flips = torch.zeros(4, 2, dtype=torch.bool)
+        >>> loss = sere(tokens, tokens.detach(), boxes, flips)
+        >>> loss.shape, bool(loss > 0)
+        (torch.Size([]), True)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        num_heads: int = 6,
+        num_global_views: int = 2,
+        num_prefix_tokens: int = 0,
+        local_heads: bool = True,
+        symmetric: bool = False,
+        points: str = "center",
+        padding: str = "border",
+        spatial: SpatialSelfRelationLoss | None = None,
+        channel: ChannelSelfRelationLoss | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if alpha == 0 and beta == 0:
+            raise ValueError("alpha and beta are both 0: SERE would add nothing")
+        if alpha == 0:
+            warnings.warn(
+                "SERELoss with alpha=0 uses the channel self-relation alone; the paper (Sec. 4.3) "
+                "finds it can collapse without an image-level loss, so add it to one (DINO, iBOT, "
+                "MoCo v3)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        common = dict(
+            num_global_views=num_global_views,
+            num_prefix_tokens=num_prefix_tokens,
+            local_heads=local_heads,
+            symmetric=symmetric,
+        )
+        self.spatial: SpatialSelfRelationLoss | None = None
+        self.channel: ChannelSelfRelationLoss | None = None
+        if alpha > 0:
+            self.spatial = (
+                spatial
+                if spatial is not None
+                else SpatialSelfRelationLoss(
+                    dim,
+                    num_heads,
+                    points=points,
+                    padding=padding,
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+        if beta > 0:
+            self.channel = (
+                channel
+                if channel is not None
+                else ChannelSelfRelationLoss(
+                    dim,
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+
+    @overload
+    def forward(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None = None,
+        *,
+        global_grid: int | tuple[int, int] | None = None,
+        local_grid: int | tuple[int, int] | None = None,
+        return_terms: Literal[False] = False,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None = None,
+        *,
+        global_grid: int | tuple[int, int] | None = None,
+        local_grid: int | tuple[int, int] | None = None,
+        return_terms: Literal[True],
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def forward(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None = None,
+        *,
+        global_grid: int | tuple[int, int] | None = None,
+        local_grid: int | tuple[int, int] | None = None,
+        return_terms: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Compute ``alpha * L_p + beta * L_c``; arguments as :class:`SpatialSelfRelationLoss`."""
+        terms: dict[str, Tensor] = {}
+        loss: Tensor | None = None
+        if self.spatial is not None:
+            spatial = self.spatial(
+                student_global,
+                teacher_global,
+                boxes,
+                flips,
+                student_local,
+                global_grid=global_grid,
+                local_grid=local_grid,
+            )
+            terms["spatial"] = spatial.detach()
+            loss = self.alpha * spatial
+        if self.channel is not None:
+            channel = self.channel(student_global, teacher_global, student_local)
+            terms["channel"] = channel.detach()
+            loss = self.beta * channel if loss is None else loss + self.beta * channel
+        if loss is None:  # pragma: no cover - the constructor forbids it
+            raise RuntimeError("SERELoss has no term")
+        return (loss, terms) if return_terms else loss
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of every teacher head; call it right after the backbone's EMA step.
+
+        Args:
+            momentum: the teacher momentum of this iteration (0.996 -> 1 cosine in DINO).
+        """
+        for term in (self.spatial, self.channel):
+            if term is not None:
+                term.update_teacher(momentum)
+
+    def extra_repr(self) -> str:
+        """Settings shown by ``print(module)``."""
+        return f"alpha={self.alpha}, beta={self.beta}"
