@@ -98,7 +98,8 @@ class SpatialSelfRelationLoss(nn.Module):
             registers); ignored for CNN maps.
         projection: the student's projection ``h``; ``None`` for the default, ``nn.Identity()``
             for none. The teacher's is a frozen copy that follows by EMA (:meth:`update_teacher`).
-        prediction: the student's prediction ``g``; ``None`` for the default.
+        prediction: the student's prediction ``g``; ``None`` for the default, which takes ``dim``
+            channels: with a projection of another width, pass a prediction that takes it.
         local_heads: separate heads for local views (the authors' default).
         symmetric: no prediction head (paper Table 15).
 
