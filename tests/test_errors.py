@@ -1,0 +1,365 @@
+"""Bad input fails with a ValueError or TypeError that says what was expected and what came."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from sere_loss import (
+    ChannelSelfRelationLoss,
+    RegionAlignedSampler,
+    SERELoss,
+    SpatialSelfRelationLoss,
+)
+from sere_loss import functional as SF
+
+B = 2
+BOX = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]])
+NO = torch.zeros(B, dtype=torch.bool)
+
+
+def _sere_call(**override: object) -> Callable[[], object]:
+    args: dict[str, object] = {
+        "student_global": torch.randn(2 * B, 16, 12),
+        "teacher_global": torch.randn(2 * B, 16, 12),
+        "boxes": BOX.expand(B, 2, 4).clone(),
+        "flips": torch.zeros(B, 2, dtype=torch.bool),
+    }
+    args.update(override)
+    sere = SERELoss(12, num_heads=3)
+    return lambda: sere(**args)
+
+
+# fmt: off
+CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
+    # kernels: wrong ndim, divisibility, shapes
+    (
+        "spatial ndim",
+        ValueError,
+        r"\(B, S, C\).*got shape \(4, 12\)",
+        lambda: SF.spatial_relation(torch.randn(4, 12), 3),
+    ),
+    (
+        "C not divisible by M",
+        ValueError,
+        r"C=10.*M=3",
+        lambda: SF.spatial_relation(torch.randn(1, 4, 10), 3),
+    ),
+    (
+        "heads not positive",
+        ValueError,
+        r"num_heads must be >= 1",
+        lambda: SF.spatial_relation(torch.randn(1, 4, 6), 0),
+    ),
+    ("channel ndim", ValueError, r"\(B, N, C\)", lambda: SF.channel_relation(torch.randn(3, 4))),
+    (
+        "not a tensor",
+        TypeError,
+        r"x must be a torch.Tensor, got list",
+        lambda: SF.channel_relation([1.0]),
+    ),
+    (
+        "ce shapes differ",
+        ValueError,
+        r"same shape.*\(2, 3, 3\) and \(2, 3, 4\)",
+        lambda: SF.relation_cross_entropy(torch.randn(2, 3, 3), torch.randn(2, 3, 4)),
+    ),
+    (
+        "ce temperature zero",
+        ValueError,
+        r"teacher_temp must be a finite number > 0, got 0",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), teacher_temp=0.0
+        ),
+    ),
+    (
+        "ce temperature negative",
+        ValueError,
+        r"student_temp .* got -1",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), student_temp=-1.0
+        ),
+    ),
+    (
+        "ce temperature nan",
+        ValueError,
+        r"teacher_temp",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), teacher_temp=float("nan")
+        ),
+    ),
+    (
+        "ce mask shape",
+        ValueError,
+        r"mask must have shape \(2,\).*\(3,\)",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), mask=torch.ones(3, dtype=torch.bool)
+        ),
+    ),
+    (
+        "ce mask dtype",
+        TypeError,
+        r"mask must be a bool tensor",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), mask=torch.ones(2)
+        ),
+    ),
+    (
+        "ce reduction",
+        ValueError,
+        r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'",
+        lambda: SF.relation_cross_entropy(
+            torch.randn(2, 3, 3), torch.randn(2, 3, 3), reduction="avg"
+        ),
+    ),
+    (
+        "ce integer logits",
+        TypeError,
+        r"floating-point",
+        lambda: SF.relation_cross_entropy(
+            torch.ones(2, 3, 3, dtype=torch.long), torch.ones(2, 3, 3, dtype=torch.long)
+        ),
+    ),
+    # geometry
+    (
+        "boxes outside",
+        ValueError,
+        r"inside \[0, 1\].*\[-0.1, 0.8\]",
+        lambda: SF.overlap_grids(torch.tensor([[-0.1, 0.0, 0.8, 0.8]]), NO[:1], BOX[:1], NO[:1], 3),
+    ),
+    (
+        "boxes above one",
+        ValueError,
+        r"inside \[0, 1\]",
+        lambda: SF.overlap_grids(torch.tensor([[0.0, 0.0, 1.5, 0.8]]), NO[:1], BOX[:1], NO[:1], 3),
+    ),
+    (
+        "x0 >= x1",
+        ValueError,
+        r"x0 < x1 and y0 < y1; row 1",
+        lambda: SF.overlap_grids(
+            torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.6, 0.0, 0.6, 0.5]]), NO, BOX, NO, 3
+        ),
+    ),
+    (
+        "boxes shape",
+        ValueError,
+        r"\(B, 4\).*\(2, 3\)",
+        lambda: SF.overlap_grids(torch.rand(2, 3), NO, BOX, NO, 3),
+    ),
+    (
+        "boxes batch mismatch",
+        ValueError,
+        r"same shape.*\(1, 4\) and \(2, 4\)",
+        lambda: SF.overlap_grids(BOX[:1], NO[:1], BOX, NO, 3),
+    ),
+    (
+        "flips shape",
+        ValueError,
+        r"flips1 must have shape \(2,\).*\(3,\)",
+        lambda: SF.overlap_grids(BOX, torch.zeros(3, dtype=torch.bool), BOX, NO, 3),
+    ),
+    (
+        "flips float",
+        TypeError,
+        r"flips2 must be bool",
+        lambda: SF.overlap_grids(BOX, NO, BOX, torch.zeros(2), 3),
+    ),
+    (
+        "flips values",
+        ValueError,
+        r"only 0 and 1",
+        lambda: SF.overlap_grids(BOX, NO, BOX, torch.tensor([0, 2]), 3),
+    ),
+    (
+        "unknown points",
+        ValueError,
+        r"points must be one of \('center', 'official'\), got 'corner'",
+        lambda: SF.overlap_grids(BOX, NO, BOX, NO, 3, points="corner"),
+    ),
+    (
+        "bad size",
+        ValueError,
+        r"size must be an int or a pair",
+        lambda: SF.overlap_grids(BOX, NO, BOX, NO, (3, 3, 3)),
+    ),
+    (
+        "size zero",
+        ValueError,
+        r"size\[0\] must be >= 1",
+        lambda: SF.overlap_grids(BOX, NO, BOX, NO, 0),
+    ),
+    (
+        "unknown padding",
+        ValueError,
+        r"padding must be one of \('border', 'zeros'\), got 'reflect'",
+        lambda: SF.sample_region(torch.randn(1, 2, 3, 3), torch.zeros(1, 2, 2, 2), "reflect"),
+    ),
+    (
+        "grid batch",
+        ValueError,
+        r"B=1.*got \(2, 2, 2, 2\)",
+        lambda: SF.sample_region(torch.randn(1, 2, 3, 3), torch.zeros(2, 2, 2, 2)),
+    ),
+    (
+        "sampler features",
+        ValueError,
+        r"agree on \(B, C\)",
+        lambda: RegionAlignedSampler(3)(
+            torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5), BOX, NO, BOX, NO
+        ),
+    ),
+    (
+        "sampler option",
+        ValueError,
+        r"padding must be one of",
+        lambda: RegionAlignedSampler(3, padding="edge"),
+    ),
+    # modules
+    ("dim vs heads", ValueError, r"dim=10 and num_heads=3", lambda: SpatialSelfRelationLoss(10, 3)),
+    (
+        "module temperature",
+        ValueError,
+        r"teacher_temp must be a finite number > 0",
+        lambda: ChannelSelfRelationLoss(8, teacher_temp=0.0),
+    ),
+    (
+        "negative alpha",
+        ValueError,
+        r"alpha must be a number >= 0, got -1",
+        lambda: SERELoss(12, alpha=-1.0),
+    ),
+    (
+        "prefix tokens",
+        ValueError,
+        r"num_prefix_tokens must be >= 0",
+        lambda: SERELoss(12, num_heads=3, num_prefix_tokens=-1),
+    ),
+    (
+        "momentum",
+        ValueError,
+        r"momentum must lie in \[0, 1\], got 1.5",
+        lambda: SERELoss(12, num_heads=3).update_teacher(1.5),
+    ),
+    (
+        "tokens ndim",
+        ValueError,
+        r"ViT tokens \(B, T, C\) or CNN feature maps \(B, C, H, W\), got shape \(4, 12\)",
+        _sere_call(student_global=torch.randn(4, 12)),
+    ),
+    (
+        "view count",
+        ValueError,
+        r"student_global must have 2 views of batch 2.*\(6, 16, 12\)",
+        _sere_call(student_global=torch.randn(6, 16, 12)),
+    ),
+    (
+        "teacher rows odd",
+        ValueError,
+        r"teacher_global must hold its views.*V=2 views.*\(5, 16, 12\)",
+        _sere_call(teacher_global=torch.randn(5, 16, 12)),
+    ),
+    (
+        "list length",
+        ValueError,
+        r"student_global must be a list of 2 views, got 3",
+        _sere_call(student_global=[torch.randn(B, 16, 12)] * 3),
+    ),
+    (
+        "local batch",
+        ValueError,
+        r"student_local.*B=2.*\(5, 9, 12\)",
+        _sere_call(student_local=torch.randn(5, 9, 12)),
+    ),
+    (
+        "boxes views",
+        ValueError,
+        r"\(B, V, 4\) with V=4 views.*\(2, 2, 4\)",
+        _sere_call(student_local=torch.randn(2 * B, 9, 12)),
+    ),
+    (
+        "boxes batch",
+        ValueError,
+        r"batch of 3 images, the views a batch of 2",
+        _sere_call(
+            boxes=BOX[:1].expand(3, 2, 4).clone(), flips=torch.zeros(3, 2, dtype=torch.bool)
+        ),
+    ),
+    (
+        "flips layout",
+        ValueError,
+        r"flips must have shape \(B, V\) = \(2, 2\).*\(2, 3\)",
+        _sere_call(flips=torch.zeros(B, 3, dtype=torch.bool)),
+    ),
+    (
+        "boxes values",
+        ValueError,
+        r"x0 < x1",
+        _sere_call(boxes=torch.tensor([[0.5, 0.0, 0.4, 1.0]]).expand(B, 2, 4).clone()),
+    ),
+    (
+        "not square",
+        ValueError,
+        r"15 patch tokens \(15 minus 0 prefix\), not a square grid.*num_prefix_tokens",
+        _sere_call(
+            student_global=torch.randn(2 * B, 15, 12), teacher_global=torch.randn(2 * B, 15, 12)
+        ),
+    ),
+    (
+        "grid mismatch",
+        ValueError,
+        r"16 patch tokens.*not the grid \(3, 5\)",
+        lambda: SpatialSelfRelationLoss(12, 3)(
+            torch.randn(2 * B, 16, 12),
+            torch.randn(2 * B, 16, 12),
+            BOX.expand(B, 2, 4).clone(),
+            torch.zeros(B, 2, dtype=torch.bool),
+            global_grid=(3, 5),
+        ),
+    ),
+    (
+        "one view",
+        ValueError,
+        r"at least two views",
+        lambda: ChannelSelfRelationLoss(12, num_global_views=1)(
+            torch.randn(B, 16, 12), torch.randn(B, 16, 12)
+        ),
+    ),
+    (
+        "string views",
+        TypeError,
+        r"tensor \(views concatenated along dim 0\) or a list of tensors, got str",
+        _sere_call(student_global="tokens"),
+    ),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("exc", "pattern", "call"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_raises_a_clear_error(
+    exc: type[Exception], pattern: str, call: Callable[[], object]
+) -> None:
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_checks_survive_python_optimise_mode() -> None:
+    # No check relies on `assert`, which `python -O` strips.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sere_loss.functional as SF\n"
+        "try:\n"
+        "    SF.spatial_relation(torch.randn(1, 4, 10), 3)\n"
+        "except ValueError:\n"
+        "    print('raised')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "raised"
