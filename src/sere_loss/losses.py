@@ -387,6 +387,8 @@ class SERELoss(nn.Module):
         symmetric: no prediction heads.
         points: lattice of the spatial term, ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
+        global_size: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
+        local_size: spatial lattice between a global and a local view (6 for 96 px).
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -419,6 +421,8 @@ class SERELoss(nn.Module):
         symmetric: bool = False,
         points: str = "center",
         padding: str = "border",
+        global_size: int | tuple[int, int] = 13,
+        local_size: int | tuple[int, int] = 6,
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
     ) -> None:
@@ -455,6 +459,8 @@ class SERELoss(nn.Module):
                     num_heads,
                     points=points,
                     padding=padding,
+                    global_size=global_size,
+                    local_size=local_size,
                     **common,  # type: ignore[arg-type]
                 )
             )
