@@ -57,22 +57,18 @@ def check_positive(value: object, name: str) -> float:
     return float(value)
 
 
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """Check that ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_int(value: object, name: str) -> int:
     """Check that ``value`` is an int of at least one."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def check_nonnegative_int(value: object, name: str) -> int:
-    """Check that ``value`` is an int of at least zero."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    return check_int(value, name, 1)
 
 
 def check_size(value: object, name: str) -> tuple[int, int]:

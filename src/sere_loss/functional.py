@@ -21,6 +21,7 @@ from ._checks import (
     check_choice,
     check_flips,
     check_floating,
+    check_int,
     check_ndim,
     check_positive,
     check_positive_int,
@@ -332,8 +333,7 @@ def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:
         [(0, 1), (1, 0), (0, 2), (0, 3), (1, 2), (1, 3)]
     """
     num_global = check_positive_int(num_global, "num_global")
-    if isinstance(num_local, bool) or not isinstance(num_local, int) or num_local < 0:
-        raise ValueError(f"num_local must be an int >= 0, got {num_local!r}")
+    num_local = check_int(num_local, "num_local", 0)
     total = num_global + num_local
     global_pairs = [(i, j) for i in range(num_global) for j in range(num_global) if j != i]
     local_pairs = [(i, v) for i in range(num_global) for v in range(num_global, total)]

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from ._checks import (
     check_boxes,
     check_flips,
+    check_int,
     check_ndim,
-    check_nonnegative_int,
     check_positive,
     check_positive_int,
     check_size,
@@ -145,7 +145,7 @@ class SpatialSelfRelationLoss(nn.Module):
         self.global_sampler = RegionAlignedSampler(global_lattice, points, padding)
         self.local_sampler = RegionAlignedSampler(local_lattice, points, padding)
         self.num_global_views = check_positive_int(num_global_views, "num_global_views")
-        self.num_prefix_tokens = check_nonnegative_int(num_prefix_tokens, "num_prefix_tokens")
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.heads = RelationHeads(
             dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
         )
@@ -301,7 +301,7 @@ class ChannelSelfRelationLoss(nn.Module):
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
         self.num_global_views = check_positive_int(num_global_views, "num_global_views")
-        self.num_prefix_tokens = check_nonnegative_int(num_prefix_tokens, "num_prefix_tokens")
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.heads = RelationHeads(
             dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
         )
