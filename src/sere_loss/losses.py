@@ -23,7 +23,14 @@ from ._checks import (
     check_size,
 )
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
-from .functional import channel_relation, relation_cross_entropy, spatial_relation, view_pairs
+from .functional import (
+    channel_relation,
+    overlap_grids,
+    relation_cross_entropy,
+    sample_region,
+    spatial_relation,
+    view_pairs,
+)
 from .heads import RelationHeads
 from .sampler import RegionAlignedSampler
 
@@ -216,22 +223,32 @@ class SpatialSelfRelationLoss(nn.Module):
         for group, sampler in groups:
             if not group:
                 continue
-            t_parts, s_parts, kept = [], [], []
-            for i, v in group:
-                t_feats, s_feats, valid = sampler(
-                    teacher_maps[i],
-                    view_maps[v],
-                    boxes[:, i],
-                    flips[:, i],
-                    boxes[:, v],
-                    flips[:, v],
-                )
-                t_parts.append(t_feats)
-                s_parts.append(s_feats)
-                kept.append(valid)
-            mask = torch.cat(kept)
-            t_rel = spatial_relation(torch.cat(t_parts), self.num_heads)
-            s_rel = spatial_relation(torch.cat(s_parts), self.num_heads)
+            t_idx, s_idx = [i for i, _ in group], [v for _, v in group]
+            # One overlap_grids call per lattice size: the group's pairs stacked pair-major,
+            # (P * B, 4), so the geometry is checked and computed once, not once per pair.
+            grid_t, grid_s, mask = overlap_grids(
+                boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
+                flips[:, t_idx].transpose(0, 1).reshape(-1),
+                boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
+                flips[:, s_idx].transpose(0, 1).reshape(-1),
+                sampler.size,
+                sampler.points,
+            )
+            t_feats = torch.cat(
+                [
+                    sample_region(teacher_maps[i], grid, sampler.padding)
+                    for i, grid in zip(t_idx, torch.split(grid_t, batch), strict=True)
+                ]
+            )
+            s_feats = torch.cat(
+                [
+                    sample_region(view_maps[v], grid, sampler.padding)
+                    for v, grid in zip(s_idx, torch.split(grid_s, batch), strict=True)
+                ]
+            )
+            mask = mask.to(t_feats.device)
+            t_rel = spatial_relation(t_feats, self.num_heads)
+            s_rel = spatial_relation(s_feats, self.num_heads)
             total = total + relation_cross_entropy(s_rel, t_rel, ts, tt, mask, reduction="sum")
             count = count + mask.sum()
         loss = total / count.clamp(min=1.0)
