@@ -212,6 +212,18 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         ),
     ),
     (
+        "official lattice in sampler",
+        ValueError,
+        r"size >= \(2, 2\), got \(1, 1\)",
+        lambda: RegionAlignedSampler(1, points="official"),
+    ),
+    (
+        "official lattice in loss",
+        ValueError,
+        r"size >= \(2, 2\), got \(1, 3\)",
+        lambda: SpatialSelfRelationLoss(12, 3, points="official", local_size=(1, 3)),
+    ),
+    (
         "sampler option",
         ValueError,
         r"padding must be one of",

@@ -239,15 +239,41 @@ def overlap_grids(
             f"{tuple(boxes2.shape)}"
         )
     batch = boxes1.shape[0]
-    flips1 = check_flips(flips1, batch, "flips1").to(boxes1.device)
-    flips2 = check_flips(flips2, batch, "flips2").to(boxes1.device)
+    flips1 = check_flips(flips1, batch, "flips1")
+    flips2 = check_flips(flips2, batch, "flips2")
+    lattice_size, points = _check_lattice(size, points)
+    return _overlap_grids_unchecked(boxes1, flips1, boxes2, flips2, lattice_size, points)
+
+
+def _check_lattice(size: object, points: object) -> tuple[tuple[int, int], str]:
+    """Check a lattice ``size`` and ``points`` option; return ``((Hs, Ws), points)``."""
     hs, ws = check_size(size, "size")
     points = check_choice(points, "points", _POINTS)
     if points == "official" and (hs < 2 or ws < 2):
         raise ValueError(
             f"points='official' spaces points edge to edge and needs size >= (2, 2), got {(hs, ws)}"
         )
+    return (hs, ws), points
+
+
+def _overlap_grids_unchecked(
+    boxes1: Tensor,
+    flips1: Tensor,
+    boxes2: Tensor,
+    flips2: Tensor,
+    size: tuple[int, int],
+    points: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`overlap_grids` without its input checks, for callers that checked already.
+
+    Boxes ``(B, 4)`` valid and flips ``(B,)`` bool are assumed, and ``size``/``points`` as
+    :func:`_check_lattice` returns them. Checking boxes costs a host sync on an accelerator, so
+    the losses check once per step and call this.
+    """
+    hs, ws = size
     boxes2 = boxes2.to(boxes1)
+    flips1 = flips1.to(boxes1.device)
+    flips2 = flips2.to(boxes1.device)
 
     lo = torch.maximum(boxes1[:, :2], boxes2[:, :2])  # (B, 2): overlap x0, y0
     hi = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])  # (B, 2): overlap x1, y1

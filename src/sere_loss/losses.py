@@ -24,8 +24,8 @@ from ._checks import (
 )
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
+    _overlap_grids_unchecked,
     channel_relation,
-    overlap_grids,
     relation_cross_entropy,
     sample_region,
     spatial_relation,
@@ -224,9 +224,10 @@ class SpatialSelfRelationLoss(nn.Module):
             if not group:
                 continue
             t_idx, s_idx = [i for i, _ in group], [v for _, v in group]
-            # One overlap_grids call per lattice size: the group's pairs stacked pair-major,
-            # (P * B, 4), so the geometry is checked and computed once, not once per pair.
-            grid_t, grid_s, mask = overlap_grids(
+            # One grid computation per lattice size: the group's pairs stacked pair-major,
+            # (P * B, 4). The geometry was checked once above (_geometry, and the lattice when
+            # the sampler was built), so no per-pair check syncs with the host here.
+            grid_t, grid_s, mask = _overlap_grids_unchecked(
                 boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
                 flips[:, t_idx].transpose(0, 1).reshape(-1),
                 boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_ndim, check_size
-from .functional import overlap_grids, sample_region
+from ._checks import check_choice, check_ndim
+from .functional import _check_lattice, overlap_grids, sample_region
 
 __all__ = ["RegionAlignedSampler"]
 
@@ -42,8 +42,7 @@ class RegionAlignedSampler(nn.Module):
         self, size: int | tuple[int, int] = 13, points: str = "center", padding: str = "border"
     ) -> None:
         super().__init__()
-        self.size = check_size(size, "size")
-        self.points = check_choice(points, "points", ("center", "official"))
+        self.size, self.points = _check_lattice(size, points)
         self.padding = check_choice(padding, "padding", ("border", "zeros"))
 
     def forward(
