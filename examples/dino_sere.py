@@ -1,0 +1,426 @@
+"""DINO with SERE: a complete trainer, written to be read.
+
+DINO (Caron et al., 2021) distils a momentum teacher into a student across multi-crop views.
+SERE (Li et al., TPAMI 2023) adds two terms computed on the patch tokens: the spatial
+self-relation, compared on the overlap of two views, and the channel self-relation. Every line
+that SERE adds ends with ``# SERE``; ``--no-sere`` runs plain DINO through the same code.
+
+    python examples/dino_sere.py --preset tiny                  # a minute on a laptop CPU
+    python examples/dino_sere.py --preset vit_small --data /path/to/imagenet/train  # CUDA
+
+Recipe (``vit_small``, the paper's Sec. 4.1 and DINO's ViT-S/16 settings): AdamW, lr
+0.0005 * batch / 256 with 10 warm-up epochs then cosine to 1e-6, weight decay 0.04 -> 0.4,
+teacher momentum 0.996 -> 1, teacher temperature 0.04 -> 0.07 over 30 epochs, student
+temperature 0.1, centre momentum 0.9, gradient clipping 3.0, the last layer frozen for the first
+epoch, 2 x 224 global crops at scale (0.35, 1) and 4 x 96 local crops at (0.05, 0.35), and SERE
+with alpha = beta = 1. All schedules are per iteration and span ``--epochs``; ``--max-steps``
+stops early without changing them, so a short run is the start of the long one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import common
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from sere_loss import SERELoss  # SERE
+from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
+
+# Presets -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model, crops and schedule of one configuration."""
+
+    arch: str
+    patch: int
+    global_px: int
+    local_px: int
+    num_local: int
+    out_dim: int
+    head_hidden: int
+    head_bottleneck: int
+    batch_size: int
+    epochs: int
+    warmup_epochs: float
+    teacher_temp_warmup_epochs: float
+    drop_path: float
+    synthetic_length: int
+    synthetic_size: int
+    workers: int
+
+
+PRESETS = {
+    # A ViT small enough for a 2-core CPU: 64 px global views (8 x 8 tokens), 32 px local ones.
+    "tiny": Preset(
+        arch="tiny",
+        patch=8,
+        global_px=64,
+        local_px=32,
+        num_local=4,
+        out_dim=1024,
+        head_hidden=256,
+        head_bottleneck=64,
+        batch_size=16,
+        epochs=2,
+        warmup_epochs=1,
+        teacher_temp_warmup_epochs=1,
+        drop_path=0.1,
+        synthetic_length=128,
+        synthetic_size=96,
+        workers=2,
+    ),
+    # The paper's ViT-S/16 recipe (batch per process; the paper's total is 512).
+    "vit_small": Preset(
+        arch="vit_small_patch16_224",
+        patch=16,
+        global_px=224,
+        local_px=96,
+        num_local=4,
+        out_dim=65536,
+        head_hidden=2048,
+        head_bottleneck=256,
+        batch_size=64,
+        epochs=100,
+        warmup_epochs=10,
+        teacher_temp_warmup_epochs=30,
+        drop_path=0.1,
+        synthetic_length=10_000,
+        synthetic_size=256,
+        workers=8,
+    ),
+}
+
+
+def build_backbone(preset: Preset, drop_path: float) -> VisionTransformer:
+    """A timm ViT that takes any input size (global and local views) and returns no logits."""
+    if preset.arch == "tiny":
+        return VisionTransformer(
+            img_size=preset.global_px, patch_size=preset.patch, embed_dim=96, depth=4,
+            num_heads=3, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path,
+        )  # fmt: skip
+    model = timm.create_model(
+        preset.arch, pretrained=False, num_classes=0, dynamic_img_size=True,
+        drop_path_rate=drop_path,
+    )  # fmt: skip
+    if not isinstance(model, VisionTransformer):
+        raise SystemExit(f"{preset.arch} is not a timm VisionTransformer")
+    return model
+
+
+# DINO --------------------------------------------------------------------------------------------
+
+
+class DINOHead(nn.Module):
+    """MLP, l2 normalisation, then a weight-normalised linear layer to ``out_dim`` prototypes.
+
+    With ``norm_last_layer`` the prototypes' norm is fixed to 1 (DINO's default).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int, bottleneck: int, norm_last_layer: bool = True
+    ) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )  # fmt: skip
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        last = nn.Linear(bottleneck, out_dim, bias=False)
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        magnitude = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            magnitude.fill_(1.0)
+        magnitude.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embeddings ``(B, in_dim)`` -> prototype logits ``(B, out_dim)``."""
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class MultiCropModel(nn.Module):
+    """Backbone + DINO head. Views of one resolution go through the backbone together.
+
+    Returns the prototype logits of all views ``(V * B, K)`` and, per resolution (globals
+    first), the patch tokens of the last block before the final norm ``(V_r * B, N_r, C)``: the
+    tokens SERE reads (SPEC 1).
+    """
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Views ``V x (B, 3, H, W)``, ordered so that equal sizes are adjacent."""
+        logits, tokens = [], []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            final, (patches,) = self.backbone.forward_intermediates(
+                torch.cat(views[start:end]), indices=1, norm=False, output_fmt="NLC"
+            )
+            logits.append(self.head(self.backbone.forward_head(final, pre_logits=True)))
+            tokens.append(patches)
+            start = end
+        return torch.cat(logits), tokens
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student, over view pairs.
+
+    Pairs: teacher view ``i`` (of 2 globals) with every student view ``v != i``. The centre is an
+    EMA of the teacher's batch mean (all-reduced when distributed).
+    """
+
+    def __init__(
+        self, out_dim: int, num_views: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        self.num_views, self.student_temp, self.center_momentum = (
+            num_views, student_temp, center_momentum,
+        )  # fmt: skip
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.center: Tensor
+
+    def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """Student logits ``(V * B, K)``, teacher logits ``(2 * B, K)`` -> scalar loss."""
+        student, teacher = student.float(), teacher.float().detach()
+        log_p = F.log_softmax(student / self.student_temp, dim=-1).chunk(self.num_views)
+        q = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(2)
+        terms = [
+            -(q[i] * log_p[v]).sum(dim=-1).mean()
+            for i in range(2)
+            for v in range(self.num_views)
+            if v != i
+        ]
+        self.update_center(teacher)
+        return torch.stack(terms).mean()
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """``center = m * center + (1 - m) * mean(teacher)`` over the global batch."""
+        total = teacher.sum(dim=0, keepdim=True)
+        count = torch.tensor(float(len(teacher)), device=teacher.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        m = self.center_momentum
+        self.center.mul_(m).add_(total / count, alpha=1 - m)
+
+
+# Training ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line; preset values are the defaults of the per-run options."""
+    p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder path")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--epochs", type=int, help="schedule length (preset's)")
+    p.add_argument("--max-steps", type=int, help="stop after this many iterations in all")
+    p.add_argument("--batch-size", type=int, help="images per process (preset's)")
+    p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--lr", type=float, default=0.0005, help="peak lr per 256 images")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
+    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--clip-grad", type=float, default=3.0, help="0 disables")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs")
+    p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
+    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
+    p.add_argument("--workers", type=int, help="DataLoader workers (preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/dino_sere"))
+    p.add_argument("--resume", nargs="?", const="auto", help="a checkpoint, or this run's own")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns the last iteration's logged values."""
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    preset = replace(
+        preset,
+        epochs=args.epochs or preset.epochs,
+        batch_size=args.batch_size or preset.batch_size,
+        num_local=preset.num_local if args.num_local is None else args.num_local,
+        workers=preset.workers if args.workers is None else args.workers,
+    )
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # Data: multi-crop views with their crop boxes and flips.
+    transform = dino_sere_transform(  # SERE: records each view's box and flip
+        global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local
+    )
+    dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    loader, sampler = common.build_loader(
+        dataset, transform, batch_size=preset.batch_size, workers=preset.workers, seed=args.seed
+    )
+    steps_per_epoch = len(sampler) // preset.batch_size
+    total_steps = preset.epochs * steps_per_epoch
+    max_steps = min(args.max_steps or total_steps, total_steps)
+
+    # Student and teacher: the teacher has no stochastic depth and starts as the student.
+    def model(drop_path: float) -> MultiCropModel:
+        backbone = build_backbone(preset, drop_path)
+        head = DINOHead(
+            backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck
+        )
+        return MultiCropModel(backbone, head).to(device)
+
+    student = model(preset.drop_path)
+    teacher = model(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    num_views = 2 + preset.num_local
+    dino_loss = DINOLoss(preset.out_dim, num_views).to(device)
+
+    sere = None  # SERE
+    if not args.no_sere:  # SERE
+        grid_g, grid_l = preset.global_px // preset.patch, preset.local_px // preset.patch  # SERE
+        lattices = {"global_size": grid_g - 1, "local_size": grid_l}  # SERE: 13, 6 for ViT-S/16
+        dim = student.backbone.embed_dim  # SERE
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **lattices).to(device)  # SERE
+    trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
+
+    # Optimisation: per-iteration schedules over the whole run.
+    params = common.param_groups(trained)
+    optimizer = torch.optim.AdamW(params)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    lr_peak = args.lr * preset.batch_size * common.world_size() / 256
+    lr_sched = common.cosine_schedule(
+        lr_peak, args.min_lr, preset.epochs, steps_per_epoch, preset.warmup_epochs
+    )
+    wd_sched = common.cosine_schedule(*args.weight_decay, preset.epochs, steps_per_epoch)
+    m_sched = common.cosine_schedule(args.momentum, 1.0, preset.epochs, steps_per_epoch)
+    warm = min(int(preset.teacher_temp_warmup_epochs * steps_per_epoch), total_steps)
+    t0, t1 = args.teacher_temp
+    temp_sched = [t0 + (t1 - t0) * i / warm for i in range(warm)] + [t1] * (total_steps - warm)
+
+    checkpointer = common.Checkpointer(args.output_dir)
+    step = 0
+    state = checkpointer.load(args.resume)
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        dino_loss.load_state_dict(state["dino_loss"])
+        if sere is not None:  # SERE
+            sere.load_state_dict(state["sere"])  # SERE
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        source = checkpointer.path if args.resume == "auto" else args.resume
+        print(f"resumed from step {step} ({source})")
+
+    def save() -> None:
+        checkpointer.save({
+            "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "dino_loss": dino_loss.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": common.rng_state(), "step": step,
+            "args": vars(args), "preset": asdict(preset),
+            **({"sere": sere.state_dict()} if sere is not None else {}),  # SERE
+        })  # fmt: skip
+
+    fields = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino"]
+    fields += ["spatial", "channel"]  # SERE
+    log = common.CSVLog(args.output_dir / "log.csv", [*fields, "seconds"])
+    method = "DINO" if sere is None else "DINO + SERE"  # SERE
+    print(
+        f"{method} | preset {args.preset} | {device} {precision} | "
+        f"{num_views} views x batch {preset.batch_size} | {steps_per_epoch} steps/epoch | "
+        f"steps {step} -> {max_steps} of {total_steps} | logs in {args.output_dir}"
+    )
+    bar = tqdm(total=max_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    row: dict[str, Any] = {}
+    student.train()
+    teacher.train()
+    while step < max_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, start=step % steps_per_epoch * preset.batch_size)
+        for crops, _ in loader:
+            tic = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_sched[step]
+            optimizer.param_groups[0]["weight_decay"] = wd_sched[step]
+            views = [v.to(device, non_blocking=True) for v in crops.views]
+
+            with common.autocast(device, precision):
+                s_logits, s_tokens = student(views)
+                with torch.no_grad():
+                    t_logits, t_tokens = teacher(views[:2])
+                loss_dino = dino_loss(s_logits, t_logits, temp_sched[step])
+                loss = loss_dino
+                terms: dict[str, Tensor] = {}
+                if sere is not None:  # SERE: patch tokens of globals (student, teacher), locals
+                    s_local = s_tokens[1] if len(s_tokens) > 1 else None  # SERE
+                    tokens = s_tokens[0], t_tokens[0]  # SERE: student and teacher, global views
+                    geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
+                    loss_sere, terms = sere(*tokens, *geometry, s_local, return_terms=True)  # SERE
+                    loss = loss + loss_sere  # SERE
+
+            values = {"loss": loss.item(), "dino": loss_dino.item()}
+            values |= {name: value.item() for name, value in terms.items()}  # SERE
+            common.finite_or_die(values, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], args.clip_grad)
+            if epoch < args.freeze_last_layer:
+                common.cancel_last_layer_gradients(student)
+            scaler.step(optimizer)
+            scaler.update()
+            m = m_sched[step]
+            common.ema_update(teacher, student, m)
+            if sere is not None:  # SERE
+                sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
+
+            step += 1
+            row = {"step": step, "epoch": epoch, "lr": lr_sched[step - 1]}
+            row |= {"wd": wd_sched[step - 1], "momentum": m, "teacher_temp": temp_sched[step - 1]}
+            row |= values | {"seconds": time.perf_counter() - tic}
+            log.write(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            if args.no_progress:
+                print(" ".join(f"{k} {common._fmt(v)}" for k, v in row.items()), flush=True)
+            if step >= max_steps or step % steps_per_epoch == 0:
+                break
+        save()
+    bar.close()
+    summary = {k: v for k, v in row.items()}
+    (args.output_dir / "last.json").write_text(json.dumps(summary, indent=1))
+    print("done:", json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
