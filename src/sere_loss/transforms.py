@@ -40,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ._checks import check_positive_int, check_unit_interval
+from ._checks import check_int, check_positive_int, check_unit_interval
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -137,11 +137,13 @@ def _as_image(image: object) -> Tensor:
     if isinstance(image, Image.Image):
         return cast(Tensor, TF.to_image(image.convert("RGB")))
     if isinstance(image, Tensor):
-        if image.ndim != 3:
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(
-                f"image must be a (C, H, W) tensor or a PIL image, got a tensor of shape "
-                f"{tuple(image.shape)}"
+                f"image must be a (3, H, W) or (1, H, W) tensor or a PIL image, got a tensor of "
+                f"shape {tuple(image.shape)}"
             )
+        if image.shape[0] == 1:  # grayscale, as PIL's convert("RGB") would make it
+            image = image.expand(3, -1, -1)
         if min(image.shape[-2:]) < 1:
             raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
         return (
@@ -162,8 +164,10 @@ class MultiCropTransform:
     """
 
     def __init__(self, crops: Sequence[CropSpec], num_global: int | None = None) -> None:
+        if not isinstance(crops, Sequence) or not crops:
+            raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
         crops = list(crops)
-        if not crops or not all(isinstance(c, CropSpec) for c in crops):
+        if not all(isinstance(c, CropSpec) for c in crops):
             raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
         if num_global is None:
             largest = max(c.size for c in crops)
@@ -171,6 +175,12 @@ class MultiCropTransform:
         num_global = check_positive_int(num_global, "num_global")
         if num_global > len(crops):
             raise ValueError(f"num_global={num_global} exceeds the {len(crops)} crops")
+        sizes = [c.size for c in crops]
+        if min(sizes[:num_global]) < max(sizes[num_global:], default=0):
+            raise ValueError(
+                f"the {num_global} global crops must come first and be the largest, got sizes "
+                f"{sizes}"
+            )
         self.crops = crops
         self.num_global = num_global
 
@@ -236,6 +246,12 @@ def _solarize(p: float) -> list[v2.Transform]:
     return [v2.RandomSolarize(threshold=128, p=p)] if p > 0 else []
 
 
+def _start() -> list[v2.Transform]:
+    # The recipes' thresholds (solarisation at 128) are for 8-bit images: float input is
+    # brought to uint8 first (a no-op for uint8 and PIL input).
+    return [v2.ToDtype(torch.uint8, scale=True)]
+
+
 def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
@@ -250,13 +266,11 @@ def _multicrop(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> MultiCropTransform:
-    num_local = int(num_local)
-    if num_local < 0:
-        raise ValueError(f"num_local must be >= 0, got {num_local}")
+    num_local = check_int(num_local, "num_local", 0)
     finish = _finish(mean, std)
-    global1 = v2.Compose([*_colour(), *_blur(1.0), *finish])
-    global2 = v2.Compose([*_colour(), *_blur(0.1), *_solarize(0.2), *finish])
-    local = v2.Compose([*_colour(), *_blur(0.5), *finish])
+    global1 = v2.Compose([*_start(), *_colour(), *_blur(1.0), *finish])
+    global2 = v2.Compose([*_start(), *_colour(), *_blur(0.1), *_solarize(0.2), *finish])
+    local = v2.Compose([*_start(), *_colour(), *_blur(0.5), *finish])
     crops = [
         CropSpec(global_size, global_scale, photometric=global1),
         CropSpec(global_size, global_scale, photometric=global2),
@@ -331,8 +345,8 @@ def mocov3_transform(
     last, after the colour transforms; the flag is recorded all the same.
     """
     finish = _finish(mean, std)
-    view1 = v2.Compose([*_colour(), *_blur(1.0), *finish])
-    view2 = v2.Compose([*_colour(), *_blur(0.1), *_solarize(0.2), *finish])
+    view1 = v2.Compose([*_start(), *_colour(), *_blur(1.0), *finish])
+    view2 = v2.Compose([*_start(), *_colour(), *_blur(0.1), *_solarize(0.2), *finish])
     return MultiCropTransform(
         [
             CropSpec(size, scale, flip_last=True, photometric=view1),
