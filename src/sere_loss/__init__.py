@@ -7,6 +7,7 @@ are in :mod:`sere_loss.functional`.
 """
 
 from . import functional
+from .functional import channel_relation_cross_entropy, spatial_relation_cross_entropy
 from .heads import PredictionHead, ProjectionHead, RelationHeads
 from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
 from .sampler import RegionAlignedSampler
@@ -22,5 +23,7 @@ __all__ = [
     "SERELoss",
     "SpatialSelfRelationLoss",
     "__version__",
+    "channel_relation_cross_entropy",
     "functional",
+    "spatial_relation_cross_entropy",
 ]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from . import _fused
 from ._checks import (
     check_boxes,
     check_choice,
@@ -31,10 +32,12 @@ from ._checks import (
 
 __all__ = [
     "channel_relation",
+    "channel_relation_cross_entropy",
     "overlap_grids",
     "relation_cross_entropy",
     "sample_region",
     "spatial_relation",
+    "spatial_relation_cross_entropy",
     "view_pairs",
 ]
 
@@ -64,16 +67,22 @@ def spatial_relation(x: Tensor, num_heads: int) -> Tensor:
         torch.Size([2, 3, 9, 9])
     """
     x = check_ndim(x, 3, "x", "(B, S, C)")
-    num_heads = check_positive_int(num_heads, "num_heads")
+    num_heads = _check_heads(x, num_heads, "x")
     channels = x.shape[-1]
-    if channels % num_heads:
-        raise ValueError(
-            f"the channel count C must divide by num_heads M; got C={channels} from x of shape "
-            f"{tuple(x.shape)} and M={num_heads}"
-        )
     heads: Tensor = rearrange(x, "b s (m d) -> b m s d", m=num_heads)
     logits: Tensor = (heads @ heads.transpose(-1, -2)) * (channels // num_heads) ** -0.5
     return logits
+
+
+def _check_heads(x: Tensor, num_heads: object, name: str) -> int:
+    """Check that ``num_heads`` is a positive int that divides the channels of ``x``."""
+    heads = check_positive_int(num_heads, "num_heads")
+    if x.shape[-1] % heads:
+        raise ValueError(
+            f"the channel count C must divide by num_heads M; got C={x.shape[-1]} from {name} of "
+            f"shape {tuple(x.shape)} and M={heads}"
+        )
+    return heads
 
 
 def channel_relation(x: Tensor) -> Tensor:
@@ -159,23 +168,36 @@ def relation_cross_entropy(
     teacher_temp = check_positive(teacher_temp, "teacher_temp")
     reduction = check_choice(reduction, "reduction", _REDUCTIONS)
     batch = student_logits.shape[0]
-    if mask is not None:
-        mask = check_ndim(mask, 1, "mask", "(B,)")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-        if mask.shape[0] != batch:
-            raise ValueError(
-                f"mask must have shape ({batch},) to match the logits, got {tuple(mask.shape)}"
-            )
+    mask = _check_mask(mask, batch, "the logits")
 
     with _no_autocast(student_logits.device):
         target = F.softmax(_upcast(teacher_logits.detach()) / teacher_temp, dim=-1)
         log_pred = F.log_softmax(_upcast(student_logits) / student_temp, dim=-1)
         per_row = -(target * log_pred).sum(dim=-1)
         per_item = per_row.reshape(batch, -1).mean(dim=1)
+        return _reduce(per_item, mask, reduction)
+
+
+def _check_mask(mask: object, batch: int, what: str) -> Tensor | None:
+    """Check an optional ``(B,)`` bool mask over a batch of ``batch`` items of ``what``."""
+    if mask is None:
+        return None
+    checked = check_ndim(mask, 1, "mask", "(B,)")
+    if checked.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {checked.dtype}")
+    if checked.shape[0] != batch:
+        raise ValueError(
+            f"mask must have shape ({batch},) to match {what}, got {tuple(checked.shape)}"
+        )
+    return checked
+
+
+def _reduce(per_item: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
+    """Masked reduction of per-item losses ``(B,)``, as :func:`relation_cross_entropy` states."""
+    with _no_autocast(per_item.device):
         if mask is None:
             kept = per_item
-            count = per_item.new_tensor(float(batch))
+            count = per_item.new_tensor(float(per_item.shape[0]))
         else:
             kept = torch.where(mask.to(per_item.device), per_item, per_item.new_zeros(()))
             count = mask.sum().to(per_item)
@@ -185,6 +207,173 @@ def relation_cross_entropy(
         if reduction == "sum":
             return total
         return total / count.clamp(min=1.0)
+
+
+def _check_pair(student: object, teacher: object, layout: str) -> tuple[Tensor, Tensor]:
+    """Check student and teacher features ``(B, *, C)`` laid out as ``layout``."""
+    s = check_ndim(student, 3, "student", layout)
+    t = check_ndim(teacher, 3, "teacher", layout)
+    check_floating(s, "student")
+    check_floating(t, "teacher")
+    return s, t
+
+
+def spatial_relation_cross_entropy(
+    student: Tensor,
+    teacher: Tensor,
+    num_heads: int,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Spatial self-relation cross-entropy of sampled features (paper Eq. 2-3), fused.
+
+    The value of ``relation_cross_entropy(spatial_relation(student, M),
+    spatial_relation(teacher, M), student_temp, teacher_temp, mask, reduction=reduction)``: per
+    head ``m`` the logits ``A_m = X_m X_m^T / sqrt(D)``, ``D = C / M``, and per row ``i``
+    ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``, averaged over heads and
+    rows, then over the kept items. Backends other than ``"reference"`` never hold the
+    ``(B, M, S, S)`` logits: they stream them in blocks and recompute them in the backward, so
+    memory grows with ``S``, not ``S^2`` (``sere_loss._fused`` has the maths of the gradient).
+
+    Backends: ``"reference"`` (the materialised kernels above), ``"chunked"`` (PyTorch, rows in
+    chunks, any device), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: the
+    reference while the ``B * M * S * S`` float32 logits fit in 64 MiB, beyond that Triton on
+    CUDA when it imports, else chunked.
+
+    Args:
+        student: sampled student features ``(B, S, C)``.
+        teacher: sampled teacher features ``(B, S, C)``; detached, no gradient reaches it.
+        num_heads: ``M``, must divide ``C``.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        mask: optional ``(B,)`` bool, the items to keep, as in :func:`relation_cross_entropy`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`relation_cross_entropy`.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+
+    Returns:
+        A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64), also under
+        autocast.
+
+    Example:
+        >>> s, t = torch.randn(2, 20, 12), torch.randn(2, 20, 12)
+        >>> fused = spatial_relation_cross_entropy(s, t, 3, backend="chunked")
+        >>> ref = relation_cross_entropy(spatial_relation(s, 3), spatial_relation(t, 3))
+        >>> bool(torch.allclose(fused, ref, atol=1e-5))
+        True
+    """
+    student, teacher = _check_pair(student, teacher, "(B, S, C)")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            "student and teacher must have the same shape (B, S, C), got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    num_heads = _check_heads(student, num_heads, "student")
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+    mask = _check_mask(mask, student.shape[0], "the features")
+    pattern = "b s (m d) -> b m s d"
+    student_rows: Tensor = rearrange(student, pattern, m=num_heads)
+    backend = _fused.resolve_backend(backend, student_rows)
+    if backend == "reference":
+        return relation_cross_entropy(
+            spatial_relation(student, num_heads),
+            spatial_relation(teacher, num_heads),
+            student_temp,
+            teacher_temp,
+            mask,
+            reduction=reduction,
+        )
+    per_item = _fused.gram_relation_cross_entropy(
+        student_rows,
+        rearrange(teacher.detach(), pattern, m=num_heads),
+        student_rows.shape[-1] ** -0.5,
+        student_temp,
+        teacher_temp,
+        backend=backend,
+    )
+    return _reduce(per_item, mask, reduction)
+
+
+def channel_relation_cross_entropy(
+    student: Tensor,
+    teacher: Tensor,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Channel self-relation cross-entropy of projected tokens (paper Eq. 4-5), fused.
+
+    The value of ``relation_cross_entropy(channel_relation(student), channel_relation(teacher),
+    student_temp, teacher_temp, mask, reduction=reduction)``: logits ``x^T x / N`` ``(C, C)`` per
+    view, the row cross-entropy over the ``C`` rows, averaged, then over the kept items. The
+    student and the teacher may have different token counts (a local view against a global
+    one). It is the Gram form of :func:`spatial_relation_cross_entropy` with one head, rows the
+    ``C`` channels and features the ``N`` tokens, scaled by ``1 / N``; the backends are the same.
+
+    Args:
+        student: projected student tokens ``(B, N_s, C)``.
+        teacher: projected teacher tokens ``(B, N_t, C)``; detached.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        mask: optional ``(B,)`` bool, the items to keep.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+
+    Returns:
+        A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
+
+    Example:
+        >>> s, t = torch.randn(2, 36, 8), torch.randn(2, 49, 8)
+        >>> fused = channel_relation_cross_entropy(s, t, teacher_temp=0.1, backend="chunked")
+        >>> ref = relation_cross_entropy(channel_relation(s), channel_relation(t), 1.0, 0.1)
+        >>> bool(torch.allclose(fused, ref, atol=1e-5))
+        True
+    """
+    student, teacher = _check_pair(student, teacher, "(B, N, C)")
+    if student.shape[0] != teacher.shape[0] or student.shape[2] != teacher.shape[2]:
+        raise ValueError(
+            "student (B, N_s, C) and teacher (B, N_t, C) must agree in B and C, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[1] == 0 or teacher.shape[1] == 0:
+        raise ValueError(
+            f"the views need at least one token, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+    mask = _check_mask(mask, student.shape[0], "the features")
+    student_rows = student.transpose(1, 2).unsqueeze(1)  # (B, 1, C, N_s): rows are channels
+    teacher_rows = teacher.detach().transpose(1, 2).unsqueeze(1)
+    backend = _fused.resolve_backend(backend, student_rows, teacher_rows)
+    if backend == "reference":
+        return relation_cross_entropy(
+            channel_relation(student),
+            channel_relation(teacher),
+            student_temp,
+            teacher_temp,
+            mask,
+            reduction=reduction,
+        )
+    per_item = _fused.gram_relation_cross_entropy(
+        student_rows,
+        teacher_rows,
+        1.0 / student.shape[1],
+        student_temp,
+        teacher_temp,
+        teacher_scale=1.0 / teacher.shape[1],
+        backend=backend,
+    )
+    return _reduce(per_item, mask, reduction)
 
 
 def overlap_grids(

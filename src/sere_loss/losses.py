@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ._checks import (
     check_boxes,
+    check_choice,
     check_flips,
     check_int,
     check_ndim,
@@ -22,13 +23,13 @@ from ._checks import (
     check_positive_int,
     check_size,
 )
+from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _overlap_grids_unchecked,
-    channel_relation,
-    relation_cross_entropy,
+    channel_relation_cross_entropy,
     sample_region,
-    spatial_relation,
+    spatial_relation_cross_entropy,
     view_pairs,
 )
 from .heads import RelationHeads
@@ -109,6 +110,10 @@ class SpatialSelfRelationLoss(nn.Module):
             channels: with a projection of another width, pass a prediction that takes it.
         local_heads: separate heads for local views (the authors' default).
         symmetric: no prediction head (paper Table 15).
+        backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
+            ``"chunked"`` or ``"triton"``: see
+            :func:`~sere_loss.functional.spatial_relation_cross_entropy`. All give the same
+            loss up to rounding; the fused ones keep memory linear in the lattice size.
 
     Shape:
         - student_global, teacher_global: ``(G * B, T, C)`` tokens, ``(G * B, C, H, W)`` maps, or
@@ -137,6 +142,7 @@ class SpatialSelfRelationLoss(nn.Module):
         prediction: nn.Module | None = None,
         local_heads: bool = True,
         symmetric: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
@@ -156,6 +162,7 @@ class SpatialSelfRelationLoss(nn.Module):
         self.heads = RelationHeads(
             dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
         )
+        self.backend = check_choice(backend, "backend", BACKENDS)
 
     def forward(
         self,
@@ -248,9 +255,16 @@ class SpatialSelfRelationLoss(nn.Module):
                 ]
             )
             mask = mask.to(t_feats.device)
-            t_rel = spatial_relation(t_feats, self.num_heads)
-            s_rel = spatial_relation(s_feats, self.num_heads)
-            total = total + relation_cross_entropy(s_rel, t_rel, ts, tt, mask, reduction="sum")
+            total = total + spatial_relation_cross_entropy(
+                s_feats,
+                t_feats,
+                self.num_heads,
+                ts,
+                tt,
+                mask,
+                reduction="sum",
+                backend=self.backend,
+            )
             count = count + mask.sum()
         loss = total / count.clamp(min=1.0)
         return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
@@ -265,7 +279,7 @@ class SpatialSelfRelationLoss(nn.Module):
         return (
             f"num_heads={self.num_heads}, teacher_temp={self.teacher_temp}, "
             f"student_temp={self.student_temp}, num_global_views={self.num_global_views}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
         )
 
 
@@ -293,6 +307,8 @@ class ChannelSelfRelationLoss(nn.Module):
         prediction: the student's prediction; ``None`` for the default.
         local_heads: separate heads for local views.
         symmetric: no prediction head.
+        backend: ``"auto"`` (default), ``"reference"``, ``"chunked"`` or ``"triton"``: see
+            :func:`~sere_loss.functional.channel_relation_cross_entropy`.
 
     Shape:
         - student_global, teacher_global: ``(G * B, T, C)``, ``(G * B, C, H, W)`` or a list of
@@ -313,6 +329,7 @@ class ChannelSelfRelationLoss(nn.Module):
         prediction: nn.Module | None = None,
         local_heads: bool = True,
         symmetric: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
@@ -323,6 +340,7 @@ class ChannelSelfRelationLoss(nn.Module):
         self.heads = RelationHeads(
             dim, projection, prediction, local_heads=local_heads, symmetric=symmetric
         )
+        self.backend = check_choice(backend, "backend", BACKENDS)
 
     def forward(
         self,
@@ -353,24 +371,37 @@ class ChannelSelfRelationLoss(nn.Module):
         prefix = self.num_prefix_tokens
         t_tokens = patch_tokens(teacher, prefix, "teacher_global")
         s_tokens = patch_tokens(student, prefix, "student_global")
-        t_rel = channel_relation(self.heads.teacher(t_tokens))
-        s_rel = [channel_relation(self.heads.student(s_tokens))]
+        t_feats = self.heads.teacher(t_tokens)
+        s_feats = [self.heads.student(s_tokens)]
         if student_local is not None:
             local, num_local, _ = join_views(student_local, None, batch, "student_local")
             l_tokens = patch_tokens(local, prefix, "student_local")
-            s_rel.append(channel_relation(self.heads.student(l_tokens, local=True)))
+            s_feats.append(self.heads.student(l_tokens, local=True))
         pairs = view_pairs(g, num_local)
         if not pairs:
             raise ValueError(
                 "the channel term needs at least two views: got one global view and no local"
             )
-        student_rel = torch.cat(s_rel).view(g + num_local, batch, *t_rel.shape[1:])
-        teacher_rel = t_rel.view(g, batch, *t_rel.shape[1:])
-        t_idx = torch.tensor([i for i, _ in pairs], device=t_rel.device)
-        s_idx = torch.tensor([v for _, v in pairs], device=t_rel.device)
-        loss = relation_cross_entropy(
-            student_rel[s_idx].flatten(0, 1), teacher_rel[t_idx].flatten(0, 1), ts, tt
-        )
+        # Globals and locals have different token counts: one call per group of pairs, each on
+        # the pairs' (P * B, N, C) features stacked pair-major; the mean over all pairs at the end.
+        teacher_views = t_feats.view(g, batch, *t_feats.shape[1:])
+        total = t_feats.new_zeros((), dtype=torch.float32)
+        for first, feats in zip((0, g), s_feats, strict=False):
+            group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
+            if not group:
+                continue
+            views = feats.view(-1, batch, *feats.shape[1:])
+            t_idx = torch.tensor([i for i, _ in group], device=feats.device)
+            s_idx = torch.tensor([v for _, v in group], device=feats.device)
+            total = total + channel_relation_cross_entropy(
+                views[s_idx].flatten(0, 1),
+                teacher_views[t_idx].flatten(0, 1),
+                ts,
+                tt,
+                reduction="sum",
+                backend=self.backend,
+            )
+        loss = total / (len(pairs) * batch)
         return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
 
     @torch.no_grad()
@@ -383,6 +414,7 @@ class ChannelSelfRelationLoss(nn.Module):
         return (
             f"teacher_temp={self.teacher_temp}, student_temp={self.student_temp}, "
             f"num_global_views={self.num_global_views}, num_prefix_tokens={self.num_prefix_tokens}"
+            f", backend={self.backend!r}"
         )
 
 
@@ -410,6 +442,9 @@ class SERELoss(nn.Module):
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
+        backend: how both terms run their relation cross-entropy, ``"auto"`` (default),
+            ``"reference"``, ``"chunked"`` or ``"triton"`` (not applied to ``spatial`` or
+            ``channel`` given ready-made).
 
     Shape:
         As :class:`SpatialSelfRelationLoss`; output a scalar, or ``(loss, terms)`` with
@@ -443,6 +478,7 @@ class SERELoss(nn.Module):
         local_size: int | tuple[int, int] = 6,
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("alpha", alpha), ("beta", beta)):
@@ -465,6 +501,7 @@ class SERELoss(nn.Module):
             num_prefix_tokens=num_prefix_tokens,
             local_heads=local_heads,
             symmetric=symmetric,
+            backend=check_choice(backend, "backend", BACKENDS),
         )
         self.spatial: SpatialSelfRelationLoss | None = None
         self.channel: ChannelSelfRelationLoss | None = None

@@ -1,0 +1,698 @@
+r"""Fused relation cross-entropy: Gram logits, both softmaxes and the cross-entropy in one pass.
+
+Both SERE terms compare two "Gram relations". Given row features ``X`` of shape
+``(B, M, R, D)`` (``B`` items, ``M`` heads, ``R`` rows of ``D`` features each), the logits of
+a head are ``A = scale * X X^T``, ``(R, R)``, and the teacher's ``T = scale_t * Y Y^T`` likewise
+(``Y`` may have another ``D``). Per row ``i``, with ``q = softmax(A_i / t_s)`` and
+``p = softmax(T_i / t_t)``::
+
+    CE_i = -sum_j p_ij * log q_ij = log z_i - sum_j p_ij * (A_ij / t_s - m_i),
+    m_i = max_j A_ij / t_s,    z_i = sum_j exp(A_ij / t_s - m_i),
+
+and the loss of an item is the mean of ``CE_i`` over heads and rows. The spatial term uses the
+sampled features split into heads (``R = S`` points, ``D = C / M``, ``scale = D^-1/2``), the
+channel term the transposed tokens (``M = 1``, ``R = C`` channels, ``D = N`` tokens,
+``scale = 1 / N``).
+
+Gradient (the teacher gets none). With ``g`` the item's upstream gradient,
+``G = q - p`` and ``c = g / (M R) * scale / t_s``::
+
+    dX = c * (G + G^T) X.
+
+Memory: the fused paths keep only the inputs and four ``O(R)`` statistics per row (the maxima
+``m`` and log-sums ``log z`` of both sides), and recompute the logits block by block in the
+backward, so memory grows with ``R``, not ``R^2``. The maxima and log-sums are kept apart, not
+summed into a ``logsumexp``: the backward forms ``q = exp((A / t_s - m) - log z)``, whose
+largest terms, near 1, then carry no rounding of ``m`` (which grows with the logits), and
+``q - p`` stays as accurate as the reference's. ``A`` and ``T`` are symmetric, so the ``G^T``
+part of any block follows from the same block of logits and the statistics of its columns'
+rows: the chunked path scatters ``G^T X`` chunk by chunk, the Triton backward reads both terms
+off each block and needs no atomics.
+
+Backends:
+
+- ``"reference"``: materialises the logits and calls
+  :func:`sere_loss.functional.relation_cross_entropy`, the oracle of the tests.
+- ``"chunked"``: PyTorch on any device. Rows go in chunks sized from a memory budget; each chunk
+  holds its ``(chunk, R)`` logits only while it is processed.
+- ``"triton"``: Triton kernels (optional dependency) with an online softmax over column blocks,
+  the flash-attention idea; CUDA tensors, or CPU tensors under Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before triton is first imported; slow, for tests).
+- ``"auto"``: see :func:`resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._checks import check_choice, check_floating, check_ndim, check_positive, check_positive_int
+
+__all__ = ["BACKENDS", "gram_relation_cross_entropy", "resolve_backend", "triton_available"]
+
+BACKENDS = ("auto", "reference", "chunked", "triton")
+
+# "auto" on a CPU (or without Triton) materialises the logits when all of them take at most this
+# many bytes in float32: the reference is the fastest path while the logits stay small (the
+# 13 x 13 lattice of 224 px views: 169 rows), and the chunked path bounds memory beyond.
+REFERENCE_BUDGET_BYTES = 64 * 2**20
+# Working memory of one chunk of the chunked path (forward or backward), in bytes.
+CHUNK_BUDGET_BYTES = 64 * 2**20
+# The chunked path holds about this many (chunk, R) tensors at once.
+_CHUNK_TEMPORARIES = 4
+# "auto" sends row features of at most this many features D to Triton (the spatial term: D = 64
+# for ViT-S); wider rows (the channel term, D = N tokens) go to the size rule, since the Triton
+# backward recomputes the logits once per block of D_OUT_BLOCK output features.
+TRITON_AUTO_MAX_D = 256
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _no_autocast(device: torch.device) -> AbstractContextManager[object]:
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice
+# --------------------------------------------------------------------------------------------
+
+
+@cache
+def triton_available() -> bool:
+    """Whether the optional package ``triton`` imports."""
+    try:
+        importlib.import_module("triton.language")
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    triton = importlib.import_module("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _check_triton(x: Tensor) -> None:
+    """Raise a clear error when the Triton backend cannot run on ``x``."""
+    if not triton_available():
+        raise RuntimeError(
+            "backend='triton' needs the optional package triton, which is not installed "
+            "(pip install triton); use backend='auto' or 'chunked' instead"
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes float32, float16 or bfloat16 features, got {x.dtype}; "
+            "use backend='chunked' (float64 is computed in float64 there)"
+        )
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got tensors on {x.device}; use "
+            "backend='auto' or 'chunked', or run Triton's (slow) CPU interpreter by setting "
+            "TRITON_INTERPRET=1 before triton is first imported"
+        )
+
+
+def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None) -> str:
+    """Pick the backend for row features ``(B, M, R, D)``.
+
+    ``"auto"`` resolves as follows:
+
+    1. ``"reference"`` when the ``B * M * R * R`` logits fit in ``REFERENCE_BUDGET_BYTES``
+       (64 MiB) as float32 (float64 counts double), on any device: the materialised kernels are
+       fastest while the logits are small (the 13 x 13 lattice, ``R = 169``, at moderate batch);
+    2. otherwise ``"triton"`` when the student is on a CUDA device, Triton imports, the student
+       is float32, float16 or bfloat16, and ``D <= TRITON_AUTO_MAX_D`` (256) on both sides;
+    3. otherwise ``"chunked"``.
+
+    An explicit ``"triton"`` is checked: it raises when Triton is missing, when the dtype is not
+    one the kernels take, or when the student is not on CUDA (unless Triton's interpreter is
+    on).
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        student: the student's row features ``(B, M, R, D)``; only shape, dtype and device are
+            read.
+        teacher: the teacher's, ``(B, M, R, D_t)``, when its ``D_t`` differs.
+
+    Returns:
+        ``"reference"``, ``"chunked"`` or ``"triton"``.
+    """
+    backend = check_choice(backend, "backend", BACKENDS)
+    if backend == "triton":
+        _check_triton(student)
+        return backend
+    if backend != "auto":
+        return backend
+    batch, heads, rows, dim = student.shape
+    if teacher is not None:
+        dim = max(dim, teacher.shape[-1])
+    itemsize = 8 if student.dtype == torch.float64 else 4
+    if batch * heads * rows * rows * itemsize <= REFERENCE_BUDGET_BYTES:
+        return "reference"
+    if (
+        student.device.type == "cuda"
+        and student.dtype in _TRITON_DTYPES
+        and dim <= TRITON_AUTO_MAX_D
+        and triton_available()
+    ):
+        return "triton"
+    return "chunked"
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+# --------------------------------------------------------------------------------------------
+
+
+def gram_relation_cross_entropy(
+    student: Tensor,
+    teacher: Tensor,
+    scale: float,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    *,
+    teacher_scale: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Per-item relation cross-entropy between the Gram relations of two row features.
+
+    Logits ``A = scale * X X^T`` (student) and ``T = teacher_scale * Y Y^T`` (teacher, detached)
+    per item and head; per row ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``;
+    the result is the mean over heads and rows. Only the ``"reference"`` backend materialises the
+    ``R x R`` logits.
+
+    Args:
+        student: ``(B, M, R, D)`` row features of the student.
+        teacher: ``(B, M, R, D_t)``, the teacher's (``D_t = D`` but for the channel term of a
+            local view); no gradient reaches it.
+        scale: ``> 0``, the factor of the student's Gram logits.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        teacher_scale: the factor of the teacher's logits; ``None`` for ``scale``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``
+            (:func:`resolve_backend`).
+        chunk_size: rows per chunk of the chunked backend; ``None`` sizes chunks from
+            ``CHUNK_BUDGET_BYTES``.
+
+    Returns:
+        Per-item losses ``(B,)``, float32 (float64 for float64 input), also under autocast.
+
+    Example:
+        >>> x, y = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+        >>> ref = gram_relation_cross_entropy(x, y, 0.5, backend="reference")
+        >>> fused = gram_relation_cross_entropy(x, y, 0.5, backend="chunked", chunk_size=3)
+        >>> ref.shape, bool(torch.allclose(ref, fused, atol=1e-5))
+        (torch.Size([2]), True)
+    """
+    student = check_ndim(student, 4, "student", "(B, M, R, D)")
+    teacher = check_ndim(teacher, 4, "teacher", "(B, M, R, D_t)")
+    check_floating(student, "student")
+    check_floating(teacher, "teacher")
+    if student.shape[:3] != teacher.shape[:3]:
+        raise ValueError(
+            "student and teacher row features must agree in (B, M, R), got shapes "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[2] == 0:
+        raise ValueError(f"the row features need at least one row R, got {tuple(student.shape)}")
+    scale = check_positive(scale, "scale")
+    t_scale = scale if teacher_scale is None else check_positive(teacher_scale, "teacher_scale")
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    backend = resolve_backend(backend, student, teacher)
+    teacher = teacher.detach()
+    if backend == "reference":
+        return _reference(student, teacher, scale, t_scale, student_temp, teacher_temp)
+    if teacher.dtype != student.dtype or teacher.device != student.device:
+        teacher = teacher.to(dtype=student.dtype, device=student.device)
+    student_factor, teacher_factor = scale / student_temp, t_scale / teacher_temp
+    if backend == "chunked":
+        out: Tensor = _ChunkedGramCE.apply(
+            student, teacher, student_factor, teacher_factor, chunk_size
+        )
+        return out
+    out = _TritonGramCE.apply(student, teacher, student_factor, teacher_factor)
+    return out
+
+
+def _reference(
+    student: Tensor, teacher: Tensor, scale: float, teacher_scale: float, ts: float, tt: float
+) -> Tensor:
+    """The materialised path: Gram logits, then the reference cross-entropy."""
+    from .functional import relation_cross_entropy  # functional imports this module
+
+    student_logits = (student @ student.transpose(-1, -2)) * scale
+    teacher_logits = (teacher @ teacher.transpose(-1, -2)) * teacher_scale
+    return relation_cross_entropy(student_logits, teacher_logits, ts, tt, reduction="none")
+
+
+def _item_coefficients(grad: Tensor, heads: int, rows: int, student_scale: float) -> Tensor:
+    """``c = g / (M R) * scale / t_s`` per (item, head), shape ``(B * M,)``."""
+    return (grad * (student_scale / (heads * rows))).repeat_interleave(heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_rows(flat_items: int, rows: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return min(chunk_size, rows)
+    per_row = flat_items * rows * itemsize * _CHUNK_TEMPORARIES
+    return max(1, min(rows, CHUNK_BUDGET_BYTES // max(per_row, 1)))
+
+
+class _ChunkedGramCE(torch.autograd.Function):
+    """Chunked forward and recomputing backward; saves the inputs and ``(4, B * M, R)`` stats."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        student_scale: float,
+        teacher_scale: float,
+        chunk_size: int | None,
+    ) -> Tensor:
+        batch, heads, rows, dim = student.shape
+        dtype = _compute_dtype(student.dtype)
+        with _no_autocast(student.device):
+            x = student.reshape(batch * heads, rows, dim).to(dtype)
+            y = teacher.reshape(batch * heads, rows, teacher.shape[-1]).to(dtype)
+            chunk = _chunk_rows(batch * heads, rows, x.element_size(), chunk_size)
+            # Rows: max and log-sum of the student's A / t_s, then of the teacher's T / t_t.
+            stats = x.new_empty(4, batch * heads, rows)
+            ce = x.new_empty(batch * heads, rows)
+            for start in range(0, rows, chunk):
+                end = min(start + chunk, rows)
+                a = torch.bmm(x[:, start:end], x.transpose(1, 2)).mul_(student_scale)
+                t = torch.bmm(y[:, start:end], y.transpose(1, 2)).mul_(teacher_scale)
+                a_max = a.amax(dim=-1, keepdim=True)
+                log_z = a.sub_(a_max).exp().sum(dim=-1).log_()
+                t_max = t.amax(dim=-1, keepdim=True)
+                e_t = t.sub_(t_max).exp_()  # unnormalised teacher softmax
+                z_t = e_t.sum(dim=-1)
+                # CE_i = log z_i - sum_j p_ij (A_ij / t_s - m_i)
+                ce[:, start:end] = log_z - e_t.mul_(a).sum(dim=-1) / z_t
+                stats[0, :, start:end] = a_max.squeeze(-1)
+                stats[1, :, start:end] = log_z
+                stats[2, :, start:end] = t_max.squeeze(-1)
+                stats[3, :, start:end] = z_t.log()
+            per_item = ce.view(batch, heads * rows).mean(dim=1)
+        ctx.save_for_backward(student, teacher, stats)
+        ctx.scales = (student_scale, teacher_scale)
+        ctx.chunk = chunk
+        return per_item
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        student, teacher, stats = ctx.saved_tensors
+        student_scale, teacher_scale = ctx.scales
+        chunk: int = ctx.chunk
+        batch, heads, rows, dim = student.shape
+        dtype = stats.dtype
+        with _no_autocast(student.device):
+            x = student.reshape(batch * heads, rows, dim).to(dtype)
+            y = teacher.reshape(batch * heads, rows, teacher.shape[-1]).to(dtype)
+            coef = _item_coefficients(grad.to(dtype), heads, rows, student_scale)
+            dx = torch.zeros(x.shape, dtype=dtype, device=x.device)
+            for start in range(0, rows, chunk):
+                end = min(start + chunk, rows)
+                x_rows = x[:, start:end]
+                a = torch.bmm(x_rows, x.transpose(1, 2)).mul_(student_scale)
+                t = torch.bmm(y[:, start:end], y.transpose(1, 2)).mul_(teacher_scale)
+                # G = q - p on this chunk's rows; dX = (G + G^T) X, the G^T part scattered.
+                m_s, log_z_s, m_t, log_z_t = stats[:, :, start:end, None]
+                g = a.sub_(m_s).sub_(log_z_s).exp_()
+                g.sub_(t.sub_(m_t).sub_(log_z_t).exp_())
+                dx[:, start:end] += torch.bmm(g, x)
+                dx.baddbmm_(g.transpose(1, 2), x_rows)
+            dx.mul_(coef[:, None, None])
+        return dx.view(batch, heads, rows, dim).to(student.dtype), None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton path
+# --------------------------------------------------------------------------------------------
+
+# Set to ``triton.language`` when the kernels are first built; the kernels read it as a global.
+tl: Any = None
+if TYPE_CHECKING:
+    constexpr = int  # the kernels' compile-time parameters, as the type checker sees them
+else:
+    constexpr = "constexpr"  # the annotation Triton reads; rebound when the kernels are built
+
+_ROW_BLOCK = 64
+_COL_BLOCK = 64
+_D_BLOCK = 64
+_D_OUT_BLOCK = 64
+# Smaller blocks under the interpreter: same code paths, far less numpy work per program.
+_INTERPRET_BLOCK = 16
+
+
+def _forward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
+    x_ptr,
+    y_ptr,
+    ce_ptr,
+    stats_ptr,
+    rows,
+    dim_x,
+    dim_y,
+    student_scale,
+    teacher_scale,
+    ROW_BLOCK: constexpr,
+    COL_BLOCK: constexpr,
+    D_BLOCK: constexpr,
+    PRECISION: constexpr,
+) -> None:
+    # One program per (item * head, block of rows); online softmax over the column blocks.
+    bm = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
+    i_ok = i < rows
+    x_base = x_ptr + bm * rows * dim_x
+    y_base = y_ptr + bm * rows * dim_y
+    m_s = tl.full([ROW_BLOCK], float("-inf"), tl.float32)  # running max of A / t_s
+    l_s = tl.zeros([ROW_BLOCK], tl.float32)  # running sum of exp(A / t_s - m_s)
+    m_t = tl.full([ROW_BLOCK], float("-inf"), tl.float32)  # the same for T / t_t
+    l_t = tl.zeros([ROW_BLOCK], tl.float32)
+    # Running sum of exp(T / t_t - m_t) * (A / t_s - m_s): relative to the student's running max,
+    # so that CE = log z_s - w / z_t subtracts no two large numbers at the end.
+    w = tl.zeros([ROW_BLOCK], tl.float32)
+    for j0 in range(0, rows, COL_BLOCK):
+        j = j0 + tl.arange(0, COL_BLOCK)
+        j_ok = j < rows
+        a = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
+        for d0 in range(0, dim_x, D_BLOCK):
+            d = d0 + tl.arange(0, D_BLOCK)
+            d_ok = d < dim_x
+            xi = tl.load(
+                x_base + i[:, None] * dim_x + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            xj = tl.load(
+                x_base + j[:, None] * dim_x + d[None, :],
+                mask=j_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            a = tl.dot(xi, tl.trans(xj), a, input_precision=PRECISION)
+        t = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
+        for d0 in range(0, dim_y, D_BLOCK):
+            d = d0 + tl.arange(0, D_BLOCK)
+            d_ok = d < dim_y
+            yi = tl.load(
+                y_base + i[:, None] * dim_y + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            yj = tl.load(
+                y_base + j[:, None] * dim_y + d[None, :],
+                mask=j_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            t = tl.dot(yi, tl.trans(yj), t, input_precision=PRECISION)
+        a = a * student_scale  # 0 in the padding columns, where x_j loads as 0
+        a_max = tl.where(j_ok[None, :], a, float("-inf"))
+        t = tl.where(j_ok[None, :], t * teacher_scale, float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(a_max, 1))
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(a_max - m_s_new[:, None]), 1)
+        shift = tl.where(l_t > 0.0, m_s_new - m_s, 0.0)  # no earlier columns on the first block
+        m_s = m_s_new
+        m_t_new = tl.maximum(m_t, tl.max(t, 1))
+        rescale = tl.exp(m_t - m_t_new)
+        e_t = tl.exp(t - m_t_new[:, None])  # 0 in the padding columns
+        w = (w - shift * l_t) * rescale + tl.sum(e_t * (a - m_s[:, None]), 1)
+        l_t = l_t * rescale + tl.sum(e_t, 1)
+        m_t = m_t_new
+    log_z_s = tl.log(l_s)
+    out = bm * rows + i
+    plane = tl.num_programs(0).to(tl.int64) * rows  # the stats are (4, B * M, R)
+    tl.store(ce_ptr + out, log_z_s - w / l_t, mask=i_ok)
+    tl.store(stats_ptr + out, m_s, mask=i_ok)
+    tl.store(stats_ptr + plane + out, log_z_s, mask=i_ok)
+    tl.store(stats_ptr + 2 * plane + out, m_t, mask=i_ok)
+    tl.store(stats_ptr + 3 * plane + out, tl.log(l_t), mask=i_ok)
+
+
+def _backward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
+    x_ptr,
+    y_ptr,
+    stats_ptr,
+    coef_ptr,
+    dx_ptr,
+    rows,
+    dim_x,
+    dim_y,
+    student_scale,
+    teacher_scale,
+    ROW_BLOCK: constexpr,
+    COL_BLOCK: constexpr,
+    D_BLOCK: constexpr,
+    D_OUT_BLOCK: constexpr,
+    PRECISION: constexpr,
+    OUT_PRECISION: constexpr,
+) -> None:
+    # One program per (item * head, block of rows, block of output features):
+    # dX_I = c * sum_J H_IJ X_J, H_IJ recomputed from the logits and the saved row stats.
+    bm = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
+    i_ok = i < rows
+    e = tl.program_id(2) * D_OUT_BLOCK + tl.arange(0, D_OUT_BLOCK)
+    e_ok = e < dim_x
+    x_base = x_ptr + bm * rows * dim_x
+    y_base = y_ptr + bm * rows * dim_y
+    plane = tl.num_programs(0).to(tl.int64) * rows  # the stats are (4, B * M, R)
+    m_s_ptr = stats_ptr + bm * rows
+    log_z_s_ptr = m_s_ptr + plane
+    m_t_ptr = m_s_ptr + 2 * plane
+    log_z_t_ptr = m_s_ptr + 3 * plane
+    m_s_i = tl.load(m_s_ptr + i, mask=i_ok, other=0.0)
+    log_z_s_i = tl.load(log_z_s_ptr + i, mask=i_ok, other=0.0)
+    m_t_i = tl.load(m_t_ptr + i, mask=i_ok, other=0.0)
+    log_z_t_i = tl.load(log_z_t_ptr + i, mask=i_ok, other=0.0)
+    acc = tl.zeros([ROW_BLOCK, D_OUT_BLOCK], tl.float32)
+    for j0 in range(0, rows, COL_BLOCK):
+        j = j0 + tl.arange(0, COL_BLOCK)
+        j_ok = j < rows
+        a = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
+        for d0 in range(0, dim_x, D_BLOCK):
+            d = d0 + tl.arange(0, D_BLOCK)
+            d_ok = d < dim_x
+            xi = tl.load(
+                x_base + i[:, None] * dim_x + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            xj = tl.load(
+                x_base + j[:, None] * dim_x + d[None, :],
+                mask=j_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            a = tl.dot(xi, tl.trans(xj), a, input_precision=PRECISION)
+        t = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
+        for d0 in range(0, dim_y, D_BLOCK):
+            d = d0 + tl.arange(0, D_BLOCK)
+            d_ok = d < dim_y
+            yi = tl.load(
+                y_base + i[:, None] * dim_y + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            yj = tl.load(
+                y_base + j[:, None] * dim_y + d[None, :],
+                mask=j_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            t = tl.dot(yi, tl.trans(yj), t, input_precision=PRECISION)
+        a = a * student_scale
+        t = t * teacher_scale
+        m_s_j = tl.load(m_s_ptr + j, mask=j_ok, other=0.0)
+        log_z_s_j = tl.load(log_z_s_ptr + j, mask=j_ok, other=0.0)
+        m_t_j = tl.load(m_t_ptr + j, mask=j_ok, other=0.0)
+        log_z_t_j = tl.load(log_z_t_ptr + j, mask=j_ok, other=0.0)
+        # (q - p) of rows I plus (q - p)^T of rows J, both read from this symmetric block.
+        h = (
+            tl.exp((a - m_s_i[:, None]) - log_z_s_i[:, None])
+            - tl.exp((t - m_t_i[:, None]) - log_z_t_i[:, None])
+            + tl.exp((a - m_s_j[None, :]) - log_z_s_j[None, :])
+            - tl.exp((t - m_t_j[None, :]) - log_z_t_j[None, :])
+        )
+        h = tl.where(i_ok[:, None] & j_ok[None, :], h, 0.0)
+        xe = tl.load(
+            x_base + j[:, None] * dim_x + e[None, :],
+            mask=j_ok[:, None] & e_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(h, xe, acc, input_precision=OUT_PRECISION)
+    coef = tl.load(coef_ptr + bm)
+    out = dx_ptr + bm * rows * dim_x + i[:, None] * dim_x + e[None, :]
+    tl.store(out, acc * coef, mask=i_ok[:, None] & e_ok[None, :])
+
+
+_KERNELS: dict[bool, tuple[Any, Any]] = {}
+
+
+def _kernels() -> tuple[Any, Any, bool]:
+    """Build (once per interpreter mode) and return ``(forward, backward, interpreting)``.
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when it wraps a function, so the kernels are
+    wrapped here, on first use, and cached per mode. Triton's own library functions are wrapped
+    when ``triton.language`` is imported, though: the interpreter needs the variable set before
+    that import (:func:`_check_interpreter_mode` says so when it was not).
+    """
+    global tl
+    triton = importlib.import_module("triton")
+    tl = importlib.import_module("triton.language")
+    globals()["constexpr"] = tl.constexpr
+    interpreting = _interpreting()
+    if interpreting:
+        _check_interpreter_mode(tl)
+    if interpreting not in _KERNELS:
+        _KERNELS[interpreting] = (triton.jit(_forward_kernel), triton.jit(_backward_kernel))
+    fwd, bwd = _KERNELS[interpreting]
+    return fwd, bwd, interpreting
+
+
+def _check_interpreter_mode(language: Any) -> None:
+    """Fail clearly when ``TRITON_INTERPRET=1`` came after ``triton.language`` was imported.
+
+    Triton wraps its own library functions (``tl.zeros``, ``tl.sum``...) when ``triton.language``
+    is imported; the interpreter can run them only if they were wrapped in interpreter mode.
+    """
+    jit = importlib.import_module("triton.runtime.jit")
+    jit_function = getattr(jit, "JITFunction", None)
+    if jit_function is not None and isinstance(getattr(language, "zeros", None), jit_function):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported; Triton's interpreter needs "
+            "it in the environment before the first import of triton (start the process with it)"
+        )
+
+
+def _pow2_block(n: int, cap: int) -> int:
+    """A power of two in ``[16, cap]`` that covers ``n`` where it can (``tl.dot`` needs 16)."""
+    return max(16, min(cap, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+def _blocks(dim_x: int, dim_y: int, interpreting: bool) -> tuple[int, int, int, int]:
+    """``(ROW_BLOCK, COL_BLOCK, D_BLOCK, D_OUT_BLOCK)`` for features of ``dim_x``, ``dim_y``."""
+    if interpreting:
+        b = _INTERPRET_BLOCK
+        return b, b, _pow2_block(max(dim_x, dim_y), b), _pow2_block(dim_x, b)
+    d_block = _pow2_block(max(dim_x, dim_y), _D_BLOCK)
+    return _ROW_BLOCK, _COL_BLOCK, d_block, _pow2_block(dim_x, _D_OUT_BLOCK)
+
+
+class _TritonGramCE(torch.autograd.Function):
+    """Triton forward (online softmax) and recomputing backward; saves inputs and stats."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        student_scale: float,
+        teacher_scale: float,
+    ) -> Tensor:
+        fwd, _, interpreting = _kernels()
+        batch, heads, rows, dim = student.shape
+        x = student.reshape(batch * heads, rows, dim).contiguous()
+        y = teacher.reshape(batch * heads, rows, teacher.shape[-1]).contiguous()
+        ce = torch.empty(batch * heads, rows, dtype=torch.float32, device=x.device)
+        stats = torch.empty(4, batch * heads, rows, dtype=torch.float32, device=x.device)
+        row_block, col_block, d_block, _ = _blocks(dim, y.shape[-1], interpreting)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        grid = (batch * heads, _cdiv(rows, row_block))
+        with _device_guard(x):
+            fwd[grid](
+                x,
+                y,
+                ce,
+                stats,
+                rows,
+                dim,
+                y.shape[-1],
+                student_scale,
+                teacher_scale,
+                ROW_BLOCK=row_block,
+                COL_BLOCK=col_block,
+                D_BLOCK=d_block,
+                PRECISION=precision,
+            )
+        per_item = ce.view(batch, heads * rows).mean(dim=1)
+        ctx.save_for_backward(student, teacher, stats)
+        ctx.scales = (student_scale, teacher_scale)
+        return per_item
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        _, bwd, interpreting = _kernels()
+        student, teacher, stats = ctx.saved_tensors
+        student_scale, teacher_scale = ctx.scales
+        batch, heads, rows, dim = student.shape
+        x = student.reshape(batch * heads, rows, dim).contiguous()
+        y = teacher.reshape(batch * heads, rows, teacher.shape[-1]).contiguous()
+        coef = _item_coefficients(grad.float(), heads, rows, student_scale).contiguous()
+        dx = torch.empty(batch * heads, rows, dim, dtype=torch.float32, device=x.device)
+        row_block, col_block, d_block, d_out_block = _blocks(dim, y.shape[-1], interpreting)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        grid = (batch * heads, _cdiv(rows, row_block), _cdiv(dim, d_out_block))
+        with _device_guard(x):
+            bwd[grid](
+                x,
+                y,
+                stats,
+                coef,
+                dx,
+                rows,
+                dim,
+                y.shape[-1],
+                student_scale,
+                teacher_scale,
+                ROW_BLOCK=row_block,
+                COL_BLOCK=col_block,
+                D_BLOCK=d_block,
+                D_OUT_BLOCK=d_out_block,
+                PRECISION=precision,
+                OUT_PRECISION=precision,
+            )
+        return dx.view(batch, heads, rows, dim).to(student.dtype), None, None, None
+
+
+def _cdiv(n: int, block: int) -> int:
+    """``ceil(n / block)`` for launch grids."""
+    return -(-n // block)
+
+
+def _device_guard(x: Tensor) -> AbstractContextManager[object]:
+    """Launch on ``x``'s GPU (Triton launches on the current device)."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return nullcontext()
