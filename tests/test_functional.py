@@ -223,3 +223,48 @@ class TestViewPairs:
                 for i, v in SF.view_pairs(g, loc):
                     assert i < g
                     assert i != v
+
+
+class TestPairedRelationCrossEntropy:
+    def test_every_pair_equals_its_own_row_cross_entropy(self, gen: torch.Generator) -> None:
+        # Views: 2 teacher (global) views, 2 + 3 student views, batch 3, relations 5 x 5.
+        student = torch.randn(5, 3, 5, 5, generator=gen, dtype=torch.float64)
+        teacher = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+        pairs = SF.view_pairs(2, 3)
+        got = SF.paired_relation_cross_entropy(student, teacher, pairs, 0.7, 0.1)
+        assert got.shape == (len(pairs), 3)
+        for k, (i, v) in enumerate(pairs):
+            want = _per_item_ce(student[v], teacher[i], 0.7, 0.1)
+            assert_close(got[k], torch.tensor(want, dtype=torch.float64))
+
+    def test_heads_count_as_rows(self, gen: torch.Generator) -> None:
+        student = torch.randn(3, 2, 4, 6, 6, generator=gen, dtype=torch.float64)
+        teacher = torch.randn(2, 2, 4, 6, 6, generator=gen, dtype=torch.float64)
+        got = SF.paired_relation_cross_entropy(student, teacher, [(1, 2)])
+        want = SF.relation_cross_entropy(student[2], teacher[1], reduction="none")
+        assert_close(got[0], want)
+
+    def test_teacher_gets_no_gradient_and_autocast_keeps_float32(self) -> None:
+        student = torch.randn(2, 2, 4, 4, requires_grad=True)
+        teacher = torch.randn(2, 2, 4, 4, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = SF.paired_relation_cross_entropy(student, teacher, [(0, 1), (1, 0)])
+        assert out.dtype == torch.float32
+        out.sum().backward()
+        assert teacher.grad is None
+        assert student.grad is not None
+
+    @pytest.mark.parametrize(
+        ("pairs", "match"), [([], "pairs"), ([(2, 0)], "pairs"), ([(0, 5)], "pairs")]
+    )
+    def test_bad_pairs(self, pairs: list[tuple[int, int]], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            SF.paired_relation_cross_entropy(
+                torch.randn(3, 1, 2, 2), torch.randn(2, 1, 2, 2), pairs
+            )
+
+    def test_shapes_must_agree(self) -> None:
+        with pytest.raises(ValueError, match="must agree"):
+            SF.paired_relation_cross_entropy(
+                torch.randn(3, 1, 2, 2), torch.randn(2, 2, 2, 2), [(0, 1)]
+            )

@@ -34,6 +34,7 @@ __all__ = [
     "channel_relation",
     "channel_relation_cross_entropy",
     "overlap_grids",
+    "paired_relation_cross_entropy",
     "relation_cross_entropy",
     "sample_region",
     "spatial_relation",
@@ -176,6 +177,66 @@ def relation_cross_entropy(
         per_row = -(target * log_pred).sum(dim=-1)
         per_item = per_row.reshape(batch, -1).mean(dim=1)
         return _reduce(per_item, mask, reduction)
+
+
+def paired_relation_cross_entropy(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    pairs: list[tuple[int, int]],
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+) -> Tensor:
+    r""":func:`relation_cross_entropy` of many (teacher view, student view) pairs at once.
+
+    For pair ``(i, v)`` and item ``b`` the value is ``relation_cross_entropy(student_logits[v],
+    teacher_logits[i], reduction="none")[b]``. Each view's softmax is taken once, however many
+    pairs it is in, and the row cross-entropies of all pairs come from one contraction
+    ``-sum_{r,k} p[i, b, r, k] * log q[v, b, r, k] / R`` (``R`` rows over all leading
+    dimensions), so no pair's logits are copied: the channel term's multi-crop pairing at the
+    cost of its views.
+
+    Args:
+        student_logits: ``(V, B, ..., R, K)`` the student's relation logits, view-major.
+        teacher_logits: ``(G, B, ..., R, K)`` the teacher's; detached here.
+        pairs: ``(i, v)`` index pairs, as :func:`view_pairs` gives them.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+
+    Returns:
+        ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
+
+    Example:
+        >>> s, t = torch.randn(3, 2, 4, 4), torch.randn(2, 2, 4, 4)
+        >>> paired_relation_cross_entropy(s, t, view_pairs(2, 1)).shape
+        torch.Size([4, 2])
+    """
+    student_logits = check_tensor(student_logits, "student_logits")
+    teacher_logits = check_tensor(teacher_logits, "teacher_logits")
+    check_floating(student_logits, "student_logits")
+    check_floating(teacher_logits, "teacher_logits")
+    if student_logits.ndim < 4 or student_logits.shape[1:] != teacher_logits.shape[1:]:
+        raise ValueError(
+            "student_logits (V, B, ..., R, K) and teacher_logits (G, B, ..., R, K) must agree "
+            f"but in the first dim, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    views = student_logits.shape[0]
+    if not pairs or not all(0 <= i < teacher_logits.shape[0] and 0 <= v < views for i, v in pairs):
+        raise ValueError(
+            f"pairs must be a non-empty list of (i, v) with i < {teacher_logits.shape[0]} and "
+            f"v < {views}, got {pairs!r}"
+        )
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    rows = student_logits[0, 0, ..., 0].numel()
+    with _no_autocast(student_logits.device):
+        target = F.softmax(_upcast(teacher_logits.detach()) / teacher_temp, dim=-1)
+        log_pred = F.log_softmax(_upcast(student_logits) / student_temp, dim=-1)
+        # (B, G, V): every teacher view against every student view, then the pairs picked.
+        cross = -torch.einsum("gbx,vbx->bgv", target.flatten(2), log_pred.flatten(2)) / rows
+        t_idx = torch.tensor([i for i, _ in pairs], device=cross.device)
+        s_idx = torch.tensor([v for _, v in pairs], device=cross.device)
+        return cross[:, t_idx, s_idx].transpose(0, 1)
 
 
 def _check_mask(mask: object, batch: int, what: str) -> Tensor | None:

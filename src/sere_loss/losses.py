@@ -13,6 +13,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
+from . import _fused
 from ._checks import (
     check_boxes,
     check_choice,
@@ -27,7 +28,9 @@ from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _overlap_grids_unchecked,
+    channel_relation,
     channel_relation_cross_entropy,
+    paired_relation_cross_entropy,
     sample_region,
     spatial_relation_cross_entropy,
     view_pairs,
@@ -382,8 +385,15 @@ class ChannelSelfRelationLoss(nn.Module):
             raise ValueError(
                 "the channel term needs at least two views: got one global view and no local"
             )
-        # Globals and locals have different token counts: one call per group of pairs, each on
-        # the pairs' (P * B, N, C) features stacked pair-major; the mean over all pairs at the end.
+        rows = t_feats.transpose(1, 2).unsqueeze(1)  # (G * B, 1, C, N): shape for the dispatch
+        if _fused.resolve_backend(self.backend, rows) == "reference":
+            # Each view's C x C relation once, all pairs from one contraction.
+            t_rel = channel_relation(t_feats).view(g, batch, dim := t_feats.shape[-1], dim)
+            s_rel = torch.cat([channel_relation(f) for f in s_feats]).view(-1, batch, dim, dim)
+            loss = paired_relation_cross_entropy(s_rel, t_rel, pairs, ts, tt).mean()
+            return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
+        # Fused backends: globals and locals have different token counts, so one call per group
+        # of pairs, each on the pairs' (P * B, N, C) features stacked pair-major.
         teacher_views = t_feats.view(g, batch, *t_feats.shape[1:])
         total = t_feats.new_zeros((), dtype=torch.float32)
         for first, feats in zip((0, g), s_feats, strict=False):
