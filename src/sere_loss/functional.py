@@ -102,7 +102,10 @@ def channel_relation(x: Tensor) -> Tensor:
     x = check_ndim(x, 3, "x", "(B, N, C)")
     if x.shape[1] == 0:
         raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
-    return (x.transpose(1, 2) @ x) / x.shape[1]
+    # x^T x with the 1 / N folded into the product: no second pass over the (B, C, C) result.
+    batch, tokens, channels = x.shape
+    out = x.new_empty(batch, channels, channels)
+    return torch.baddbmm(out, x.transpose(1, 2), x, beta=0.0, alpha=1.0 / tokens)
 
 
 def _no_autocast(device: torch.device) -> AbstractContextManager[object]:
@@ -230,13 +233,18 @@ def paired_relation_cross_entropy(
     teacher_temp = check_positive(teacher_temp, "teacher_temp")
     rows = student_logits[0, 0, ..., 0].numel()
     with _no_autocast(student_logits.device):
-        target = F.softmax(_upcast(teacher_logits.detach()) / teacher_temp, dim=-1)
-        log_pred = F.log_softmax(_upcast(student_logits) / student_temp, dim=-1)
+        target = F.softmax(_scaled(_upcast(teacher_logits.detach()), teacher_temp), dim=-1)
+        log_pred = F.log_softmax(_scaled(_upcast(student_logits), student_temp), dim=-1)
         # (B, G, V): every teacher view against every student view, then the pairs picked.
         cross = -torch.einsum("gbx,vbx->bgv", target.flatten(2), log_pred.flatten(2)) / rows
         t_idx = torch.tensor([i for i, _ in pairs], device=cross.device)
         s_idx = torch.tensor([v for _, v in pairs], device=cross.device)
         return cross[:, t_idx, s_idx].transpose(0, 1)
+
+
+def _scaled(logits: Tensor, temp: float) -> Tensor:
+    """``logits / temp``, without a pass over the logits when ``temp`` is 1."""
+    return logits if temp == 1.0 else logits / temp
 
 
 def _check_mask(mask: object, batch: int, what: str) -> Tensor | None:

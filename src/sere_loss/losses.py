@@ -388,9 +388,16 @@ class ChannelSelfRelationLoss(nn.Module):
         rows = t_feats.transpose(1, 2).unsqueeze(1)  # (G * B, 1, C, N): shape for the dispatch
         if _fused.resolve_backend(self.backend, rows) == "reference":
             # Each view's C x C relation once, all pairs from one contraction.
+            # Each view's C x C relation once; per group of student views (globals, locals),
+            # all its pairs from one contraction.
             t_rel = channel_relation(t_feats).view(g, batch, dim := t_feats.shape[-1], dim)
-            s_rel = torch.cat([channel_relation(f) for f in s_feats]).view(-1, batch, dim, dim)
-            loss = paired_relation_cross_entropy(s_rel, t_rel, pairs, ts, tt).mean()
+            total = t_feats.new_zeros((), dtype=torch.float32)
+            for first, feats in zip((0, g), s_feats, strict=False):
+                group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
+                if group:
+                    s_rel = channel_relation(feats).view(-1, batch, dim, dim)
+                    total = total + paired_relation_cross_entropy(s_rel, t_rel, group, ts, tt).sum()
+            loss = total / (len(pairs) * batch)
             return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
         # Fused backends: globals and locals have different token counts, so one call per group
         # of pairs, each on the pairs' (P * B, N, C) features stacked pair-major.
