@@ -8,7 +8,8 @@ trainer files so that each of them reads as its method. The pieces:
   are functions of ``(seed, epoch, index)``, so a resumed run sees exactly the batches an
   uninterrupted run would have seen, whatever the number of workers.
 - :func:`cosine_schedule`: DINO's per-iteration cosine schedule with linear warm-up.
-- :func:`param_groups`, :func:`ema_update`, :func:`cancel_last_layer_gradients`.
+- :func:`param_groups`, :func:`ema_update`, :func:`clip_gradients`,
+  :func:`cancel_last_layer_gradients`.
 - :class:`Checkpointer`, :class:`CSVLog`, :func:`autocast`, :func:`resolve_device`.
 """
 
@@ -214,6 +215,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         raise ValueError("teacher and student have different parameter lists")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[Tensor], max_norm: float) -> None:
+    """DINO's and iBOT's clipping: each parameter's gradient norm to at most ``max_norm``.
+
+    Per parameter, not over all of them at once (``clip_grad_norm_``): that is the recipe whose
+    numbers the paper reports.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
 
 
 def cancel_last_layer_gradients(module: nn.Module, name: str = "last_layer") -> None:

@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
     p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
     p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--clip-grad", type=float, default=3.0, help="0 disables")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter; 0 disables")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs")
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
     p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], args.clip_grad)
+                common.clip_gradients([p for g in params for p in g["params"]], args.clip_grad)
             if epoch < args.freeze_last_layer:
                 common.cancel_last_layer_gradients(student)
             scaler.step(optimizer)

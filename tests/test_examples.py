@@ -119,3 +119,17 @@ def test_sere_lines_are_the_whole_difference() -> None:
     assert not [line for line in unmarked if re.search(r"\bsere\b|sere_loss", line)]
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert f"{len(marked)} lines marked `# SERE`" in readme
+
+
+def test_gradient_clipping_is_per_parameter() -> None:
+    """DINO clips each parameter's gradient norm on its own, not the global norm."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    big, small = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0])
+    common.clip_gradients([big, small], 1.0)
+    torch.testing.assert_close(big.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(small.grad, torch.tensor([0.1, 0.0]))  # under the bound: kept
