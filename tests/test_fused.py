@@ -16,6 +16,7 @@ set (``test_triton_kernels_in_the_interpreter``), where the class is collected a
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -339,15 +340,17 @@ def test_float32_under_autocast(gen: torch.Generator) -> None:
 
 
 def test_auto_rule() -> None:
-    small = torch.empty(32, 6, 169, 64)  # the 13 x 13 lattice of 224 px views, 2 pairs x 16
+    small = torch.empty(512, 6, 169, 64, device="meta")  # 13 x 13 lattice, any batch
     assert _fused.resolve_backend("auto", small) == "reference"
-    full = torch.empty(32, 6, 1369, 64, device="meta")  # every token of 518 px views
+    channel = torch.empty(512, 1, 384, 196, device="meta")  # ViT-S channel relation
+    assert _fused.resolve_backend("auto", channel) == "reference"
+    full = torch.empty(2, 6, 1369, 64, device="meta")  # every token of 518 px views
     assert _fused.resolve_backend("auto", full) == "chunked"
-    edge = _fused.REFERENCE_BUDGET_BYTES // (4 * 100 * 100)
-    assert _fused.resolve_backend("auto", torch.empty(edge, 1, 100, 8, device="meta")) == (
+    rows = math.isqrt(_fused.REFERENCE_BUDGET_BYTES // 4)  # one item at the budget's edge
+    assert _fused.resolve_backend("auto", torch.empty(3, 1, rows, 8, device="meta")) == (
         "reference"
     )
-    edge64 = torch.empty(edge, 1, 100, 8, device="meta", dtype=torch.float64)
+    edge64 = torch.empty(3, 1, rows, 8, device="meta", dtype=torch.float64)
     assert _fused.resolve_backend("auto", edge64) == "chunked"  # float64 counts double
 
 

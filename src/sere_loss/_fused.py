@@ -60,10 +60,12 @@ __all__ = ["BACKENDS", "gram_relation_cross_entropy", "resolve_backend", "triton
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
 
-# "auto" on a CPU (or without Triton) materialises the logits when all of them take at most this
-# many bytes in float32: the reference is the fastest path while the logits stay small (the
-# 13 x 13 lattice of 224 px views: 169 rows), and the chunked path bounds memory beyond.
-REFERENCE_BUDGET_BYTES = 64 * 2**20
+# "auto" materialises the logits while one item's take at most this many bytes in float32: the
+# reference is the fastest path while each relation is small (the 13 x 13 lattice: 0.7 MB per
+# item with 6 heads; ViT-S's 384 x 384 channel relation: 0.6 MB), and the fused paths bound
+# memory beyond (every token of a 518 px view: 45 MB per item). The budget is per item, not per
+# batch: both routes grow linearly with the batch, only the fused one escapes the R^2.
+REFERENCE_BUDGET_BYTES = 8 * 2**20
 # Working memory of one chunk of the chunked path (forward or backward), in bytes.
 CHUNK_BUDGET_BYTES = 64 * 2**20
 # The chunked path holds about this many (chunk, R) tensors at once.
@@ -135,9 +137,10 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
 
     ``"auto"`` resolves as follows:
 
-    1. ``"reference"`` when the ``B * M * R * R`` logits fit in ``REFERENCE_BUDGET_BYTES``
-       (64 MiB) as float32 (float64 counts double), on any device: the materialised kernels are
-       fastest while the logits are small (the 13 x 13 lattice, ``R = 169``, at moderate batch);
+    1. ``"reference"`` when one item's ``M * R * R`` logits fit in ``REFERENCE_BUDGET_BYTES``
+       (8 MiB) as float32 (float64 counts double), on any device: the materialised kernels are
+       fastest while the relations are small (the 13 x 13 lattice, ``R = 169``; the channel
+       relation of ViT-S to ViT-L);
     2. otherwise ``"triton"`` when the student is on a CUDA device, Triton imports, the student
        is float32, float16 or bfloat16, and ``D <= TRITON_AUTO_MAX_D`` (256) on both sides;
     3. otherwise ``"chunked"``.
@@ -161,11 +164,11 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
         return backend
     if backend != "auto":
         return backend
-    batch, heads, rows, dim = student.shape
+    _, heads, rows, dim = student.shape
     if teacher is not None:
         dim = max(dim, teacher.shape[-1])
     itemsize = 8 if student.dtype == torch.float64 else 4
-    if batch * heads * rows * rows * itemsize <= REFERENCE_BUDGET_BYTES:
+    if heads * rows * rows * itemsize <= REFERENCE_BUDGET_BYTES:
         return "reference"
     if (
         student.device.type == "cuda"

@@ -193,7 +193,7 @@ def paired_relation_cross_entropy(
 
     For pair ``(i, v)`` and item ``b`` the value is ``relation_cross_entropy(student_logits[v],
     teacher_logits[i], reduction="none")[b]``. Each view's softmax is taken once, however many
-    pairs it is in, and the row cross-entropies of all pairs come from one contraction
+    pairs it is in, and a pair's row cross-entropies come from one batched dot product
     ``-sum_{r,k} p[i, b, r, k] * log q[v, b, r, k] / R`` (``R`` rows over all leading
     dimensions), so no pair's logits are copied: the channel term's multi-crop pairing at the
     cost of its views.
@@ -234,12 +234,17 @@ def paired_relation_cross_entropy(
     rows = student_logits[0, 0, ..., 0].numel()
     with _no_autocast(student_logits.device):
         target = F.softmax(_scaled(_upcast(teacher_logits.detach()), teacher_temp), dim=-1)
-        log_pred = F.log_softmax(_scaled(_upcast(student_logits), student_temp), dim=-1)
-        # (B, G, V): every teacher view against every student view, then the pairs picked.
-        cross = -torch.einsum("gbx,vbx->bgv", target.flatten(2), log_pred.flatten(2)) / rows
-        t_idx = torch.tensor([i for i, _ in pairs], device=cross.device)
-        s_idx = torch.tensor([v for _, v in pairs], device=cross.device)
-        return cross[:, t_idx, s_idx].transpose(0, 1)
+        # Each student view's log-softmax once; each pair's rows from one batched dot product,
+        # so no (B, ..., R, K) temporary per pair.
+        rows_t = target.flatten(2)  # (G, B, R * K)
+        out: list[Tensor] = []
+        cache: dict[int, Tensor] = {}
+        for i, v in pairs:
+            if v not in cache:
+                cache[v] = F.log_softmax(_scaled(_upcast(student_logits[v]), student_temp), -1)
+            log_pred = cache[v].flatten(1)  # (B, R * K)
+            out.append(-torch.einsum("bx,bx->b", rows_t[i], log_pred) / rows)
+        return torch.stack(out)
 
 
 def _scaled(logits: Tensor, temp: float) -> Tensor:
@@ -310,7 +315,7 @@ def spatial_relation_cross_entropy(
 
     Backends: ``"reference"`` (the materialised kernels above), ``"chunked"`` (PyTorch, rows in
     chunks, any device), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: the
-    reference while the ``B * M * S * S`` float32 logits fit in 64 MiB, beyond that Triton on
+    reference while one item's ``M * S * S`` float32 logits fit in 8 MiB, beyond that Triton on
     CUDA when it imports, else chunked.
 
     Args:

@@ -387,9 +387,8 @@ class ChannelSelfRelationLoss(nn.Module):
             )
         rows = t_feats.transpose(1, 2).unsqueeze(1)  # (G * B, 1, C, N): shape for the dispatch
         if _fused.resolve_backend(self.backend, rows) == "reference":
-            # Each view's C x C relation once, all pairs from one contraction.
-            # Each view's C x C relation once; per group of student views (globals, locals),
-            # all its pairs from one contraction.
+            # Each view's C x C relation and softmax once, per group of student views (globals,
+            # locals); no pair copies its relations.
             t_rel = channel_relation(t_feats).view(g, batch, dim := t_feats.shape[-1], dim)
             total = t_feats.new_zeros((), dtype=torch.float32)
             for first, feats in zip((0, g), s_feats, strict=False):
