@@ -153,7 +153,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
     setting = SETTINGS[args.setting]
     device = torch.device("cpu")
-    smoke = next(SETTINGS[q] for q in QUICK if args.impl in SETTINGS[q].impls)
+    smoke = next((SETTINGS[q] for q in QUICK if args.impl in SETTINGS[q].impls), None)
+    smoke = smoke or SETTINGS[QUICK[0]]
     for term in args.terms:
         build_case(smoke, args.impl, term, device).step()
     out: dict[str, Any] = {"malloc_fixed": fixed}
