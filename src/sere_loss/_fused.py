@@ -378,6 +378,39 @@ _D_OUT_BLOCK = 64
 _INTERPRET_BLOCK = 16
 
 
+def _gram_tile_source(  # type: ignore[no-untyped-def]  # Triton device function
+    base,
+    i,
+    i_ok,
+    j,
+    j_ok,
+    dim,
+    ROW_BLOCK: constexpr,
+    COL_BLOCK: constexpr,
+    D_BLOCK: constexpr,
+    PRECISION: constexpr,
+):
+    # The (rows i, rows j) block of F F^T for one (item * head)'s features F (R, dim) at base,
+    # in float32; rows outside the matrix load as 0. Both kernels build A and T with it.
+    acc = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
+    for d0 in range(0, dim, D_BLOCK):
+        d = d0 + tl.arange(0, D_BLOCK)
+        d_ok = d < dim
+        fi = tl.load(
+            base + i[:, None] * dim + d[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
+        fj = tl.load(
+            base + j[:, None] * dim + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
+        acc = tl.dot(fi, tl.trans(fj), acc, input_precision=PRECISION)
+    return acc
+
+
+# The kernels call the device function through this global, bound (once per interpreter mode,
+# always to the same object: Triton rejects globals that change after compilation) in _kernels.
+_gram_tile: Any = None
+
+
 def _forward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
     x_ptr,
     y_ptr,
@@ -409,36 +442,8 @@ def _forward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
     for j0 in range(0, rows, COL_BLOCK):
         j = j0 + tl.arange(0, COL_BLOCK)
         j_ok = j < rows
-        a = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
-        for d0 in range(0, dim_x, D_BLOCK):
-            d = d0 + tl.arange(0, D_BLOCK)
-            d_ok = d < dim_x
-            xi = tl.load(
-                x_base + i[:, None] * dim_x + d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            xj = tl.load(
-                x_base + j[:, None] * dim_x + d[None, :],
-                mask=j_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            a = tl.dot(xi, tl.trans(xj), a, input_precision=PRECISION)
-        t = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
-        for d0 in range(0, dim_y, D_BLOCK):
-            d = d0 + tl.arange(0, D_BLOCK)
-            d_ok = d < dim_y
-            yi = tl.load(
-                y_base + i[:, None] * dim_y + d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            yj = tl.load(
-                y_base + j[:, None] * dim_y + d[None, :],
-                mask=j_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            t = tl.dot(yi, tl.trans(yj), t, input_precision=PRECISION)
+        a = _gram_tile(x_base, i, i_ok, j, j_ok, dim_x, ROW_BLOCK, COL_BLOCK, D_BLOCK, PRECISION)
+        t = _gram_tile(y_base, i, i_ok, j, j_ok, dim_y, ROW_BLOCK, COL_BLOCK, D_BLOCK, PRECISION)
         a = a * student_scale  # 0 in the padding columns, where x_j loads as 0
         a_max = tl.where(j_ok[None, :], a, float("-inf"))
         t = tl.where(j_ok[None, :], t * teacher_scale, float("-inf"))
@@ -502,36 +507,8 @@ def _backward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
     for j0 in range(0, rows, COL_BLOCK):
         j = j0 + tl.arange(0, COL_BLOCK)
         j_ok = j < rows
-        a = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
-        for d0 in range(0, dim_x, D_BLOCK):
-            d = d0 + tl.arange(0, D_BLOCK)
-            d_ok = d < dim_x
-            xi = tl.load(
-                x_base + i[:, None] * dim_x + d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            xj = tl.load(
-                x_base + j[:, None] * dim_x + d[None, :],
-                mask=j_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            a = tl.dot(xi, tl.trans(xj), a, input_precision=PRECISION)
-        t = tl.zeros([ROW_BLOCK, COL_BLOCK], tl.float32)
-        for d0 in range(0, dim_y, D_BLOCK):
-            d = d0 + tl.arange(0, D_BLOCK)
-            d_ok = d < dim_y
-            yi = tl.load(
-                y_base + i[:, None] * dim_y + d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            yj = tl.load(
-                y_base + j[:, None] * dim_y + d[None, :],
-                mask=j_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            t = tl.dot(yi, tl.trans(yj), t, input_precision=PRECISION)
+        a = _gram_tile(x_base, i, i_ok, j, j_ok, dim_x, ROW_BLOCK, COL_BLOCK, D_BLOCK, PRECISION)
+        t = _gram_tile(y_base, i, i_ok, j, j_ok, dim_y, ROW_BLOCK, COL_BLOCK, D_BLOCK, PRECISION)
         a = a * student_scale
         t = t * teacher_scale
         m_s_j = tl.load(m_s_ptr + j, mask=j_ok, other=0.0)
@@ -557,7 +534,7 @@ def _backward_kernel(  # type: ignore[no-untyped-def]  # Triton kernel
     tl.store(out, acc * coef, mask=i_ok[:, None] & e_ok[None, :])
 
 
-_KERNELS: dict[bool, tuple[Any, Any]] = {}
+_KERNELS: dict[bool, tuple[Any, Any, Any]] = {}
 
 
 def _kernels() -> tuple[Any, Any, bool]:
@@ -575,9 +552,14 @@ def _kernels() -> tuple[Any, Any, bool]:
     interpreting = _interpreting()
     if interpreting:
         _check_interpreter_mode(tl)
+    global _gram_tile
     if interpreting not in _KERNELS:
-        _KERNELS[interpreting] = (triton.jit(_forward_kernel), triton.jit(_backward_kernel))
-    fwd, bwd = _KERNELS[interpreting]
+        _KERNELS[interpreting] = (
+            triton.jit(_gram_tile_source),
+            triton.jit(_forward_kernel),
+            triton.jit(_backward_kernel),
+        )
+    _gram_tile, fwd, bwd = _KERNELS[interpreting]
     return fwd, bwd, interpreting
 
 
