@@ -230,30 +230,25 @@ def collate_crops(batch: Sequence[Any]) -> Any:
 # Published recipes (DINO / iBOT / MoCo v3 augmentations; SPEC 6 for SERE's crop scales).
 
 
-def _colour() -> list[v2.Transform]:
-    return [
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ]
-
-
-def _blur(p: float) -> list[v2.Transform]:
-    # PIL's GaussianBlur with radius ~ U(0.1, 2.0) in the recipes; 13 taps cover +-3 sigma.
-    return [v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=p)] if p > 0 else []
-
-
-def _solarize(p: float) -> list[v2.Transform]:
-    return [v2.RandomSolarize(threshold=128, p=p)] if p > 0 else []
-
-
-def _start() -> list[v2.Transform]:
-    # The recipes' thresholds (solarisation at 128) are for 8-bit images: float input is
-    # brought to uint8 first (a no-op for uint8 and PIL input).
-    return [v2.ToDtype(torch.uint8, scale=True)]
-
-
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+def _photometric(
+    blur_p: float, solarize_p: float, mean: Sequence[float], std: Sequence[float]
+) -> v2.Compose:
+    """One view's colour recipe on the uint8 crop, ending in the normalised float tensor."""
+    return v2.Compose(
+        [
+            # The thresholds (solarisation at 128) are for 8-bit images: float input is brought
+            # to uint8 first (a no-op for uint8 and PIL input).
+            v2.ToDtype(torch.uint8, scale=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            # PIL's GaussianBlur with radius ~ U(0.1, 2.0) in the recipes; 13 taps cover +-3 sigma.
+            v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=blur_p),
+            # Left out, not drawn with p = 0, where a recipe has none.
+            *([v2.RandomSolarize(threshold=128, p=solarize_p)] if solarize_p > 0 else []),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def _multicrop(
@@ -267,10 +262,9 @@ def _multicrop(
     std: Sequence[float],
 ) -> MultiCropTransform:
     num_local = check_int(num_local, "num_local", 0)
-    finish = _finish(mean, std)
-    global1 = v2.Compose([*_start(), *_colour(), *_blur(1.0), *finish])
-    global2 = v2.Compose([*_start(), *_colour(), *_blur(0.1), *_solarize(0.2), *finish])
-    local = v2.Compose([*_start(), *_colour(), *_blur(0.5), *finish])
+    global1 = _photometric(1.0, 0.0, mean, std)
+    global2 = _photometric(0.1, 0.2, mean, std)
+    local = _photometric(0.5, 0.0, mean, std)
     crops = [
         CropSpec(global_size, global_scale, photometric=global1),
         CropSpec(global_size, global_scale, photometric=global2),
@@ -344,9 +338,8 @@ def mocov3_transform(
     View 2: the same with blur p = 0.1 and solarisation p = 0.2. As in MoCo v3 the flip comes
     last, after the colour transforms; the flag is recorded all the same.
     """
-    finish = _finish(mean, std)
-    view1 = v2.Compose([*_start(), *_colour(), *_blur(1.0), *finish])
-    view2 = v2.Compose([*_start(), *_colour(), *_blur(0.1), *_solarize(0.2), *finish])
+    view1 = _photometric(1.0, 0.0, mean, std)
+    view2 = _photometric(0.1, 0.2, mean, std)
     return MultiCropTransform(
         [
             CropSpec(size, scale, flip_last=True, photometric=view1),
