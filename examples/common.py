@@ -337,10 +337,11 @@ class CSVLog:
     def write(self, row: dict[str, float | int]) -> None:
         """Append ``row``; fields it lacks are left empty."""
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[k]) if k in row else "" for k in self.fields])
+            csv.writer(f).writerow([format_value(row[k]) if k in row else "" for k in self.fields])
 
 
-def _fmt(value: float | int) -> str:
+def format_value(value: float | int) -> str:
+    """How logs write a value: integers as they are, floats to 6 significant digits."""
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 

@@ -411,12 +411,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
             if args.no_progress:
-                print(" ".join(f"{k} {common._fmt(v)}" for k, v in row.items()), flush=True)
+                print(" ".join(f"{k} {common.format_value(v)}" for k, v in row.items()), flush=True)
             if step >= max_steps or step % steps_per_epoch == 0:
                 break
         save()
     bar.close()
-    summary = {k: v for k, v in row.items()}
+    summary = dict(row)
     (args.output_dir / "last.json").write_text(json.dumps(summary, indent=1))
     print("done:", json.dumps(summary))
     return summary
