@@ -340,6 +340,18 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         ),
     ),
     (
+        "one token for BatchNorm",
+        ValueError,
+        r"BatchNorm .* needs more than one in training, got 1 view\(s\) of 1 token\(s\)",
+        lambda: SERELoss(12, num_heads=3)(
+            torch.randn(2, 16, 12),
+            torch.randn(2, 16, 12),
+            torch.cat([BOX, BOX[:1]]).expand(1, 3, 4).clone(),
+            torch.zeros(1, 3, dtype=torch.bool),
+            torch.randn(1, 1, 12),
+        ),
+    ),
+    (
         "string views",
         TypeError,
         r"tensor \(views concatenated along dim 0\) or a list of tensors, got str",

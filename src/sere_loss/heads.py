@@ -31,6 +31,12 @@ class _TokenBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, channels = x.shape
+        if self.training and batch * tokens < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
+            raise ValueError(
+                "the heads' BatchNorm takes its statistics over all B * N tokens and needs more "
+                f"than one in training, got {batch} view(s) of {tokens} token(s): pass more "
+                "images or larger views, or heads without BatchNorm"
+            )
         return self.bn(x.reshape(batch * tokens, channels)).reshape(batch, tokens, channels)  # type: ignore[no-any-return]
 
 
