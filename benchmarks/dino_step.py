@@ -56,7 +56,7 @@ def build_step(
     torch.manual_seed(0)
 
     def model(drop_path: float) -> nn.Module:
-        backbone = trainer.build_backbone(preset, drop_path)
+        backbone = common.build_vit(preset, drop_path)
         head = trainer.DINOHead(
             backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck
         )

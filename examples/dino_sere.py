@@ -7,6 +7,7 @@ that SERE adds ends with ``# SERE``; ``--no-sere`` runs plain DINO through the s
 
     python examples/dino_sere.py --preset tiny                  # a minute on a laptop CPU
     python examples/dino_sere.py --preset vit_small --data /path/to/imagenet/train  # CUDA
+    torchrun --nproc_per_node=8 examples/dino_sere.py --preset vit_small --data ...  # 8 GPUs
 
 Recipe (``vit_small``, the paper's Sec. 4.1 and DINO's ViT-S/16 settings): AdamW, lr
 0.0005 * batch / 256 with 10 warm-up epochs then cosine to 1e-6, weight decay 0.04 -> 0.4,
@@ -14,26 +15,21 @@ teacher momentum 0.996 -> 1, teacher temperature 0.04 -> 0.07 over 30 epochs, st
 temperature 0.1, centre momentum 0.9, gradient clipping 3.0, the last layer frozen for the first
 epoch, 2 x 224 global crops at scale (0.35, 1) and 4 x 96 local crops at (0.05, 0.35), and SERE
 with alpha = beta = 1. All schedules are per iteration and span ``--epochs``; ``--max-steps``
-stops early without changing them, so a short run is the start of the long one.
+stops early without changing them, so a short run is the start of the long one. The batch is
+per process: the paper's 512 is ``--batch-size 64`` on 8 GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import common
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
@@ -42,25 +38,15 @@ from sere_loss.transforms import dino_sere_transform  # SERE: crops with their b
 
 
 @dataclass(frozen=True)
-class Preset:
-    """Model, crops and schedule of one configuration."""
+class Preset(common.Preset):
+    """Model, crops and schedule of one configuration: the shared fields, and DINO's own."""
 
-    arch: str
-    patch: int
-    global_px: int
     local_px: int
     num_local: int
     out_dim: int
     head_hidden: int
     head_bottleneck: int
-    batch_size: int
-    epochs: int
-    warmup_epochs: float
     teacher_temp_warmup_epochs: float
-    drop_path: float
-    synthetic_length: int
-    synthetic_size: int
-    workers: int
 
 
 PRESETS = {
@@ -103,22 +89,6 @@ PRESETS = {
         workers=8,
     ),
 }
-
-
-def build_backbone(preset: Preset, drop_path: float) -> VisionTransformer:
-    """A timm ViT that takes any input size (global and local views) and returns no logits."""
-    if preset.arch == "tiny":
-        return VisionTransformer(
-            img_size=preset.global_px, patch_size=preset.patch, embed_dim=96, depth=4,
-            num_heads=3, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path,
-        )  # fmt: skip
-    model = timm.create_model(
-        preset.arch, pretrained=False, num_classes=0, dynamic_img_size=True,
-        drop_path_rate=drop_path,
-    )  # fmt: skip
-    if not isinstance(model, VisionTransformer):
-        raise SystemExit(f"{preset.arch} is not a timm VisionTransformer")
-    return model
 
 
 # DINO --------------------------------------------------------------------------------------------
@@ -212,19 +182,22 @@ class DINOLoss(nn.Module):
             for v in range(self.num_views)
             if v != i
         ]
-        self.update_center(teacher)
+        update_center(self.center, teacher, self.center_momentum)
         return torch.stack(terms).mean()
 
-    @torch.no_grad()
-    def update_center(self, teacher: Tensor) -> None:
-        """``center = m * center + (1 - m) * mean(teacher)`` over the global batch."""
-        total = teacher.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(len(teacher)), device=teacher.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(count)
-        m = self.center_momentum
-        self.center.mul_(m).add_(total / count, alpha=1 - m)
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher: Tensor, momentum: float) -> None:
+    """``center = m * center + (1 - m) * mean(teacher)``, in place.
+
+    The mean is over dim 0 of the batch of every process (all-reduced when distributed).
+    """
+    total = teacher.sum(dim=0, keepdim=True)
+    count = torch.tensor(float(len(teacher)), device=teacher.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
 
 
 # Training ----------------------------------------------------------------------------------------
@@ -233,15 +206,8 @@ class DINOLoss(nn.Module):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
-    p.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder path")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--epochs", type=int, help="schedule length (preset's)")
-    p.add_argument("--max-steps", type=int, help="stop after this many iterations in all")
-    p.add_argument("--batch-size", type=int, help="images per process (preset's)")
+    common.add_run_arguments(p, PRESETS, lr=0.0005, output_dir="runs/dino_sere")
     p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--lr", type=float, default=0.0005, help="peak lr per 256 images")
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
     p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
@@ -251,45 +217,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
     p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
     p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
-    p.add_argument("--workers", type=int, help="DataLoader workers (preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("runs/dino_sere"))
-    p.add_argument("--resume", nargs="?", const="auto", help="a checkpoint, or this run's own")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    preset = replace(
-        preset,
-        epochs=args.epochs or preset.epochs,
-        batch_size=args.batch_size or preset.batch_size,
-        num_local=preset.num_local if args.num_local is None else args.num_local,
-        workers=preset.workers if args.workers is None else args.workers,
-    )
-    device = common.resolve_device(args.device)
+    preset = common.apply_overrides(PRESETS[args.preset], args)
+    process = common.init_process(args.device)
+    device = process.device
     precision = common.resolve_precision(args.precision, device)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
 
-    # Data: multi-crop views with their crop boxes and flips.
+    # Data: multi-crop views with their crop boxes and flips, this process's share of them.
     transform = dino_sere_transform(  # SERE: records each view's box and flip
         global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local
     )
     dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
     loader, sampler = common.build_loader(
-        dataset, transform, batch_size=preset.batch_size, workers=preset.workers, seed=args.seed
-    )
+        dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
+        seed=args.seed,
+    )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
-    max_steps = min(args.max_steps or total_steps, total_steps)
 
     # Student and teacher: the teacher has no stochastic depth and starts as the student.
     def model(drop_path: float) -> MultiCropModel:
-        backbone = build_backbone(preset, drop_path)
+        backbone = common.build_vit(preset, drop_path)
         head = DINOHead(
             backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck
         )
@@ -309,118 +263,75 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dim = student.backbone.embed_dim  # SERE
         sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **lattices).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
+    student_ddp = common.distribute(student, process)
+    sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
 
     # Optimisation: per-iteration schedules over the whole run.
-    params = common.param_groups(trained)
-    optimizer = torch.optim.AdamW(params)
+    optimizer = torch.optim.AdamW(common.param_groups(trained))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lr_peak = args.lr * preset.batch_size * common.world_size() / 256
+    lr_peak = args.lr * preset.batch_size * process.world_size / 256
     lr_sched = common.cosine_schedule(
         lr_peak, args.min_lr, preset.epochs, steps_per_epoch, preset.warmup_epochs
     )
     wd_sched = common.cosine_schedule(*args.weight_decay, preset.epochs, steps_per_epoch)
     m_sched = common.cosine_schedule(args.momentum, 1.0, preset.epochs, steps_per_epoch)
-    warm = min(int(preset.teacher_temp_warmup_epochs * steps_per_epoch), total_steps)
-    t0, t1 = args.teacher_temp
-    temp_sched = [t0 + (t1 - t0) * i / warm for i in range(warm)] + [t1] * (total_steps - warm)
+    warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
+    temp_sched = common.warmup_schedule(*args.teacher_temp, warm, total_steps)
 
-    checkpointer = common.Checkpointer(args.output_dir)
-    step = 0
-    state = checkpointer.load(args.resume)
-    if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        dino_loss.load_state_dict(state["dino_loss"])
-        if sere is not None:  # SERE
-            sere.load_state_dict(state["sere"])  # SERE
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
-        step = state["step"]
-        source = checkpointer.path if args.resume == "auto" else args.resume
-        print(f"resumed from step {step} ({source})")
-
-    def save() -> None:
-        checkpointer.save({
-            "student": student.state_dict(), "teacher": teacher.state_dict(),
-            "dino_loss": dino_loss.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": common.rng_state(), "step": step,
-            "args": vars(args), "preset": asdict(preset),
-            **({"sere": sere.state_dict()} if sere is not None else {}),  # SERE
-        })  # fmt: skip
-
-    fields = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino"]
+    state: dict[str, Any] = {"student": student, "teacher": teacher, "dino_loss": dino_loss}
+    state |= {"optimizer": optimizer, "scaler": scaler}
+    if sere is not None:  # SERE
+        state["sere"] = sere  # SERE: its heads, the teacher's among them
+    fields = ["lr", "wd", "momentum", "teacher_temp", "loss", "dino"]
     fields += ["spatial", "channel"]  # SERE
-    log = common.CSVLog(args.output_dir / "log.csv", [*fields, "seconds"])
+    run = common.Run(
+        process, args, state, epochs=preset.epochs, steps_per_epoch=steps_per_epoch,
+        batch_size=preset.batch_size, fields=fields, config={"preset": asdict(preset)},
+    )  # fmt: skip
+    torch.manual_seed(args.seed + 1 + process.rank)  # each process its own stochastic depth
+    start = run.resume()  # and, when resuming, the random state it had saved
     method = "DINO" if sere is None else "DINO + SERE"  # SERE
-    print(
-        f"{method} | preset {args.preset} | {device} {precision} | "
-        f"{num_views} views x batch {preset.batch_size} | {steps_per_epoch} steps/epoch | "
-        f"steps {step} -> {max_steps} of {total_steps} | logs in {args.output_dir}"
+    run.print(
+        f"{method} | preset {args.preset} | {process.world_size} process(es) on {device} "
+        f"{precision} | {num_views} views x batch {preset.batch_size} per process | "
+        f"{steps_per_epoch} steps/epoch | steps {start} -> {run.max_steps} of {total_steps} | "
+        f"logs in {args.output_dir}"
     )
-    bar = tqdm(total=max_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    row: dict[str, Any] = {}
     student.train()
     teacher.train()
-    while step < max_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start=step % steps_per_epoch * preset.batch_size)
-        for crops, _ in loader:
-            tic = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_sched[step]
-            optimizer.param_groups[0]["weight_decay"] = wd_sched[step]
-            views = [v.to(device, non_blocking=True) for v in crops.views]
+    for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
+        common.set_schedule(optimizer, lr_sched[step], wd_sched[step])
+        views = [v.to(device, non_blocking=True) for v in crops.views]
 
-            with common.autocast(device, precision):
-                s_logits, s_tokens = student(views)
-                with torch.no_grad():
-                    t_logits, t_tokens = teacher(views[:2])
-                loss_dino = dino_loss(s_logits, t_logits, temp_sched[step])
-                loss = loss_dino
-                terms: dict[str, Tensor] = {}
-                if sere is not None:  # SERE: patch tokens of globals (student, teacher), locals
-                    s_local = s_tokens[1] if len(s_tokens) > 1 else None  # SERE
-                    tokens = s_tokens[0], t_tokens[0]  # SERE: student and teacher, global views
-                    geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
-                    loss_sere, terms = sere(*tokens, *geometry, s_local, return_terms=True)  # SERE
-                    loss = loss + loss_sere  # SERE
+        with common.autocast(device, precision):
+            s_logits, s_tokens = student_ddp(views)
+            with torch.no_grad():
+                t_logits, t_tokens = teacher(views[:2])
+            loss_dino = dino_loss(s_logits, t_logits, temp_sched[step])
+            loss = loss_dino
+            terms: dict[str, Tensor] = {}
+            if sere_ddp is not None:  # SERE: patch tokens of globals (student, teacher), locals
+                s_local = s_tokens[1] if len(s_tokens) > 1 else None  # SERE
+                tokens = s_tokens[0], t_tokens[0]  # SERE: student and teacher, global views
+                geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
+                loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
+                loss = loss + loss_sere  # SERE
 
-            values = {"loss": loss.item(), "dino": loss_dino.item()}
-            values |= {name: value.item() for name, value in terms.items()}  # SERE
-            common.finite_or_die(values, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if args.clip_grad > 0:
-                common.clip_gradients([p for g in params for p in g["params"]], args.clip_grad)
-            if epoch < args.freeze_last_layer:
-                common.cancel_last_layer_gradients(student)
-            scaler.step(optimizer)
-            scaler.update()
-            m = m_sched[step]
-            common.ema_update(teacher, student, m)
-            if sere is not None:  # SERE
-                sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
+        values = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
+        frozen = epoch < args.freeze_last_layer
+        common.optimizer_step(
+            loss, optimizer, scaler, clip_grad=args.clip_grad,
+            before_step=(lambda: common.cancel_last_layer_gradients(student)) if frozen else None,
+        )  # fmt: skip
+        m = m_sched[step]
+        common.ema_update(teacher, student, m)
+        if sere is not None:  # SERE
+            sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
 
-            step += 1
-            row = {"step": step, "epoch": epoch, "lr": lr_sched[step - 1]}
-            row |= {"wd": wd_sched[step - 1], "momentum": m, "teacher_temp": temp_sched[step - 1]}
-            row |= values | {"seconds": time.perf_counter() - tic}
-            log.write(row)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-            if args.no_progress:
-                print(" ".join(f"{k} {common.format_value(v)}" for k, v in row.items()), flush=True)
-            if step >= max_steps or step % steps_per_epoch == 0:
-                break
-        save()
-    bar.close()
-    summary = dict(row)
-    (args.output_dir / "last.json").write_text(json.dumps(summary, indent=1))
-    print("done:", json.dumps(summary))
-    return summary
+        schedules = {"lr": lr_sched[step], "wd": wd_sched[step], "momentum": m}
+        run.log(step, epoch, schedules | {"teacher_temp": temp_sched[step]}, values)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main)
