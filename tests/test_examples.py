@@ -18,16 +18,31 @@ import torch
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TERMS = ("loss", "dino", "spatial", "channel")
+TRAINERS = ("dino_sere", "ibot_sere", "mocov3_sere")
+# The method's own loss terms (logged), besides "loss" and SERE's "spatial" and "channel".
+METHOD_TERMS = {
+    "dino_sere": ("dino",),
+    "ibot_sere": ("ibot", "cls", "patch"),
+    "mocov3_sere": ("moco",),
+}
+# What the total is made of, with the default options: (method term, its weight, alpha, beta).
+TOTAL = {
+    "dino_sere": ("dino", 1.0, 1.0, 1.0),
+    "ibot_sere": ("ibot", (4 - 0.2 - 0.5) / 2, 0.2, 0.5),  # the authors' weighting of L_iBOT
+    "mocov3_sere": ("moco", 1.0, 1.0, 1.0),
+}
 
 
 @pytest.fixture(scope="module")
-def dino_sere() -> Iterator[Any]:
+def examples() -> Iterator[dict[str, Any]]:
+    """The trainer modules, imported as ``python examples/<name>.py`` would see them."""
     sys.path.insert(0, str(EXAMPLES))
     try:
         import dino_sere
+        import ibot_sere
+        import mocov3_sere
 
-        yield dino_sere
+        yield {"dino_sere": dino_sere, "ibot_sere": ibot_sere, "mocov3_sere": mocov3_sere}
     finally:
         sys.path.remove(str(EXAMPLES))
 
@@ -58,78 +73,146 @@ def _train(module: Any, data: Path, out: Path, *extra: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.parametrize("name", TRAINERS)
 def test_trains_two_steps_on_an_image_folder(
-    dino_sere: Any, image_folder: Path, tmp_path: Path
+    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
 ) -> None:
-    last = _train(dino_sere, image_folder, tmp_path, "--max-steps", "2")
+    last = _train(examples[name], image_folder, tmp_path, "--max-steps", "2")
     assert last["step"] == 2
     rows = _rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2]
     for row in rows:
-        for term in TERMS:
+        for term in ("loss", *METHOD_TERMS[name], "spatial", "channel"):
             assert math.isfinite(float(row[term])), (term, row)
-    # The total is DINO plus alpha = beta = 1 times each SERE term.
-    total = sum(float(rows[-1][t]) for t in ("dino", "spatial", "channel"))
-    assert float(rows[-1]["loss"]) == pytest.approx(total, rel=1e-4)
-    assert (tmp_path / "checkpoint.pth").is_file()
+        assert float(row["spatial"]) > 0
+        assert float(row["channel"]) > 0
+        term, weight, alpha, beta = TOTAL[name]
+        total = weight * float(row[term]) + alpha * float(row["spatial"])
+        assert float(row["loss"]) == pytest.approx(total + beta * float(row["channel"]), rel=1e-4)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert state["step"] == 2
+    assert "sere" in state
 
 
-def test_no_sere_is_plain_dino(dino_sere: Any, image_folder: Path, tmp_path: Path) -> None:
-    last = _train(dino_sere, image_folder, tmp_path, "--max-steps", "2", "--no-sere")
+@pytest.mark.parametrize("name", TRAINERS)
+def test_no_sere_is_the_plain_method(
+    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
+) -> None:
+    last = _train(examples[name], image_folder, tmp_path, "--max-steps", "2", "--no-sere")
     assert "spatial" not in last
     assert "channel" not in last
-    assert last["loss"] == pytest.approx(last["dino"])
+    term = TOTAL[name][0]
+    assert last["loss"] == pytest.approx(last[term])  # weight 1: plain iBOT is not scaled
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert "sere" not in state
 
 
+def test_ibot_paper_weighting(examples: dict[str, Any], image_folder: Path, tmp_path: Path) -> None:
+    last = _train(examples["ibot_sere"], image_folder, tmp_path, "--max-steps", "1")
+    paper = _train(
+        examples["ibot_sere"], image_folder, tmp_path / "paper", "--max-steps", "1",
+        "--ibot-weight", "paper",
+    )  # fmt: skip
+    # The same first step (same data and weights), only the total's weighting differs.
+    for term in ("ibot", "cls", "patch", "spatial", "channel"):
+        assert paper[term] == pytest.approx(last[term], rel=1e-6), term
+    expected = paper["ibot"] + 0.2 * paper["spatial"] + 0.5 * paper["channel"]
+    assert paper["loss"] == pytest.approx(expected, rel=1e-5)
+    assert last["cls"] + last["patch"] == pytest.approx(last["ibot"], rel=1e-6)
+    assert 0 < last["masked"] < 1  # some global views were masked, not all patches
+
+
+@pytest.mark.parametrize("name", TRAINERS)
 def test_resume_gives_the_uninterrupted_next_step(
-    dino_sere: Any, image_folder: Path, tmp_path: Path
+    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
 ) -> None:
     # 8 images, batch 4: 2 steps an epoch. Stop mid-epoch 1 (after step 3) and resume; the
     # DataLoader uses a worker, so augmentation seeding must not depend on the process.
-    common = ("--workers", "1")
-    _train(dino_sere, image_folder, tmp_path / "straight", "--max-steps", "4", *common)
-    _train(dino_sere, image_folder, tmp_path / "stopped", "--max-steps", "3", *common)
-    _train(dino_sere, image_folder, tmp_path / "stopped", "--max-steps", "4", "--resume", *common)
+    module, common = examples[name], ("--workers", "1")
+    _train(module, image_folder, tmp_path / "straight", "--max-steps", "4", *common)
+    _train(module, image_folder, tmp_path / "stopped", "--max-steps", "3", *common)
+    _train(module, image_folder, tmp_path / "stopped", "--max-steps", "4", "--resume", *common)
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "stopped")
     assert [int(r["step"]) for r in resumed] == [1, 2, 3, 4]
-    for term in ("lr", "wd", "momentum", "teacher_temp", *TERMS):
+    skip = {"step", "epoch", "seconds"}
+    assert set(straight[3]) - skip >= {"lr", "momentum", "loss", "spatial", "channel"}
+    for term in set(straight[3]) - skip:
         assert float(resumed[3][term]) == pytest.approx(float(straight[3][term]), rel=1e-6), term
     # And the run did move: step 4 differs from step 3.
     assert float(straight[3]["loss"]) != float(straight[2]["loss"])
 
 
-def test_command_line_runs_on_synthetic_data(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(EXAMPLES / "dino_sere.py"), "--preset", "tiny", "--max-steps", "1"]
+def test_resume_refuses_another_layout(
+    examples: dict[str, Any], image_folder: Path, tmp_path: Path
+) -> None:
+    _train(examples["dino_sere"], image_folder, tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="saved by 1 process"):
+        _train(examples["dino_sere"], image_folder, tmp_path, "--resume", "--batch-size", "2")
+    _train(examples["dino_sere"], image_folder, tmp_path / "b", "--no-sere", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="holds no"):  # a plain DINO checkpoint: no SERE state
+        _train(examples["dino_sere"], image_folder, tmp_path / "b", "--resume")
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_command_line_runs_on_synthetic_data(name: str, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--preset", "tiny", "--max-steps", "1"]
     cmd += ["--batch-size", "4", "--output-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "done:" in out.stdout
+    assert "1 process(es) on cpu" in out.stdout
     assert len(_rows(tmp_path)) == 1
 
 
-def test_sere_lines_are_the_whole_difference() -> None:
-    """SERE is the lines marked '# SERE' in the trainer, as many as the README says."""
-    source = (EXAMPLES / "dino_sere.py").read_text()
+def test_lightly_example_trains(tmp_path: Path) -> None:
+    pytest.importorskip("lightly", reason="the lightly example needs lightly")
+    cmd = [sys.executable, str(EXAMPLES / "lightly_dino_sere.py"), "--max-steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    losses = [float(x) for x in re.findall(r"loss (\S+)", out.stdout)]
+    assert len(losses) == 2
+    assert all(math.isfinite(x) and x > 0 for x in losses)
+
+
+@pytest.mark.parametrize(
+    "name", ["dino_sere.py", "ibot_sere.py", "mocov3_sere.py", "lightly_dino_sere.py"]
+)
+def test_sere_lines_are_the_whole_difference(name: str) -> None:
+    """SERE is the lines marked '# SERE' in each example, as many as the README says."""
+    source = (EXAMPLES / name).read_text()
     docstring = ast.get_docstring(ast.parse(source), clean=False) or ""
     code = source.replace(docstring, "", 1).splitlines()
     marked = [line for line in code if "# SERE" in line]
     unmarked = [line for line in code if "# SERE" not in line]
     assert not [line for line in unmarked if re.search(r"\bsere\b|sere_loss", line)]
     readme = (EXAMPLES.parent / "README.md").read_text()
-    assert f"{len(marked)} lines marked `# SERE`" in readme
+    assert f"{len(marked)} lines marked `# SERE` in `examples/{name}`" in readme
 
 
-def test_gradient_clipping_is_per_parameter() -> None:
+def test_gradient_clipping_is_per_parameter(examples: dict[str, Any]) -> None:
     """DINO clips each parameter's gradient norm on its own, not the global norm."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    import common
+
     big, small = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0])
     common.clip_gradients([big, small], 1.0)
     torch.testing.assert_close(big.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(small.grad, torch.tensor([0.1, 0.0]))  # under the bound: kept
+
+
+def test_schedules_follow_the_published_formulas(examples: dict[str, Any]) -> None:
+    """MoCo v3's lr and momentum, per iteration at fractional epochs, as its paper states them."""
+    import common
+
+    epochs, per_epoch, warmup, base, m0 = 5, 4, 2, 0.3, 0.99
+    lr = common.cosine_schedule(base, 0.0, epochs, per_epoch, warmup)
+    momentum = common.cosine_schedule(m0, 1.0, epochs, per_epoch)
+    for i in range(epochs * per_epoch):
+        e = i / per_epoch
+        if e < warmup:
+            expected = base * e / warmup
+        else:
+            expected = base * 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+        assert lr[i] == pytest.approx(expected, abs=1e-12), i
+        assert momentum[i] == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * e / epochs)) * 0.01)
+    assert common.warmup_schedule(0.04, 0.07, 3, 5) == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07])

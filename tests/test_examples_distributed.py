@@ -1,0 +1,113 @@
+"""The example trainers under ``torchrun``: two gloo processes on the CPU.
+
+``torchrun --standalone --nproc_per_node=2`` starts each trainer as a user would on two GPUs,
+with ``--device cpu``. The trainers end their processes with ``os._exit`` after a distributed
+run (``common.run_main``), which avoids gloo's occasional abort at interpreter exit, so a
+non-zero exit status here is a real failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TIMEOUT_S = 300
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(
+        [*cmd, str(script), *args], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT
+    )
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def _train(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    args = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--workers", "0"]
+    return _torchrun(
+        EXAMPLES / f"{name}.py", *args, "--no-progress", "--output-dir", str(out), *extra
+    )
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_plumbing_matches_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    _torchrun(ROOT / "tests" / "_examples_ddp_worker.py", str(tmp_path))
+    errors = sorted(tmp_path.glob("error-rank*.txt"))
+    assert not errors, "\n".join(e.read_text() for e in errors)
+    results: list[dict[str, Any]] = [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)
+    ]
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import dino_sere
+        import mocov3_sere
+
+        from _examples_ddp_worker import full_batch
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    whole = full_batch(2)
+    # One process, the whole batch: InfoNCE over 6 queries and 6 keys is the mean of the two
+    # processes' losses, each over its 3 queries against all 6 keys.
+    single = mocov3_sere.contrastive_loss(whole["query"], whole["key"], 0.2, rank=0)
+    both = (results[0]["contrastive"] + results[1]["contrastive"]) / 2
+    torch.testing.assert_close(both, single)
+    assert not torch.allclose(results[0]["contrastive"], results[1]["contrastive"])
+    center = torch.zeros(1, 5)
+    dino_sere.update_center(center, whole["teacher"], 0.9)
+    for r in results:
+        assert r["world_size"] == 2
+        assert r["gathered"].tolist() == [0, 10, 1, 11]
+        torch.testing.assert_close(r["center"], center)
+        assert r["mean"] == pytest.approx({"a": 0.5, "b": 2.0})
+        assert "parameters differ" in r["out_of_sync"]
+    # Rank 0 saved the first checkpoint with both processes' random states; the refused second
+    # one left it as it was.
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
+    assert saved["step"] == 1
+    assert saved["world_size"] == 2
+    for rank in range(2):
+        assert torch.equal(saved["rng"][rank]["cpu"], results[rank]["rng"])
+
+
+def test_dino_trains_with_two_processes_and_resumes_exactly(tmp_path: Path) -> None:
+    out = _train("dino_sere", tmp_path / "straight", "--max-steps", "3")
+    assert "2 process(es) on cpu" in out.stdout
+    assert out.stdout.count("done:") == 1  # only the main process prints
+    _train("dino_sere", tmp_path / "stopped", "--max-steps", "2")
+    _train("dino_sere", tmp_path / "stopped", "--max-steps", "3", "--resume")
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "stopped")
+    assert [int(r["step"]) for r in straight] == [1, 2, 3]  # one row per step: rank 0 logs
+    assert [int(r["step"]) for r in resumed] == [1, 2, 3]
+    for term in ("lr", "wd", "momentum", "loss", "dino", "spatial", "channel"):
+        assert float(resumed[2][term]) == pytest.approx(float(straight[2][term]), rel=1e-6), term
+    state = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    assert state["world_size"] == 2
+    assert len(state["rng"]) == 2
+    assert not any(k.startswith("module.") for k in state["student"])  # no DDP prefix
+
+
+@pytest.mark.parametrize("name", ["ibot_sere", "mocov3_sere"])
+def test_ibot_and_mocov3_train_with_two_processes(name: str, tmp_path: Path) -> None:
+    out = _train(name, tmp_path, "--max-steps", "2")
+    assert "2 process(es) on cpu" in out.stdout
+    rows = _rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert float(row["spatial"]) > 0
+        assert float(row["channel"]) > 0
