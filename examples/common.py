@@ -348,6 +348,18 @@ def add_run_arguments(
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
+def setup(presets: dict[str, P], args: argparse.Namespace) -> tuple[P, Process, str]:
+    """A trainer's start: its preset with the command line's overrides, this process, the precision.
+
+    It also seeds torch with ``--seed``, so that every process builds the same initial weights.
+    """
+    preset = apply_overrides(presets[args.preset], args)
+    process = init_process(args.device)
+    precision = resolve_precision(args.precision, process.device)
+    torch.manual_seed(args.seed)
+    return preset, process, precision
+
+
 def apply_overrides(preset: P, args: argparse.Namespace) -> P:
     """``preset`` with the fields that the command line set (``--epochs``, ``--batch-size``...)."""
     fields = {f.name for f in dataclasses.fields(preset)}
@@ -458,20 +470,20 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     *,
     clip_grad: float = 0.0,
-    before_step: Callable[[], None] | None = None,
+    freeze_last_layer: nn.Module | None = None,
 ) -> None:
-    """Backward, unscale, per-parameter clipping (``clip_grad > 0``), ``before_step``, step.
+    """Backward, unscale, per-parameter clipping (``clip_grad > 0``), step.
 
-    ``before_step`` runs on the unscaled gradients just before the update (DINO's frozen last
-    layer drops its gradients there).
+    With ``freeze_last_layer``, that module's last layer loses its gradients just before the
+    update (DINO's and iBOT's first epoch).
     """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     if clip_grad > 0:
         clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    if before_step is not None:
-        before_step()
+    if freeze_last_layer is not None:
+        cancel_last_layer_gradients(freeze_last_layer)
     scaler.step(optimizer)
     scaler.update()
 

@@ -203,6 +203,28 @@ def update_center(center: Tensor, teacher: Tensor, momentum: float) -> None:
 # Training ----------------------------------------------------------------------------------------
 
 
+def schedules(
+    args: argparse.Namespace, preset: Any, steps_per_epoch: int, world_size: int
+) -> dict[str, list[float]]:
+    """DINO's values per iteration, over the whole run.
+
+    ``lr``: linear warm-up to ``--lr`` x total batch / 256, then cosine to ``--min-lr``; ``wd``:
+    cosine between the two ``--weight-decay`` values; ``momentum``: cosine from ``--momentum``
+    to 1; ``teacher_temp``: linear warm-up between the two ``--teacher-temp`` values.
+    """
+    epochs, total = preset.epochs, preset.epochs * steps_per_epoch
+    lr = args.lr * preset.batch_size * world_size / 256
+    warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
+    return {
+        "lr": common.cosine_schedule(
+            lr, args.min_lr, epochs, steps_per_epoch, preset.warmup_epochs
+        ),
+        "wd": common.cosine_schedule(*args.weight_decay, epochs, steps_per_epoch),
+        "momentum": common.cosine_schedule(args.momentum, 1.0, epochs, steps_per_epoch),
+        "teacher_temp": common.warmup_schedule(*args.teacher_temp, warm, total),
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
@@ -223,11 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset = common.apply_overrides(PRESETS[args.preset], args)
-    process = common.init_process(args.device)
+    preset, process, precision = common.setup(PRESETS, args)
     device = process.device
-    precision = common.resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
 
     # Data: multi-crop views with their crop boxes and flips, this process's share of them.
     transform = dino_sere_transform(  # SERE: records each view's box and flip
@@ -269,14 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Optimisation: per-iteration schedules over the whole run.
     optimizer = torch.optim.AdamW(common.param_groups(trained))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lr_peak = args.lr * preset.batch_size * process.world_size / 256
-    lr_sched = common.cosine_schedule(
-        lr_peak, args.min_lr, preset.epochs, steps_per_epoch, preset.warmup_epochs
-    )
-    wd_sched = common.cosine_schedule(*args.weight_decay, preset.epochs, steps_per_epoch)
-    m_sched = common.cosine_schedule(args.momentum, 1.0, preset.epochs, steps_per_epoch)
-    warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
-    temp_sched = common.warmup_schedule(*args.teacher_temp, warm, total_steps)
+    schedule = schedules(args, preset, steps_per_epoch, process.world_size)
 
     state: dict[str, Any] = {"student": student, "teacher": teacher, "dino_loss": dino_loss}
     state |= {"optimizer": optimizer, "scaler": scaler}
@@ -300,14 +312,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student.train()
     teacher.train()
     for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
-        common.set_schedule(optimizer, lr_sched[step], wd_sched[step])
+        now = {name: per_step[step] for name, per_step in schedule.items()}
+        common.set_schedule(optimizer, now["lr"], now["wd"])
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
         with common.autocast(device, precision):
             s_logits, s_tokens = student_ddp(views)
             with torch.no_grad():
                 t_logits, t_tokens = teacher(views[:2])
-            loss_dino = dino_loss(s_logits, t_logits, temp_sched[step])
+            loss_dino = dino_loss(s_logits, t_logits, now["teacher_temp"])
             loss = loss_dino
             terms: dict[str, Tensor] = {}
             if sere_ddp is not None:  # SERE: patch tokens of globals (student, teacher), locals
@@ -317,19 +330,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
 
-        values = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
-        frozen = epoch < args.freeze_last_layer
+        logged = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
+        frozen = student if epoch < args.freeze_last_layer else None
         common.optimizer_step(
-            loss, optimizer, scaler, clip_grad=args.clip_grad,
-            before_step=(lambda: common.cancel_last_layer_gradients(student)) if frozen else None,
-        )  # fmt: skip
-        m = m_sched[step]
-        common.ema_update(teacher, student, m)
+            loss, optimizer, scaler, clip_grad=args.clip_grad, freeze_last_layer=frozen
+        )
+        common.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE
-            sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
-
-        schedules = {"lr": lr_sched[step], "wd": wd_sched[step], "momentum": m}
-        run.log(step, epoch, schedules | {"teacher_temp": temp_sched[step]}, values)
+            sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
+        run.log(step, epoch, now, logged)
     return run.finish()
 
 

@@ -37,6 +37,7 @@ import common
 import torch
 import torch.nn.functional as F
 from dino_sere import DINOHead, DINOLoss, update_center
+from dino_sere import schedules as dino_schedules
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -299,11 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset = common.apply_overrides(PRESETS[args.preset], args)
-    process = common.init_process(args.device)
+    preset, process, precision = common.setup(PRESETS, args)
     device = process.device
-    precision = common.resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
 
     # Data: multi-crop views with their crop boxes and flips, and block masks for the globals.
     multicrop = ibot_sere_transform(  # SERE: records each view's box and flip
@@ -346,18 +344,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student_ddp = common.distribute(student, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
 
-    # Optimisation: per-iteration schedules over the whole run.
+    # Optimisation: DINO's per-iteration schedules, and the patch temperature's warm-up.
     optimizer = torch.optim.AdamW(common.param_groups(trained))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lr_peak = args.lr * preset.batch_size * process.world_size / 256
-    lr_sched = common.cosine_schedule(
-        lr_peak, args.min_lr, preset.epochs, steps_per_epoch, preset.warmup_epochs
-    )
-    wd_sched = common.cosine_schedule(*args.weight_decay, preset.epochs, steps_per_epoch)
-    m_sched = common.cosine_schedule(args.momentum, 1.0, preset.epochs, steps_per_epoch)
+    schedule = dino_schedules(args, preset, steps_per_epoch, process.world_size)
     warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
-    temp_sched = common.warmup_schedule(*args.teacher_temp, warm, total_steps)
-    patch_temp_sched = common.warmup_schedule(*args.teacher_patch_temp, warm, total_steps)
+    schedule["teacher_patch_temp"] = common.warmup_schedule(
+        *args.teacher_patch_temp, warm, total_steps
+    )
 
     state: dict[str, Any] = {"student": student, "teacher": teacher, "ibot_loss": ibot_loss}
     state |= {"optimizer": optimizer, "scaler": scaler}
@@ -382,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student.train()
     teacher.train()
     for step, epoch, ((crops, masks), _) in run.iterations(loader, sampler, start):
-        common.set_schedule(optimizer, lr_sched[step], wd_sched[step])
+        now = {name: per_step[step] for name, per_step in schedule.items()}
+        common.set_schedule(optimizer, now["lr"], now["wd"])
         views = [v.to(device, non_blocking=True) for v in crops.views]
         global_views = torch.cat(views[:2])
         local_views = torch.cat(views[2:]) if len(views) > 2 else None
@@ -392,10 +387,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s_cls, s_patch, s_tokens, s_local = student_ddp(global_views, masks, local_views)
             with torch.no_grad():
                 t_cls, t_patch, t_tokens, _ = teacher(global_views)
+            temps = now["teacher_temp"], now["teacher_patch_temp"]
             loss_cls, loss_patch = ibot_loss(
-                (s_cls, s_patch), (t_cls, t_patch), masks.flatten(1), temp_sched[step],
-                patch_temp_sched[step],
-            )  # fmt: skip
+                (s_cls, s_patch), (t_cls, t_patch), masks.flatten(1), *temps
+            )
             loss_ibot = loss_cls + loss_patch
             loss = ibot_weight * loss_ibot  # SERE: weight 1 without SERE
             terms: dict[str, Tensor] = {}
@@ -407,23 +402,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         values = {"loss": loss, "ibot": loss_ibot, "cls": loss_cls, "patch": loss_patch}
         values["masked"] = masks.float().mean()
-        values = run.mean(values | terms, step)
-        frozen = epoch < args.freeze_last_layer
+        logged = run.mean(values | terms, step)
+        frozen = student if epoch < args.freeze_last_layer else None
         common.optimizer_step(
-            loss, optimizer, scaler, clip_grad=args.clip_grad,
-            before_step=(lambda: common.cancel_last_layer_gradients(student)) if frozen else None,
-        )  # fmt: skip
-        m = m_sched[step]
-        common.ema_update(teacher, student, m)
+            loss, optimizer, scaler, clip_grad=args.clip_grad, freeze_last_layer=frozen
+        )
+        common.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE
-            sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
-
-        schedules = {"lr": lr_sched[step], "wd": wd_sched[step], "momentum": m}
-        schedules |= {
-            "teacher_temp": temp_sched[step],
-            "teacher_patch_temp": patch_temp_sched[step],
-        }
-        run.log(step, epoch, schedules, values)
+            sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
+        run.log(step, epoch, now, logged)
     return run.finish()
 
 

@@ -223,11 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset = common.apply_overrides(PRESETS[args.preset], args)
-    process = common.init_process(args.device)
+    preset, process, precision = common.setup(PRESETS, args)
     device = process.device
-    precision = common.resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
 
     # Data: two views, with their crop boxes and flips recorded.
     transform = mocov3_transform(size=preset.global_px)  # SERE: records each view's box and flip
@@ -265,10 +262,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lr_peak = args.lr * preset.batch_size * process.world_size / 256
-    lr_sched = common.cosine_schedule(
-        lr_peak, 0.0, preset.epochs, steps_per_epoch, preset.warmup_epochs
-    )
-    m_sched = common.cosine_schedule(args.moco_m, 1.0, preset.epochs, steps_per_epoch)
+    schedule = {
+        "lr": common.cosine_schedule(
+            lr_peak, 0, preset.epochs, steps_per_epoch, preset.warmup_epochs
+        ),
+        "momentum": common.cosine_schedule(args.moco_m, 1.0, preset.epochs, steps_per_epoch),
+    }
 
     state: dict[str, Any] = {"student": student, "teacher": teacher}
     state |= {"optimizer": optimizer, "scaler": scaler}
@@ -298,11 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student.train()
     teacher.train()
     for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
-        common.set_schedule(optimizer, lr_sched[step], None)
-        m = m_sched[step]
-        common.ema_update(teacher, student.encoder, m)  # MoCo v3: before the forward
+        now = {name: per_step[step] for name, per_step in schedule.items()}
+        common.set_schedule(optimizer, now["lr"], None)
+        common.ema_update(teacher, student.encoder, now["momentum"])  # MoCo v3: before the forward
         if sere is not None:  # SERE
-            sere.update_teacher(m)  # SERE: the teacher's relation heads follow by EMA
+            sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
         with common.autocast(device, precision):
@@ -319,9 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss_sere, terms = sere_ddp(*tokens, *geometry, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
 
-        values = run.mean({"loss": loss, "moco": loss_moco, **terms}, step)
+        logged = run.mean({"loss": loss, "moco": loss_moco, **terms}, step)
         common.optimizer_step(loss, optimizer, scaler)
-        run.log(step, epoch, {"lr": lr_sched[step], "momentum": m}, values)
+        run.log(step, epoch, now, logged)
     return run.finish()
 
 
