@@ -529,6 +529,9 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 # The run ----------------------------------------------------------------------------------------
 
 
+_RUN_KEYS = ("rng", "step", "world_size", "batch_size", "args")  # a checkpoint's own entries
+
+
 class Run:
     """The bookkeeping of one training run around a trainer's own step.
 
@@ -604,9 +607,12 @@ class Run:
                 f"this run has {self.process.world_size} with {self.batch_size}. Exact resume "
                 "needs the same layout (the data order and the schedules depend on it)"
             )
-        missing = sorted(set(self.state) - set(saved))
-        if missing:
-            raise SystemExit(f"{source} holds no {missing}: it was saved by a different setup")
+        held = sorted(set(saved) - set(self.config) - set(_RUN_KEYS))
+        if held != sorted(self.state):
+            raise SystemExit(
+                f"{source} holds the state of {held}, this run has {sorted(self.state)}: it was "
+                "saved by another setup (with or without SERE, say)"
+            )
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
         rng = saved["rng"]

@@ -148,9 +148,13 @@ def test_resume_refuses_another_layout(
     _train(examples["dino_sere"], image_folder, tmp_path, "--max-steps", "1")
     with pytest.raises(SystemExit, match="saved by 1 process"):
         _train(examples["dino_sere"], image_folder, tmp_path, "--resume", "--batch-size", "2")
+    # A plain DINO checkpoint has no SERE state, and a DINO + SERE one has SERE state that a
+    # plain run (and its optimizer) cannot take.
     _train(examples["dino_sere"], image_folder, tmp_path / "b", "--no-sere", "--max-steps", "1")
-    with pytest.raises(SystemExit, match="holds no"):  # a plain DINO checkpoint: no SERE state
+    with pytest.raises(SystemExit, match=r"holds the state of .*this run has .*'sere'"):
         _train(examples["dino_sere"], image_folder, tmp_path / "b", "--resume")
+    with pytest.raises(SystemExit, match=r"another setup"):
+        _train(examples["dino_sere"], image_folder, tmp_path, "--resume", "--no-sere")
 
 
 @pytest.mark.parametrize("name", TRAINERS)
