@@ -37,6 +37,7 @@ import common
 import torch
 import torch.nn.functional as F
 from dino_sere import DINOHead, DINOLoss, update_center
+from dino_sere import Preset as DINOPreset
 from dino_sere import schedules as dino_schedules
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -48,16 +49,10 @@ from sere_loss.transforms import Crops, MultiCropTransform, ibot_sere_transform 
 
 
 @dataclass(frozen=True)
-class Preset(common.Preset):
-    """Model, crops and schedule of one configuration: the shared fields, and iBOT's own."""
+class Preset(DINOPreset):
+    """DINO's settings, and whether the shared head's last layer is weight-normalised."""
 
-    local_px: int
-    num_local: int
-    out_dim: int
-    head_hidden: int
-    head_bottleneck: int
     norm_last_layer: bool
-    teacher_temp_warmup_epochs: float
 
 
 PRESETS = {
