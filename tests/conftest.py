@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # One tolerance table (kornia's habit): absolute and relative tolerance per dtype.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
@@ -38,6 +46,19 @@ def random_flips(
     batch: int, views: int = 1, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     return torch.rand(batch, views, generator=generator) < 0.5
+
+
+@pytest.fixture(scope="session")
+def examples() -> Iterator[SimpleNamespace]:
+    """The example modules (``common``, ``dino_sere``, ``ibot_sere``, ``mocov3_sere``), imported
+    as ``python examples/<name>.py`` sees them."""
+    pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        names = ("common", "dino_sere", "ibot_sere", "mocov3_sere")
+        yield SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,6 @@ TOTAL = {
     "ibot_sere": ("ibot", (4 - 0.2 - 0.5) / 2, 0.2, 0.5),  # the authors' weighting of L_iBOT
     "mocov3_sere": ("moco", 1.0, 1.0, 1.0),
 }
-
-
-@pytest.fixture(scope="module")
-def examples() -> Iterator[dict[str, Any]]:
-    """The trainer modules, imported as ``python examples/<name>.py`` would see them."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import dino_sere
-        import ibot_sere
-        import mocov3_sere
-
-        yield {"dino_sere": dino_sere, "ibot_sere": ibot_sere, "mocov3_sere": mocov3_sere}
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +60,9 @@ def _train(module: Any, data: Path, out: Path, *extra: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", TRAINERS)
 def test_trains_two_steps_on_an_image_folder(
-    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
+    examples: Any, name: str, image_folder: Path, tmp_path: Path
 ) -> None:
-    last = _train(examples[name], image_folder, tmp_path, "--max-steps", "2")
+    last = _train(getattr(examples, name), image_folder, tmp_path, "--max-steps", "2")
     assert last["step"] == 2
     rows = _rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2]
@@ -96,9 +81,9 @@ def test_trains_two_steps_on_an_image_folder(
 
 @pytest.mark.parametrize("name", TRAINERS)
 def test_no_sere_is_the_plain_method(
-    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
+    examples: Any, name: str, image_folder: Path, tmp_path: Path
 ) -> None:
-    last = _train(examples[name], image_folder, tmp_path, "--max-steps", "2", "--no-sere")
+    last = _train(getattr(examples, name), image_folder, tmp_path, "--max-steps", "2", "--no-sere")
     assert "spatial" not in last
     assert "channel" not in last
     term = TOTAL[name][0]
@@ -107,10 +92,10 @@ def test_no_sere_is_the_plain_method(
     assert "sere" not in state
 
 
-def test_ibot_paper_weighting(examples: dict[str, Any], image_folder: Path, tmp_path: Path) -> None:
-    last = _train(examples["ibot_sere"], image_folder, tmp_path, "--max-steps", "1")
+def test_ibot_paper_weighting(examples: Any, image_folder: Path, tmp_path: Path) -> None:
+    last = _train(examples.ibot_sere, image_folder, tmp_path, "--max-steps", "1")
     paper = _train(
-        examples["ibot_sere"], image_folder, tmp_path / "paper", "--max-steps", "1",
+        examples.ibot_sere, image_folder, tmp_path / "paper", "--max-steps", "1",
         "--ibot-weight", "paper",
     )  # fmt: skip
     # The same first step (same data and weights), only the total's weighting differs.
@@ -124,11 +109,11 @@ def test_ibot_paper_weighting(examples: dict[str, Any], image_folder: Path, tmp_
 
 @pytest.mark.parametrize("name", TRAINERS)
 def test_resume_gives_the_uninterrupted_next_step(
-    examples: dict[str, Any], name: str, image_folder: Path, tmp_path: Path
+    examples: Any, name: str, image_folder: Path, tmp_path: Path
 ) -> None:
     # 8 images, batch 4: 2 steps an epoch. Stop mid-epoch 1 (after step 3) and resume; the
     # DataLoader uses a worker, so augmentation seeding must not depend on the process.
-    module, common = examples[name], ("--workers", "1")
+    module, common = getattr(examples, name), ("--workers", "1")
     _train(module, image_folder, tmp_path / "straight", "--max-steps", "4", *common)
     _train(module, image_folder, tmp_path / "stopped", "--max-steps", "3", *common)
     _train(module, image_folder, tmp_path / "stopped", "--max-steps", "4", "--resume", *common)
@@ -142,19 +127,17 @@ def test_resume_gives_the_uninterrupted_next_step(
     assert float(straight[3]["loss"]) != float(straight[2]["loss"])
 
 
-def test_resume_refuses_another_layout(
-    examples: dict[str, Any], image_folder: Path, tmp_path: Path
-) -> None:
-    _train(examples["dino_sere"], image_folder, tmp_path, "--max-steps", "1")
+def test_resume_refuses_another_layout(examples: Any, image_folder: Path, tmp_path: Path) -> None:
+    _train(examples.dino_sere, image_folder, tmp_path, "--max-steps", "1")
     with pytest.raises(SystemExit, match="saved by 1 process"):
-        _train(examples["dino_sere"], image_folder, tmp_path, "--resume", "--batch-size", "2")
+        _train(examples.dino_sere, image_folder, tmp_path, "--resume", "--batch-size", "2")
     # A plain DINO checkpoint has no SERE state, and a DINO + SERE one has SERE state that a
     # plain run (and its optimizer) cannot take.
-    _train(examples["dino_sere"], image_folder, tmp_path / "b", "--no-sere", "--max-steps", "1")
+    _train(examples.dino_sere, image_folder, tmp_path / "b", "--no-sere", "--max-steps", "1")
     with pytest.raises(SystemExit, match=r"holds the state of .*this run has .*'sere'"):
-        _train(examples["dino_sere"], image_folder, tmp_path / "b", "--resume")
+        _train(examples.dino_sere, image_folder, tmp_path / "b", "--resume")
     with pytest.raises(SystemExit, match=r"another setup"):
-        _train(examples["dino_sere"], image_folder, tmp_path, "--resume", "--no-sere")
+        _train(examples.dino_sere, image_folder, tmp_path, "--resume", "--no-sere")
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -193,10 +176,9 @@ def test_sere_lines_are_the_whole_difference(name: str) -> None:
     assert f"{len(marked)} lines marked `# SERE` in `examples/{name}`" in readme
 
 
-def test_gradient_clipping_is_per_parameter(examples: dict[str, Any]) -> None:
+def test_gradient_clipping_is_per_parameter(examples: Any) -> None:
     """DINO clips each parameter's gradient norm on its own, not the global norm."""
-    import common
-
+    common = examples.common
     big, small = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0])
     common.clip_gradients([big, small], 1.0)
@@ -204,10 +186,9 @@ def test_gradient_clipping_is_per_parameter(examples: dict[str, Any]) -> None:
     torch.testing.assert_close(small.grad, torch.tensor([0.1, 0.0]))  # under the bound: kept
 
 
-def test_schedules_follow_the_published_formulas(examples: dict[str, Any]) -> None:
+def test_schedules_follow_the_published_formulas(examples: Any) -> None:
     """MoCo v3's lr and momentum, per iteration at fractional epochs, as its paper states them."""
-    import common
-
+    common = examples.common
     epochs, per_epoch, warmup, base, m0 = 5, 4, 2, 0.3, 0.99
     lr = common.cosine_schedule(base, 0.0, epochs, per_epoch, warmup)
     momentum = common.cosine_schedule(m0, 1.0, epochs, per_epoch)

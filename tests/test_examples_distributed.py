@@ -46,30 +46,24 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_plumbing_matches_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+def test_plumbing_matches_one_process_on_the_whole_batch(examples: Any, tmp_path: Path) -> None:
     _torchrun(ROOT / "tests" / "_examples_ddp_worker.py", str(tmp_path))
     errors = sorted(tmp_path.glob("error-rank*.txt"))
     assert not errors, "\n".join(e.read_text() for e in errors)
     results: list[dict[str, Any]] = [
         torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)
     ]
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import dino_sere
-        import mocov3_sere
+    from _examples_ddp_worker import full_batch
 
-        from _examples_ddp_worker import full_batch
-    finally:
-        sys.path.remove(str(EXAMPLES))
     whole = full_batch(2)
     # One process, the whole batch: InfoNCE over 6 queries and 6 keys is the mean of the two
     # processes' losses, each over its 3 queries against all 6 keys.
-    single = mocov3_sere.contrastive_loss(whole["query"], whole["key"], 0.2, rank=0)
+    single = examples.mocov3_sere.contrastive_loss(whole["query"], whole["key"], 0.2, rank=0)
     both = (results[0]["contrastive"] + results[1]["contrastive"]) / 2
     torch.testing.assert_close(both, single)
     assert not torch.allclose(results[0]["contrastive"], results[1]["contrastive"])
     center = torch.zeros(1, 5)
-    dino_sere.update_center(center, whole["teacher"], 0.9)
+    examples.dino_sere.update_center(center, whole["teacher"], 0.9)
     for r in results:
         assert r["world_size"] == 2
         assert r["gathered"].tolist() == [0, 10, 1, 11]

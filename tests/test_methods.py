@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,37 +12,20 @@ from torch import nn
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-
-@pytest.fixture(scope="module")
-def ex() -> Iterator[Any]:
-    """The example modules, as ``ex.dino``, ``ex.ibot``, ``ex.moco``, ``ex.common``."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import common
-        import dino_sere
-        import ibot_sere
-        import mocov3_sere
-
-        yield SimpleNamespace(dino=dino_sere, ibot=ibot_sere, moco=mocov3_sere, common=common)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
-def _tiny_preset(ex: Any) -> Any:
-    return ex.ibot.PRESETS["tiny"]
+def _tiny_preset(examples: Any) -> Any:
+    return examples.ibot_sere.PRESETS["tiny"]
 
 
 # DINO --------------------------------------------------------------------------------------------
 
 
-def test_dino_loss_matches_lightly(ex: Any) -> None:
+def test_dino_loss_matches_lightly(examples: Any) -> None:
     """Our DINO loss and lightly's (an independent implementation) agree, centre included."""
     lightly_loss = pytest.importorskip("lightly.loss")
     gen = torch.Generator().manual_seed(0)
     batch, dim, views = 5, 32, 6
-    ours = ex.dino.DINOLoss(dim, views, student_temp=0.1, center_momentum=0.9)
+    ours = examples.dino_sere.DINOLoss(dim, views, student_temp=0.1, center_momentum=0.9)
     theirs = lightly_loss.DINOLoss(output_dim=dim, student_temp=0.1, center_momentum=0.9)
     for _ in range(3):  # the centres must evolve alike too
         student = torch.randn(views * batch, dim, generator=gen)
@@ -56,9 +35,9 @@ def test_dino_loss_matches_lightly(ex: Any) -> None:
         torch.testing.assert_close(ours.center.reshape(-1), theirs.center.reshape(-1))
 
 
-def test_update_center(ex: Any) -> None:
+def test_update_center(examples: Any) -> None:
     center, teacher = torch.ones(1, 3), torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
-    ex.dino.update_center(center, teacher, 0.9)
+    examples.dino_sere.update_center(center, teacher, 0.9)
     torch.testing.assert_close(center, 0.9 + 0.1 * torch.tensor([[2.0, 3.0, 4.0]]))
 
 
@@ -67,12 +46,14 @@ def test_update_center(ex: Any) -> None:
 
 @pytest.mark.parametrize("grid", [(14, 14), (8, 8), (14, 10), (5, 7)])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
-def test_block_mask_stays_within_its_budget(ex: Any, grid: tuple[int, int], ratio: float) -> None:
+def test_block_mask_stays_within_its_budget(
+    examples: Any, grid: tuple[int, int], ratio: float
+) -> None:
     torch.manual_seed(0)
     h, w = grid
     counts = []
     for _ in range(50):
-        mask = ex.ibot.block_mask(h, w, ratio)
+        mask = examples.ibot_sere.block_mask(h, w, ratio)
         assert mask.shape == (h, w)
         assert mask.dtype == torch.bool
         counts.append(int(mask.sum()))
@@ -81,11 +62,11 @@ def test_block_mask_stays_within_its_budget(ex: Any, grid: tuple[int, int], rati
     assert sum(counts) / len(counts) >= 0.75 * ratio * h * w
 
 
-def test_block_mask_masks_blocks_not_scattered_patches(ex: Any) -> None:
+def test_block_mask_masks_blocks_not_scattered_patches(examples: Any) -> None:
     torch.manual_seed(0)
     with_neighbour, masked = 0, 0
     for _ in range(100):
-        m = ex.ibot.block_mask(14, 14, 0.3)
+        m = examples.ibot_sere.block_mask(14, 14, 0.3)
         padded = F.pad(m.float(), (1, 1, 1, 1))
         near = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
         with_neighbour += int(((near > 0) & m).sum())
@@ -94,27 +75,27 @@ def test_block_mask_masks_blocks_not_scattered_patches(ex: Any) -> None:
     assert with_neighbour / masked > 0.95
 
 
-def test_block_mask_ratio_zero_and_seeding(ex: Any) -> None:
-    assert not ex.ibot.block_mask(14, 14, 0.0).any()
+def test_block_mask_ratio_zero_and_seeding(examples: Any) -> None:
+    assert not examples.ibot_sere.block_mask(14, 14, 0.0).any()
     torch.manual_seed(3)
-    first = ex.ibot.block_mask(14, 14, 0.4)
+    first = examples.ibot_sere.block_mask(14, 14, 0.4)
     torch.manual_seed(3)
-    assert torch.equal(first, ex.ibot.block_mask(14, 14, 0.4))
+    assert torch.equal(first, examples.ibot_sere.block_mask(14, 14, 0.4))
 
 
-def test_masked_multicrop(ex: Any) -> None:
+def test_masked_multicrop(examples: Any) -> None:
     from sere_loss.transforms import ibot_sere_transform
 
     image = torch.randint(0, 256, (3, 80, 96), dtype=torch.uint8)
     multicrop = ibot_sere_transform(global_size=64, local_size=32, num_local=3)
     torch.manual_seed(0)
-    crops, masks = ex.ibot.MaskedMultiCrop(multicrop, 8, [(0.0, 0.0)])(image)
+    crops, masks = examples.ibot_sere.MaskedMultiCrop(multicrop, 8, [(0.0, 0.0)])(image)
     assert len(crops.views) == 5
     assert masks.shape == (2, 8, 8)
     assert not masks.any()
     fractions = []
     for _ in range(20):
-        _, masks = ex.ibot.MaskedMultiCrop(multicrop, 8, [(0.0, 0.0), (0.3, 0.3)])(image)
+        _, masks = examples.ibot_sere.MaskedMultiCrop(multicrop, 8, [(0.0, 0.0), (0.3, 0.3)])(image)
         fractions += masks.float().mean(dim=(1, 2)).tolist()
     assert 0.0 in fractions  # half of the views are left whole...
     assert any(0.2 < f <= 0.3 for f in fractions)  # ... the others masked at about 30 %
@@ -124,19 +105,19 @@ def test_masked_multicrop(ex: Any) -> None:
 # iBOT: model and loss ----------------------------------------------------------------------------
 
 
-def _ibot_model(ex: Any) -> Any:
+def _ibot_model(examples: Any) -> Any:
     torch.manual_seed(0)
-    preset = _tiny_preset(ex)
-    backbone = ex.common.build_vit(preset, 0.0)
-    head = ex.dino.DINOHead(backbone.embed_dim, 32, 16, 8)
-    model = ex.ibot.MultiCropModel(backbone, head).eval()
+    preset = _tiny_preset(examples)
+    backbone = examples.common.build_vit(preset, 0.0)
+    head = examples.dino_sere.DINOHead(backbone.embed_dim, 32, 16, 8)
+    model = examples.ibot_sere.MultiCropModel(backbone, head).eval()
     with torch.no_grad():
         model.mask_token.normal_()
     return model
 
 
-def test_ibot_tokens_without_mask_are_timms(ex: Any) -> None:
-    model = _ibot_model(ex)
+def test_ibot_tokens_without_mask_are_timms(examples: Any) -> None:
+    model = _ibot_model(examples)
     images = torch.randn(3, 3, 64, 48)  # not square: the grid must be kept
     final, patches = model.tokens(images)
     ref_final, (ref_patches,) = model.backbone.forward_intermediates(
@@ -147,9 +128,9 @@ def test_ibot_tokens_without_mask_are_timms(ex: Any) -> None:
     assert patches.shape == (3, 8 * 6, 96)
 
 
-def test_ibot_mask_token_replaces_the_masked_patch_embeddings(ex: Any) -> None:
+def test_ibot_mask_token_replaces_the_masked_patch_embeddings(examples: Any) -> None:
     """Against timm's own forward with the patch embeddings edited by a hook."""
-    model = _ibot_model(ex)
+    model = _ibot_model(examples)
     images = torch.randn(2, 3, 64, 64)
     mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.4
 
@@ -171,8 +152,8 @@ def test_ibot_mask_token_replaces_the_masked_patch_embeddings(ex: Any) -> None:
     assert not torch.allclose(patches, model.tokens(images)[1])  # the mask did change something
 
 
-def test_ibot_forward_layout(ex: Any) -> None:
-    model = _ibot_model(ex)
+def test_ibot_forward_layout(examples: Any) -> None:
+    model = _ibot_model(examples)
     globals_, locals_ = torch.randn(2 * 3, 3, 64, 64), torch.randn(4 * 3, 3, 32, 32)
     cls, patches, g_tokens, l_tokens = model(globals_, None, locals_)
     assert cls.shape == (6 * 3, 32)
@@ -186,10 +167,10 @@ def test_ibot_forward_layout(ex: Any) -> None:
     torch.testing.assert_close(patches, model.head(final[:, 1:]))
 
 
-def test_ibot_patch_loss_against_its_definition(ex: Any) -> None:
+def test_ibot_patch_loss_against_its_definition(examples: Any) -> None:
     gen = torch.Generator().manual_seed(0)
     batch, tokens, dim, views = 3, 6, 10, 4
-    loss = ex.ibot.IBOTLoss(dim, views, student_temp=0.1, center_momentum=0.9).double()
+    loss = examples.ibot_sere.IBOTLoss(dim, views, student_temp=0.1, center_momentum=0.9).double()
     loss.center2.normal_(generator=gen)
     center = loss.center2.clone()
     s_cls, t_cls = torch.randn(views * batch, dim, dtype=torch.float64), torch.randn(2 * batch, dim)
@@ -224,7 +205,7 @@ def test_ibot_patch_loss_against_its_definition(ex: Any) -> None:
 # MoCo v3 -----------------------------------------------------------------------------------------
 
 
-def test_contrastive_loss_against_its_definition(ex: Any) -> None:
+def test_contrastive_loss_against_its_definition(examples: Any) -> None:
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
     t = 0.2
@@ -237,12 +218,12 @@ def test_contrastive_loss_against_its_definition(ex: Any) -> None:
         sims = torch.stack([qn[i] @ kn[j] / t for j in range(5)])
         terms.append(-(sims[i] - torch.logsumexp(sims, dim=0)))
     expected = torch.stack(terms).mean() * 2 * t
-    actual = ex.moco.contrastive_loss(q, k, t, rank=0)
+    actual = examples.mocov3_sere.contrastive_loss(q, k, t, rank=0)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sincos_position_embedding(ex: Any) -> None:
-    emb = ex.moco.sincos_position_embedding(3, 4, 8)
+def test_sincos_position_embedding(examples: Any) -> None:
+    emb = examples.mocov3_sere.sincos_position_embedding(3, 4, 8)
     assert emb.shape == (1, 1 + 12, 8)
     assert not emb[0, 0].any()  # [CLS] gets none
     for r in range(3):
@@ -256,16 +237,18 @@ def test_sincos_position_embedding(ex: Any) -> None:
                 assert [float(x) for x in got] == pytest.approx(expected, abs=1e-6)
 
 
-def test_mocov3_vit_and_heads(ex: Any) -> None:
-    preset = ex.moco.PRESETS["tiny"]
-    vit = ex.moco.mocov3_vit(preset)
+def test_mocov3_vit_and_heads(examples: Any) -> None:
+    preset = examples.mocov3_sere.PRESETS["tiny"]
+    vit = examples.mocov3_sere.mocov3_vit(preset)
     assert not vit.pos_embed.requires_grad
     assert not any(p.requires_grad for p in vit.patch_embed.parameters())
-    torch.testing.assert_close(vit.pos_embed.data, ex.moco.sincos_position_embedding(8, 8, 96))
+    torch.testing.assert_close(
+        vit.pos_embed.data, examples.mocov3_sere.sincos_position_embedding(8, 8, 96)
+    )
     assert vit.blocks[0].attn.num_heads == preset.num_heads
     qkv = vit.blocks[0].attn.qkv.weight
     assert qkv.abs().max() <= math.sqrt(6 / (96 + 96))  # each of Q, K, V as a 96 x 96 matrix
-    projector = ex.moco.mlp(3, 96, 32, 16)
+    projector = examples.mocov3_sere.mlp(3, 96, 32, 16)
     linears = [m for m in projector if isinstance(m, nn.Linear)]
     norms = [m for m in projector if isinstance(m, nn.BatchNorm1d)]
     assert [(m.in_features, m.out_features) for m in linears] == [(96, 32), (32, 32), (32, 16)]
