@@ -6,7 +6,7 @@ channel self-relation of a view. ``SERELoss`` computes both for a multi-crop bat
 are in :mod:`sere_loss.functional`.
 """
 
-from . import functional
+from . import diagnostics, functional
 from .functional import channel_relation_cross_entropy, spatial_relation_cross_entropy
 from .heads import PredictionHead, ProjectionHead, RelationHeads
 from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
@@ -24,6 +24,7 @@ __all__ = [
     "SpatialSelfRelationLoss",
     "__version__",
     "channel_relation_cross_entropy",
+    "diagnostics",
     "functional",
     "spatial_relation_cross_entropy",
 ]
