@@ -28,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -346,6 +347,18 @@ def add_run_arguments(
     p.add_argument("--output-dir", type=Path, default=Path(output_dir))
     p.add_argument("--resume", nargs="?", const="auto", help="a checkpoint, or this run's own")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--warmup-epochs", type=float, help="lr warm-up length (preset's)")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true",
+        help="keep every checkpoint written (each epoch's end, --save-every) as "
+        "checkpoint-<step>.pth beside checkpoint.pth",
+    )  # fmt: skip
+    p.add_argument(
+        "--diagnostics-every", type=int, default=0,
+        help="every N steps, log how invariant the teacher's relations are between the two "
+        "global views (sere_loss.diagnostics, on process 0's batch) to log.csv",
+    )  # fmt: skip
 
 
 def setup(presets: dict[str, P], args: argparse.Namespace) -> tuple[P, Process, str]:
@@ -580,7 +593,10 @@ class Run:
         self.csv: CSVLog | None = None
         if process.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.csv = CSVLog(self.output_dir / "log.csv", ["step", "epoch", *fields, "seconds"])
+            extra = list(DIAGNOSTICS) if getattr(args, "diagnostics_every", 0) else []
+            self.csv = CSVLog(
+                self.output_dir / "log.csv", ["step", "epoch", *fields, *extra, "seconds"]
+            )
         self.bar: tqdm[Any] | None = None
         self.row: dict[str, Any] = {}
         self._tic = time.perf_counter()
@@ -643,7 +659,17 @@ class Run:
                 step += 1
                 if step >= self.max_steps or step % self.steps_per_epoch == 0:
                     break
+                if self.args.save_every and step % self.args.save_every == 0:
+                    self.save(step)
             self.save(step)
+
+    def diagnose(self, step: int) -> bool:
+        """Whether iteration ``step`` logs the relation diagnostics (``--diagnostics-every``).
+
+        Only the main process computes them, from its own share of the batch.
+        """
+        every = getattr(self.args, "diagnostics_every", 0)
+        return bool(every) and self.process.is_main and step % every == 0
 
     def mean(self, values: dict[str, Tensor], step: int) -> dict[str, float]:
         """Scalars averaged over processes; every process stops together on a NaN or inf."""
@@ -688,6 +714,8 @@ class Run:
         saved |= {"rng": rng, "step": step, "world_size": self.process.world_size}
         saved |= {"batch_size": self.batch_size, "args": vars(self.args), **self.config}
         self.checkpointer.save(saved)
+        if getattr(self.args, "keep_checkpoints", False):
+            self.checkpointer.keep(step)
 
     def _check_in_sync(self) -> None:
         names = [name for name, obj in self.state.items() if isinstance(obj, nn.Module)]
@@ -728,6 +756,40 @@ def fingerprint(module: nn.Module) -> Tensor:
     )
 
 
+# The columns --diagnostics-every adds to log.csv: sere_loss.diagnostics' controlled measures
+# (0: the two views relate alike, 1: no more alike than two images), the plain distances, and
+# the spatial relations' row entropy (their sharpness).
+DIAGNOSTICS = ("inv_spatial", "inv_channel", "inv_spatial_plain", "inv_channel_plain",
+               "inv_spatial_entropy")  # fmt: skip
+
+
+@torch.no_grad()
+def relation_diagnostics(tokens: Tensor, boxes: Tensor, flips: Tensor) -> dict[str, float]:
+    """How alike the two global views relate their patches and channels (paper Fig. 6).
+
+    Args:
+        tokens: patch tokens of the two global views, concatenated ``(2 * B, N, C)`` on a
+            square grid (a teacher's, say).
+        boxes: ``(B, V, 4)`` crop boxes of all views, globals first.
+        flips: ``(B, V)``.
+
+    Returns:
+        :data:`DIAGNOSTICS` as floats, or nothing when fewer than 2 pairs overlap (the columns
+        stay empty at that step).
+    """
+    from sere_loss.diagnostics import relation_invariance
+    from sere_loss.functional import overlap_grids
+
+    first, second = tokens.detach().float().chunk(2)
+    geometry = boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1]
+    if int(overlap_grids(*geometry, lattice=1)[2].sum()) < 2:
+        return {}  # the controlled measure compares each overlapping pair with another
+    out = relation_invariance(first, second, *(g.to(tokens.device) for g in geometry)).summary()
+    values = (out["spatial_controlled"], out["channel_controlled"], out["spatial_plain"])
+    values += (out["channel_plain"], out["spatial_entropy"])
+    return dict(zip(DIAGNOSTICS, values, strict=True))
+
+
 # Checkpoints and logs ----------------------------------------------------------------------------
 
 
@@ -757,6 +819,19 @@ class Checkpointer:
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
+
+    def keep(self, step: int) -> Path:
+        """Keep the checkpoint just saved as ``checkpoint-<step>.pth`` (a hard link, or a copy).
+
+        ``save`` replaces ``checkpoint.pth`` by a new file, so a link keeps this one's content.
+        """
+        kept = self.path.with_name(f"checkpoint-{step:07d}.pth")
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(self.path, kept)
+        except OSError:
+            shutil.copyfile(self.path, kept)
+        return kept
 
     def load(self, path: str | None) -> dict[str, Any] | None:
         """``path``, or this run's checkpoint for ``"auto"``; ``None`` if ``auto`` finds none."""

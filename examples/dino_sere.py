@@ -234,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
     p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
     p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter; 0 disables")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs")
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = loss + loss_sere  # SERE
 
         logged = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
+        if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
+            logged |= common.relation_diagnostics(t_tokens[0], crops.boxes, crops.flips)
         frozen = student if epoch < args.freeze_last_layer else None
         common.optimizer_step(
             loss, optimizer, scaler, clip_grad=args.clip_grad, freeze_last_layer=frozen

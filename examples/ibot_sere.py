@@ -270,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
     p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
     p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
     p.add_argument("--teacher-patch-temp", type=float, nargs=2, default=(0.04, 0.07))
     p.add_argument("--pred-ratio", type=float, nargs="+", default=[0.0, 0.3])
     p.add_argument("--pred-ratio-var", type=float, nargs="+", default=[0.0, 0.2])
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         values = {"loss": loss, "ibot": loss_ibot, "cls": loss_cls, "patch": loss_patch}
         values["masked"] = masks.float().mean()
         logged = run.mean(values | terms, step)
+        if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
+            logged |= common.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
         frozen = student if epoch < args.freeze_last_layer else None
         common.optimizer_step(
             loss, optimizer, scaler, clip_grad=args.clip_grad, freeze_last_layer=frozen

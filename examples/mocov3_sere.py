@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = loss + loss_sere  # SERE
 
         logged = run.mean({"loss": loss, "moco": loss_moco, **terms}, step)
+        if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
+            logged |= common.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
         common.optimizer_step(loss, optimizer, scaler)
         run.log(step, epoch, now, logged)
     return run.finish()
