@@ -1,0 +1,403 @@
+"""The evaluation commands and the reproduction experiment (examples/evaluate.py, seg_data.py,
+benchmarks/reproduce.py), and the trainer options they rely on."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """One torch thread: on a shared 2-core machine, two threads that wait on each other make
+    these small computations 10 to 30 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ev(examples: SimpleNamespace) -> SimpleNamespace:
+    """examples/evaluate.py and examples/seg_data.py, imported as the scripts see them."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return SimpleNamespace(
+            evaluate=importlib.import_module("evaluate"),
+            seg=importlib.import_module("seg_data"),
+            common=examples.common,
+            dino=examples.dino_sere,
+            ibot=examples.ibot_sere,
+            moco=examples.mocov3_sere,
+        )
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(ev: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 generated images as an ImageFolder, the trainers' input."""
+    root = tmp_path_factory.mktemp("shapes")
+    data = ev.seg.ShapesSegmentation(16, 64, seed=3)
+    return ev.seg.write_image_folder(root, data, data.num_classes)
+
+
+# Generated data ----------------------------------------------------------------------------------
+
+
+def test_generated_images_are_textured_by_class(ev: SimpleNamespace) -> None:
+    """Each class's pixels carry its texture: stripes vary across them, checks both ways."""
+    data = ev.seg.ShapesSegmentation(24, 96, seed=0)
+    assert len(data) == 24
+    image, mask = data[5]
+    again, mask_again = data[5]
+    assert image.dtype == torch.uint8
+    assert image.shape == (3, 96, 96)
+    assert torch.equal(image, again)
+    assert torch.equal(mask, mask_again)
+    assert not torch.equal(image, ev.seg.ShapesSegmentation(24, 96, seed=1)[5][0])
+    ratios: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    for i in range(len(data)):
+        image, mask = data[i]
+        gray = image.float().mean(0)
+        assert mask.min() >= 0
+        assert mask.max() < data.num_classes
+        for cls in ratios:
+            inside = mask == cls
+            # Neighbouring pixels that both lie in the class: change along y against along x.
+            dy = (gray[1:] - gray[:-1]).abs()[inside[1:] & inside[:-1]]
+            dx = (gray[:, 1:] - gray[:, :-1]).abs()[inside[:, 1:] & inside[:, :-1]]
+            if dy.numel() > 200 and dx.numel() > 200:
+                ratios[cls].append(float(dy.mean() / dx.mean().clamp(min=1e-6)))
+    assert min(ratios[1]) > 2.0  # horizontal stripes change along y
+    assert max(ratios[2]) < 0.5  # vertical ones along x
+    assert all(0.5 < r < 2.0 for r in ratios[3])  # checks both ways
+    labels = [ev.seg.image_label(data[i][1], data.num_classes) for i in range(len(data))]
+    assert set(labels) <= {1, 2, 3, 4}
+    assert len(set(labels)) >= 3
+
+
+def test_image_label_is_the_largest_object(ev: SimpleNamespace) -> None:
+    mask = torch.zeros(6, 6, dtype=torch.long)
+    mask[:2, :2] = 1  # 4 pixels
+    mask[3:, 3:] = 3  # 9 pixels
+    mask[0, 5] = ev.seg.IGNORE
+    assert ev.seg.image_label(mask, 5) == 3
+    assert ev.seg.image_label(torch.zeros(3, 3, dtype=torch.long), 5) == 0
+
+
+def test_voc_layout_round_trip(ev: SimpleNamespace, tmp_path: Path) -> None:
+    data = ev.seg.ShapesSegmentation(3, 32, seed=2)
+    root = ev.seg.write_voc(tmp_path, {"train": data, "val": data})
+    assert (root / "ImageSets/Segmentation/val.txt").read_text().split() == [
+        "val_000000", "val_000001", "val_000002",
+    ]  # fmt: skip
+    from PIL import Image
+
+    with Image.open(root / "SegmentationClass/train_000001.png") as png:
+        assert png.mode == "P"  # a palette PNG, as VOC's
+        assert png.getpalette()[3:6] == [128, 0, 0]  # VOC's colour of class 1
+    split = ev.seg.VOCSegmentationFolder(root, "train")
+    for i in range(3):
+        image, mask = split[i]
+        assert torch.equal(image, data[i][0])
+        assert torch.equal(mask, data[i][1])
+    # VOC's "ignore" border survives, and a missing split says what a VOC folder holds.
+    masked = data[0][1].clone().to(torch.uint8)
+    masked[0] = ev.seg.IGNORE
+    seg = Image.fromarray(masked.numpy(), mode="P")
+    seg.putpalette(ev.seg.voc_palette())
+    seg.save(root / "SegmentationClass/train_000000.png")
+    assert (split[0][1][0] == ev.seg.IGNORE).all()
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Segmentation/<split>\.txt"):
+        ev.seg.VOCSegmentationFolder(root, "test")
+    loaded = ev.evaluate.build_data(str(root), (0, 0), 48, seed=0)
+    assert loaded.train_images.shape == (3, 3, 48, 48)
+    assert loaded.num_classes == int(data[0][1].max().clamp(min=1)) + 1 or loaded.num_classes >= 2
+
+
+# The probe's pieces ------------------------------------------------------------------------------
+
+
+def test_iou_matches_per_class_pixel_sets(ev: SimpleNamespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (3, 10, 10), generator=gen)
+    target[0, 0] = ev.seg.IGNORE
+    pred = torch.where(torch.rand(3, 10, 10, generator=gen) < 0.6, target, 2)
+    pred = torch.where(target == ev.seg.IGNORE, 1, pred)
+    matrix = sum(ev.evaluate.confusion(p, t, 5) for p, t in zip(pred, target, strict=True))
+    iou, miou, accuracy = ev.evaluate.iou_from_confusion(matrix)
+    keep = target != ev.seg.IGNORE
+    expected = []
+    for c in range(5):
+        inter = int(((pred == c) & (target == c) & keep).sum())
+        union = int((((pred == c) | (target == c)) & keep).sum())
+        if union:
+            expected.append(inter / union)
+            assert float(iou[c]) == pytest.approx(inter / union)
+        else:
+            assert math.isnan(float(iou[c]))  # class 4 is in neither
+    assert miou == pytest.approx(sum(expected) / len(expected))
+    assert accuracy == pytest.approx(float(((pred == target) & keep).sum() / keep.sum()))
+
+
+def test_token_targets_are_each_tokens_class_fractions(ev: SimpleNamespace) -> None:
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 3, (2, 8, 12), generator=gen)
+    masks[0, :4, :4] = ev.seg.IGNORE  # token (0, 0) of image 0 holds only ignored pixels
+    out = ev.evaluate.token_targets(masks, (2, 3), 3)
+    for b in range(2):
+        for i in range(2):
+            for j in range(3):
+                cell = masks[b, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].flatten().tolist()
+                kept = [v for v in cell if v != ev.seg.IGNORE]
+                for c in range(3):
+                    want = kept.count(c) / len(kept) if kept else 0.0
+                    assert float(out[b, c, i, j]) == pytest.approx(want, abs=1e-6)
+
+
+def test_the_probe_sees_what_its_features_hold(ev: SimpleNamespace) -> None:
+    """Features holding each token's class give a high mIoU; noise gives the floor."""
+    data = ev.seg.ShapesSegmentation(48, 64, seed=4)
+    masks = torch.stack([data[i][1] for i in range(48)])
+    mix = ev.evaluate.token_targets(masks, (8, 8), 5)
+    noise = torch.randn(48, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    good = ev.evaluate.dense_probe(mix[:32], masks[:32], mix[32:], masks[32:], 5, steps=300)
+    bad = ev.evaluate.dense_probe(noise[:32], masks[:32], noise[32:], masks[32:], 5, steps=300)
+    assert good.miou > 75
+    assert bad.miou < 25
+    assert len(good.iou) == 5
+
+
+def test_knn_matches_a_loop_level_vote(ev: SimpleNamespace) -> None:
+    gen = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(30, 6, generator=gen), torch.randn(12, 6, generator=gen)
+    bank_labels = torch.randint(0, 3, (30,), generator=gen)
+    query_labels = torch.randint(0, 3, (12,), generator=gen)
+    acc = ev.evaluate.knn_accuracy(bank, bank_labels, queries, query_labels, 3, k=5)
+    hits = 0
+    for q, label in zip(queries.tolist(), query_labels.tolist(), strict=True):
+        sims = []
+        for b, bl in zip(bank.tolist(), bank_labels.tolist(), strict=True):
+            cos = sum(x * y for x, y in zip(q, b, strict=True))
+            cos /= math.sqrt(sum(x * x for x in q)) * math.sqrt(sum(y * y for y in b))
+            sims.append((cos, bl))
+        votes = [0.0, 0.0, 0.0]
+        for cos, bl in sorted(sims, reverse=True)[:5]:
+            votes[bl] += math.exp(cos / 0.07)
+        hits += votes.index(max(votes)) == label
+    assert acc == pytest.approx(100 * hits / 12, abs=1e-4)
+
+
+def test_patch_spectrum_against_numpy(ev: SimpleNamespace) -> None:
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 16, 24, generator=gen)
+    out = ev.evaluate.PatchSpectrum(8).dense(images)
+    assert out.shape == (2, 6 + 8 * 5 - 1, 2, 3)
+    patch = images[1, :, 8:16, 16:24].numpy().astype(np.float64)
+    spectrum = np.log1p(np.abs(np.fft.rfft2(patch.mean(axis=0)))).flatten()[1:]
+    want = np.concatenate([patch.mean(axis=(1, 2)), patch.std(axis=(1, 2), ddof=1), spectrum])
+    np.testing.assert_allclose(out[1, :, 1, 2].numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+# Checkpoints of every trainer --------------------------------------------------------------------
+
+
+def _train(module: Any, data: Path, out: Path, *extra: str) -> dict[str, Any]:
+    argv = ["--data", str(data), "--preset", "tiny", "--batch-size", "4", "--workers", "0"]
+    return module.main([*argv, "--no-progress", "--output-dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("name", ["dino", "ibot", "moco"])
+def test_any_trainers_checkpoint_loads(
+    ev: SimpleNamespace, name: str, shapes_folder: Path, tmp_path: Path
+) -> None:
+    _train(getattr(ev, name), shapes_folder, tmp_path, "--max-steps", "1")
+    vit, info = ev.evaluate.load_checkpoint(tmp_path / "checkpoint.pth")
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    for key, value in vit.state_dict().items():
+        torch.testing.assert_close(value, state["teacher"][f"backbone.{key}"], rtol=0, atol=0)
+    assert info["step"] == 1
+    extractor = ev.evaluate.ViTExtractor(vit, name)
+    images = torch.randn(2, 3, 64, 64)
+    features = extractor.features(images)
+    assert features["dense"].shape == (2, 96, 8, 8)
+    assert features["cls"].shape == features["mean"].shape == (2, 96)
+    assert extractor.relation_maps(images).shape == (2, 96, 8, 8)
+    student, _ = ev.evaluate.load_checkpoint(tmp_path / "checkpoint.pth", "student")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(student.state_dict().values(), vit.state_dict().values(), strict=True)
+    )
+
+
+def test_no_sere_starts_from_the_same_weights_and_crops(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two arms of a seed differ only by SERE: same initial student, same crops; and the
+    random-weights bound of the evaluation is that initial backbone."""
+    seen: dict[str, dict[str, Any]] = {}
+    original = ev.common.Run
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __init__(self, process: Any, args: Any, state: dict[str, Any], **kw: Any) -> None:
+            super().__init__(process, args, state, **kw)
+            arm = "plain" if args.no_sere else "sere"
+            student = state["student"].state_dict()
+            seen[arm] = {"student": {k: v.clone() for k, v in student.items()}, "batches": []}
+            self._arm = arm
+
+        def iterations(self, loader: Any, sampler: Any, start: int) -> Any:
+            for step, epoch, batch in super().iterations(loader, sampler, start):
+                crops = batch[0]
+                seen[self._arm]["batches"].append((crops.views, crops.boxes, crops.flips))
+                yield step, epoch, batch
+
+    monkeypatch.setattr(ev.common, "Run", Recording)
+    _train(ev.dino, shapes_folder, tmp_path / "a", "--max-steps", "2", "--seed", "7")
+    _train(ev.dino, shapes_folder, tmp_path / "b", "--max-steps", "2", "--seed", "7", "--no-sere")
+    plain, sere = seen["plain"], seen["sere"]
+    assert plain["student"].keys() == sere["student"].keys()
+    for key in plain["student"]:
+        assert torch.equal(plain["student"][key], sere["student"][key]), key
+    assert len(plain["batches"]) == len(sere["batches"]) == 2
+    for (v1, b1, f1), (v2, b2, f2) in zip(plain["batches"], sere["batches"], strict=True):
+        assert torch.equal(b1, b2)
+        assert torch.equal(f1, f2)
+        assert all(torch.equal(x, y) for x, y in zip(v1, v2, strict=True))
+    # Another seed draws other weights, so the check above can fail.
+    _train(ev.dino, shapes_folder, tmp_path / "c", "--max-steps", "1", "--seed", "8")
+    assert not torch.equal(seen["sere"]["student"]["backbone.cls_token"],
+                           plain["student"]["backbone.cls_token"])  # fmt: skip
+    # The evaluation's lower bound is the runs' own starting point.
+    preset = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=False)["preset"]
+    random = ev.evaluate.random_extractor(preset, 7)
+    for key, value in random.vit.state_dict().items():
+        assert torch.equal(value, plain["student"][f"backbone.{key}"]), key
+
+
+def test_trainer_options_of_the_experiment(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path
+) -> None:
+    """--keep-checkpoints, --save-every, the warm-up lengths and --diagnostics-every."""
+    _train(
+        ev.dino, shapes_folder, tmp_path, "--epochs", "3", "--max-steps", "9", "--save-every",
+        "3", "--keep-checkpoints", "--warmup-epochs", "2", "--teacher-temp-warmup-epochs", "0.5",
+        "--diagnostics-every", "4",
+    )  # fmt: skip
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.pth"))
+    # 16 images at batch 4: 4 steps an epoch; epoch ends 4 and 8, every 3 steps 3, 6, 9.
+    assert kept == [f"checkpoint-{s:07d}.pth" for s in (3, 4, 6, 8, 9)]
+    assert torch.load(tmp_path / kept[1], weights_only=False)["step"] == 4
+    with (tmp_path / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    lr = [float(r["lr"]) for r in rows]
+    peak = 0.0005 * 4 / 256
+    for i in range(8):  # warm-up over 2 epochs = 8 steps, linear from 0
+        assert lr[i] == pytest.approx(peak * i / 8, rel=1e-4, abs=1e-12)
+    assert lr[8] == pytest.approx(peak, rel=1e-3)
+    temps = [float(r["teacher_temp"]) for r in rows]
+    assert temps[:3] == pytest.approx([0.04, 0.055, 0.07])  # 0.5 epochs = 2 steps
+    diagnosed = [int(r["step"]) for r in rows if r["inv_spatial"]]
+    assert diagnosed == [1, 5, 9]
+    for row in rows:
+        if row["inv_spatial"]:
+            assert 0 < float(row["inv_spatial"]) < 2
+            assert 0 < float(row["inv_spatial_entropy"]) < math.log(49)
+
+
+def test_relation_diagnostics_reads_the_two_global_views(ev: SimpleNamespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(4, 36, 16, generator=gen)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.5, 0.5]]).expand(4, 2, 4)
+    flips = torch.tensor([[False, True]] * 4)
+    # View 2 is view 1 mirrored, with the same box: its relations are view 1's.
+    mirrored = first.view(4, 6, 6, 16).flip(2).reshape(4, 36, 16)
+    same_box = boxes.clone()
+    same_box[:, 1] = same_box[:, 0]
+    out = ev.common.relation_diagnostics(torch.cat([first, mirrored]), same_box, flips)
+    assert out["inv_spatial"] == pytest.approx(0.0, abs=1e-6)
+    assert out["inv_channel"] == pytest.approx(0.0, abs=1e-6)
+    noisy = mirrored + torch.randn(4, 36, 16, generator=gen)
+    assert (
+        ev.common.relation_diagnostics(torch.cat([first, noisy]), same_box, flips)["inv_spatial"]
+        > 0.1
+    )
+    apart = torch.tensor([[0.0, 0.0, 0.4, 1.0], [0.6, 0.0, 1.0, 1.0]]).expand(4, 2, 4)
+    assert ev.common.relation_diagnostics(torch.cat([first, mirrored]), apart, flips) == {}
+
+
+# The experiment ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reproduce() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("reproduce")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_paired_statistics(reproduce: Any) -> None:
+    out = reproduce.paired([0.5, 0.4, 0.6], [0.45, 0.41, 0.5], "lower")
+    diffs = [-0.05, 0.01, -0.1]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert out["mean"] == pytest.approx(mean)
+    assert out["sd"] == pytest.approx(sd)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert out["ci"] == pytest.approx([mean - half, mean + half])
+    assert out["wins"] == 2
+    assert reproduce.paired([1.0, 2.0], [2.0, 3.0], "higher")["wins"] == 2
+
+
+def test_gpu_tier_refuses_without_a_gpu(reproduce: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit, match="--dry-run runs its plan on the CPU"):
+        reproduce.main(["--tier", "gpu"])
+
+
+def test_the_whole_pipeline_smoke(reproduce: Any, tmp_path: Path) -> None:
+    """The experiment from one command, tiny: trains both arms, evaluates, writes the results."""
+    out = tmp_path / "out"
+    record = reproduce.main(["--tier", "smoke", "--work", str(tmp_path / "w"), "--out", str(out)])
+    for name in ("results.json", "results.md", "fig6_bars.png", "probe.png"):
+        assert (out / name).is_file(), name
+    assert (out / "invariance_over_training.png").stat().st_size > 10_000
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["seeds"] == [0, 1]
+    assert saved["meta"]["environment"]["commit"]
+    table = {row["metric"]: row for row in saved["table"]}
+    for metric in ("spatial_controlled", "channel_controlled", "miou", "top1"):
+        row = table[metric]
+        assert len(row["dino"]["values"]) == len(row["dino_sere"]["values"]) == 2
+        assert not math.isnan(row["random"]["mean"])  # the bounds are in every row
+        assert not math.isnan(row["spectrum"]["mean"])
+    curve = record["results"]["curve"]["dino_sere"][1]
+    assert [p["epoch"] for p in curve] == [0.0, 1.0, 2.0]  # random init, then every epoch
+    text = (out / "results.md").read_text()
+    assert "| dense linear probe mIoU (%) | higher |" in text
+    assert "Probe gate" in text
+    # Rerunning skips the finished runs (and would resume an unfinished one).
+    lines: list[str] = []
+    tier = reproduce.TIERS["smoke"]
+    data, runs = tmp_path / "w" / "data" / "train", tmp_path / "w" / "runs"
+    reproduce.train_all(tier, data, runs, saved["meta"]["steps"], lines.append)
+    assert lines == []
+    assert "--resume" in reproduce.train_command(tier, data, runs / "x", 0, "dino")
