@@ -102,17 +102,18 @@ TIERS = {
         diagnostics_every=16,
         note="its honest claim is invariance: too few images are seen for a dense-probe gap",
     ),
-    # One GPU: 8,192 images, 25 epochs of 32 steps at batch 256 (204,800 images seen per run),
+    # One GPU: 8,192 images, 12 epochs of 32 steps at batch 256 (98,304 images seen per run),
     # three trainings at a time sharing the GPU and the host's cores (5 loader workers each).
+    # The loaders set the pace: at ~10 ms of crops per image and core, ~6.6 min of training.
     "gpu": Tier(
         train_images=8192,
         val_images=1024,
         curve_images=256,
         image_size=96,
         batch_size=256,
-        epochs=25,
-        warmup_epochs=3,
-        teacher_temp_warmup_epochs=5,
+        epochs=12,
+        warmup_epochs=2,
+        teacher_temp_warmup_epochs=4,
         seeds=(0, 1, 2),
         device="cuda",
         jobs=3,
@@ -170,6 +171,14 @@ def train_command(tier: Tier, data: Path, out: Path, seed: int, arm: str) -> lis
     return cmd + (["--no-sere"] if arm == "dino" else [])
 
 
+def _commit() -> str:
+    """This checkout's commit, with ``+dirty`` when ``src/`` or ``examples/`` have changes."""
+    from run import _git
+
+    dirty = _git("status", "--porcelain", "--", "src", "examples")
+    return _git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+
+
 def finished(out: Path, tier: Tier, steps: int) -> bool:
     """Whether a run wrote its last checkpoint (``last.json`` at the final step)."""
     last = out / "last.json"
@@ -191,6 +200,8 @@ def train_all(tier: Tier, data: Path, runs: Path, steps: int, log: Any) -> None:
             seed, arm = todo.pop(0)
             out = runs / f"{arm}_s{seed}"
             out.mkdir(parents=True, exist_ok=True)
+            if not (out / "commit.txt").is_file():  # the code the run started with
+                (out / "commit.txt").write_text(_commit() + "\n")
             handle = (out / "train.log").open("ab")
             proc = subprocess.Popen(
                 train_command(tier, data, out, seed, arm), stdout=handle, stderr=subprocess.STDOUT,
@@ -378,6 +389,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", f"k-NN chance (the majority class): {meta['knn_chance']:.2f} %."]
     lines += ["", probe_gate(rows), ""]
     lines += [
+        "Trained at commit(s) "
+        + ", ".join(sorted({c[:10] for c in meta.get("trained_at", {}).values()}) or ["?"])
+        + "; evaluated at the commit below.",
+        "",
         f"Machine: {meta['environment']['device']['name']}; torch "
         f"{meta['environment']['versions']['torch']}; commit {meta['environment']['commit'][:10]}"
         f"{' (with uncommitted changes)' if meta['environment']['dirty'] else ''}; "
@@ -483,30 +498,87 @@ def plot(
     plt.close(fig)
 
 
+def plot_maps(data: evaluate.EvalData, runs: Path, seed: int, out: Path, count: int = 3) -> None:
+    """Fig. 5: a point's relation in two views and its change, DINO beside DINO + SERE.
+
+    The first ``count`` held-out images whose two views share at least half of view 1, the
+    lattice point nearest the overlap's centre, seed ``seed``'s final teachers; one figure per
+    arm and image (``fig5_<arm>_<k>.png``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        return
+    from sere_loss.diagnostics import plot_relation_maps, relation_maps
+    from sere_loss.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    models = {}
+    for arm in ARMS:
+        vit, info = evaluate.load_checkpoint(runs / f"{arm}_s{seed}" / "checkpoint.pth")
+        models[arm] = evaluate.ViTExtractor(vit, arm)
+    global_px = info["preset"]["global_px"]
+    views, boxes, flips, _ = evaluate.crop_pairs(data.val_images[:64], global_px, seed)
+    first, second = boxes[:, 0], boxes[:, 1]
+    side = torch.minimum(first[:, 2:], second[:, 2:]) - torch.maximum(first[:, :2], second[:, :2])
+    shared = side.clamp(min=0).prod(dim=1) / (first[:, 2:] - first[:, :2]).prod(dim=1)
+    chosen = [int(i) for i in (shared >= 0.5).nonzero().flatten()[:count]]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for arm, model in models.items():
+        for k, i in enumerate(chosen):
+            one = views[i : i + 1]
+            maps1, maps2 = (model.relation_maps(one[:, v]) for v in (0, 1))
+            lattice = (maps1.shape[-2] - 1, maps1.shape[-1] - 1)
+            maps = relation_maps(
+                maps1, maps2, first[i : i + 1], flips[i : i + 1, 0], second[i : i + 1],
+                flips[i : i + 1, 1], (lattice[0] // 2, lattice[1] // 2),
+            )  # fmt: skip
+            images = tuple((one[0, v] * std + mean).clamp(0, 1) for v in (0, 1))
+            title = f"{LABELS[arm]}, seed {seed}, held-out image {i}"
+            fig = plot_relation_maps(maps, images=images, title=title)
+            fig.savefig(out / f"fig5_{arm}_{k}.png", dpi=100)
+
+
 # Main --------------------------------------------------------------------------------------------
 
 
 def estimate(tier: Tier, steps: int) -> str:
-    """A rough wall-time estimate, from this machine's multi-crop transform rate."""
+    """A rough wall-time estimate of a GPU tier's training, from this machine's crop rate.
+
+    On the tiny ViT a GPU step takes milliseconds, so the CPU loaders that draw the multi-crop
+    views set the pace: ``runs * images seen / (loader workers * images per second each)``.
+    The crop time is the best of three passes over 16 images (the least disturbed by other
+    work on a shared machine).
+    """
+    from PIL import Image
+
     from sere_loss.transforms import dino_sere_transform
 
-    images = seg_data.ShapesSegmentation(32, tier.image_size, seed=0)
+    data = seg_data.ShapesSegmentation(16, tier.image_size, seed=0)
+    # PIL images, as the trainer's ImageFolder gives them.
+    images = [Image.fromarray(data[i][0].permute(1, 2, 0).numpy()) for i in range(len(data))]
     transform = dino_sere_transform(global_size=64, local_size=32, num_local=4)
+    passes = []
     with torch.random.fork_rng(devices=[]):
-        tic = time.perf_counter()
-        for i in range(len(images)):
-            transform(images[i][0])
-        per_image = (time.perf_counter() - tic) / len(images)
+        transform(images[0])  # warm-up
+        for _ in range(3):
+            tic = time.perf_counter()
+            for image in images:
+                transform(image)
+            passes.append((time.perf_counter() - tic) / len(images))
+    per_image = min(passes)
     seen = steps * tier.batch_size
-    loader_rate = tier.jobs * max(tier.workers, 1) / per_image  # images/s over all runs at once
+    workers = tier.jobs * max(tier.workers, 1)
     runs = len(tier.seeds) * len(ARMS)
-    data_bound = runs * seen / loader_rate
+    minutes = runs * seen * per_image / workers / 60
     return (
-        f"{runs} runs x {steps} steps x batch {tier.batch_size} = {seen} images seen per run; "
-        f"the crops take {per_image * 1e3:.1f} ms per image on this machine, so with "
-        f"{tier.jobs} runs at once x {max(tier.workers, 1)} loader workers the data alone needs "
-        f"~{data_bound / 60:.1f} min on a machine like this one (the GPU steps of the tiny ViT "
-        "are far faster than the loaders); add the evaluation (a few minutes on a CPU)"
+        f"{runs} runs x {steps} steps x batch {tier.batch_size} = {seen} images seen per run. "
+        f"The crops take {per_image * 1e3:.1f} ms per image and core here; {tier.jobs} runs at "
+        f"once with {tier.workers} loader workers each ({workers} cores) need ~{minutes:.1f} min "
+        "of loading at that rate (a GPU step of the tiny ViT is far shorter), plus the data "
+        "generation and the evaluation (a few minutes)"
     )
 
 
@@ -550,7 +622,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "CPU at smoke size"
         )
     work = args.work or ROOT / "runs" / f"reproduce_{name}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"reproduce_{name}"
+    # A dry run's numbers mean nothing: they stay beside its runs, out of benchmarks/results.
+    results = (
+        work / "results" if args.dry_run else ROOT / "benchmarks" / "results" / f"reproduce_{name}"
+    )
+    out = args.out or results
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.eval_threads or tier.threads)
@@ -597,12 +673,18 @@ def run(args: argparse.Namespace, tier: Tier, name: str, work: Path, out: Path) 
         "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "environment": environment(torch.device(tier.device), tier.threads),
         "knn_chance": results.get("knn_chance"),
+        "trained_at": {
+            run.name: (run / "commit.txt").read_text().strip()
+            for run in sorted((work / "runs").iterdir())
+            if (run / "commit.txt").is_file()
+        },
         "command": args.command,
     }
     record = {"meta": meta, "table": rows, "results": results}
     (out / "results.json").write_text(json.dumps(record, indent=1, default=float))
     (out / "results.md").write_text(markdown(rows, meta))
     plot(results, rows, tier.seeds, out)
+    plot_maps(data, work / "runs", tier.seeds[0], out)
     log(f"results in {out}")
     print(markdown(rows, meta))
     return record
