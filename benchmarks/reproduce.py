@@ -588,7 +588,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tier", choices=sorted(TIERS), default="cpu")
     p.add_argument("--dry-run", action="store_true", help="the tier's plan, tiny, on the CPU")
     p.add_argument("--seeds", help="comma-separated, instead of the tier's")
-    p.add_argument("--epochs", type=int, help="instead of the tier's")
+    p.add_argument("--epochs", type=int, help="instead of the tier's; the warm-ups scale with it")
     p.add_argument("--jobs", type=int, help="trainings at once, instead of the tier's")
     p.add_argument("--work", type=Path, help="data and runs (default: runs/reproduce_<tier>)")
     p.add_argument("--out", type=Path, help="results (benchmarks/results/reproduce_<tier>)")
@@ -610,8 +610,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tier = dry_run_tier(tier)
     if args.seeds:
         tier = dataclasses.replace(tier, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    if args.epochs:
-        tier = dataclasses.replace(tier, epochs=args.epochs)
+    if args.epochs:  # a shorter (or longer) run of the same shape: the warm-ups scale with it
+        scale = args.epochs / tier.epochs
+        tier = dataclasses.replace(
+            tier,
+            epochs=args.epochs,
+            warmup_epochs=tier.warmup_epochs * scale,
+            teacher_temp_warmup_epochs=tier.teacher_temp_warmup_epochs * scale,
+        )
     if args.jobs:
         tier = dataclasses.replace(tier, jobs=args.jobs)
     if len(tier.seeds) < 2:
