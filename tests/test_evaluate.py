@@ -201,6 +201,14 @@ def test_knn_matches_a_loop_level_vote(ev: SimpleNamespace) -> None:
             votes[bl] += math.exp(cos / 0.07)
         hits += votes.index(max(votes)) == label
     assert acc == pytest.approx(100 * hits / 12, abs=1e-4)
+    # The weights decide: one near neighbour of class 0 outvotes four farther ones of class 1
+    # (exp(0.99 / 0.07) against 4 exp(0.5 / 0.07)), where a plain count or sum would not.
+    near = [0.99, math.sqrt(1 - 0.99**2)]
+    far = [0.5, math.sqrt(1 - 0.25)]
+    bank = torch.tensor([near, far, far, far, far])
+    labels = torch.tensor([0, 1, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    assert ev.evaluate.knn_accuracy(bank, labels, query, torch.tensor([0]), 2, k=5) == 100.0
 
 
 def test_patch_spectrum_against_numpy(ev: SimpleNamespace) -> None:
