@@ -244,24 +244,35 @@ def kept_checkpoints(run: Path) -> list[tuple[int, Path]]:
 def evaluate_all(
     tier: Tier, runs: Path, data: evaluate.EvalData, steps_per_epoch: int, log: Any
 ) -> dict[str, Any]:
-    """Bounds, final models (probe, k-NN, invariance) and the invariance at every epoch."""
+    """Bounds, final models (probe, k-NN, invariance) and the invariance at every epoch.
+
+    The teachers (DINO's evaluated model) get every task; the students get the invariance too:
+    in a short run the momentum teacher (0.996 -> 1) lags far behind the student that SERE's
+    gradients reach.
+    """
     preset = None
-    finals: dict[str, dict[int, evaluate.Extractor]] = {arm: {} for arm in ARMS}
-    for arm in ARMS:
-        for seed in tier.seeds:
-            vit, info = evaluate.load_checkpoint(runs / f"{arm}_s{seed}" / "checkpoint.pth")
-            preset = info["preset"]
-            finals[arm][seed] = evaluate.ViTExtractor(vit, f"{LABELS[arm]} seed {seed}")
+    finals: dict[str, dict[str, dict[int, evaluate.Extractor]]] = {}
+    for which in ("teacher", "student"):
+        for arm in ARMS:
+            for seed in tier.seeds:
+                path = runs / f"{arm}_s{seed}" / "checkpoint.pth"
+                vit, info = evaluate.load_checkpoint(path, which)
+                preset = info["preset"]
+                name = f"{LABELS[arm]} seed {seed} ({which})"
+                finals.setdefault(which, {}).setdefault(arm, {})[seed] = evaluate.ViTExtractor(
+                    vit, name
+                )
     if preset is None:
         raise SystemExit("no runs to evaluate")
     randoms = {s: evaluate.random_extractor(preset, s) for s in tier.seeds}
     spectrum = evaluate.PatchSpectrum(preset["patch"])
     common = {"global_px": preset["global_px"], "device": tier.device, "log": log}
     tasks = ("probe", "knn", "invariance")
-    results: dict[str, Any] = {"final": {}, "bounds": {}, "curve": {}}
+    results: dict[str, Any] = {"final": {}, "final_student": {}, "bounds": {}, "curve": {}}
     for seed in tier.seeds:
         keys = ["random", "dino", "dino_sere"]
-        models = [randoms[seed], finals["dino"][seed], finals["dino_sere"][seed]]
+        models = [randoms[seed], finals["teacher"]["dino"][seed]]
+        models.append(finals["teacher"]["dino_sere"][seed])
         if seed == tier.seeds[0]:  # the hand-made feature learns nothing: one seed is enough
             keys.append("spectrum")
             models.append(spectrum)
@@ -274,39 +285,63 @@ def evaluate_all(
                 target = results["bounds"] if key in ("random", "spectrum") else results["final"]
                 target.setdefault(key, {}).setdefault(task, {})[seed] = row
         results["knn_chance"] = out["knn"][-1]["top1"]
-    # The invariance over training, on fewer held-out images, at every kept checkpoint; the
-    # seed's random initial weights are its epoch 0.
+        students = [finals["student"][arm][seed] for arm in ARMS]
+        out = evaluate.evaluate(students, ("invariance",), data, seed=seed, **common)
+        for arm, row in zip(ARMS, out["invariance"], strict=True):
+            results["final_student"].setdefault(arm, {}).setdefault("invariance", {})[seed] = row
+    # The invariance over training, on fewer held-out images, at every kept checkpoint, for
+    # teachers and students; the seed's random initial weights are its epoch 0.
     curve_data = data.with_val(tier.curve_images)
-    for arm in ARMS:
-        for seed in tier.seeds:
-            kept = kept_checkpoints(runs / f"{arm}_s{seed}")
-            extractors: list[evaluate.Extractor] = [randoms[seed]]
-            extractors += [
-                evaluate.ViTExtractor(evaluate.load_checkpoint(path)[0], f"{arm} step {step}")
-                for step, path in kept
-            ]
-            out = evaluate.evaluate(extractors, ("invariance",), curve_data, seed=seed, **common)
-            steps = [0] + [step for step, _ in kept]
-            results["curve"].setdefault(arm, {})[seed] = [
-                {"step": step, "epoch": step / steps_per_epoch, **row}
-                for step, row in zip(steps, out["invariance"], strict=True)
-            ]
+    for which in ("teacher", "student"):
+        for arm in ARMS:
+            for seed in tier.seeds:
+                kept = kept_checkpoints(runs / f"{arm}_s{seed}")
+                extractors: list[evaluate.Extractor] = [randoms[seed]]
+                extractors += [
+                    evaluate.ViTExtractor(
+                        evaluate.load_checkpoint(path, which)[0], f"{arm} {which} step {step}"
+                    )
+                    for step, path in kept
+                ]
+                out = evaluate.evaluate(
+                    extractors, ("invariance",), curve_data, seed=seed, **common
+                )
+                steps = [0] + [step for step, _ in kept]
+                results["curve"].setdefault(which, {}).setdefault(arm, {})[seed] = [
+                    {"step": step, "epoch": step / steps_per_epoch, **row}
+                    for step, row in zip(steps, out["invariance"], strict=True)
+                ]
     return results
 
 
 # Statistics and tables ---------------------------------------------------------------------------
 
-# (task, column, label, better): the numbers the table reports.
+# (key, source, task, column, label, better): the numbers the table reports; ``source`` is
+# where :func:`evaluate_all` put the models' rows (the bounds are the same for both).
 METRICS = [
-    ("invariance", "spatial_controlled", "spatial relation distance, controlled (Fig. 6)", "lower"),
-    ("invariance", "channel_controlled", "channel relation distance, controlled (Fig. 6)", "lower"),
-    ("invariance", "spatial_plain", "spatial relation distance, plain", "lower"),
-    ("invariance", "channel_plain", "channel relation distance, plain", "lower"),
-    ("invariance", "spatial_entropy", "spatial relation row entropy (nats)", "-"),
-    ("probe", "miou", "dense linear probe mIoU (%)", "higher"),
-    ("probe", "pixel_acc", "dense linear probe pixel accuracy (%)", "higher"),
-    ("knn", "top1", "k-NN top-1 (%), CLS token", "higher"),
-]
+    ("spatial_controlled", "final", "invariance", "spatial_controlled",
+     "spatial relation distance, controlled (Fig. 6), teacher", "lower"),
+    ("channel_controlled", "final", "invariance", "channel_controlled",
+     "channel relation distance, controlled (Fig. 6), teacher", "lower"),
+    ("student_spatial_controlled", "final_student", "invariance", "spatial_controlled",
+     "spatial relation distance, controlled, student", "lower"),
+    ("student_channel_controlled", "final_student", "invariance", "channel_controlled",
+     "channel relation distance, controlled, student", "lower"),
+    ("spatial_plain", "final", "invariance", "spatial_plain",
+     "spatial relation distance, plain, teacher", "lower"),
+    ("student_spatial_plain", "final_student", "invariance", "spatial_plain",
+     "spatial relation distance, plain, student", "lower"),
+    ("channel_plain", "final", "invariance", "channel_plain",
+     "channel relation distance, plain, teacher", "lower"),
+    ("spatial_entropy", "final", "invariance", "spatial_entropy",
+     "spatial relation row entropy (nats), teacher", "-"),
+    ("student_spatial_entropy", "final_student", "invariance", "spatial_entropy",
+     "spatial relation row entropy (nats), student", "-"),
+    ("miou", "final", "probe", "miou", "dense linear probe mIoU (%), teacher", "higher"),
+    ("pixel_acc", "final", "probe", "pixel_acc", "dense linear probe pixel accuracy (%), teacher",
+     "higher"),
+    ("top1", "final", "knn", "top1", "k-NN top-1 (%), CLS token, teacher", "higher"),
+]  # fmt: skip
 
 
 def paired(a: Sequence[float], b: Sequence[float], better: str) -> dict[str, Any]:
@@ -328,14 +363,15 @@ def paired(a: Sequence[float], b: Sequence[float], better: str) -> dict[str, Any
 def summarise(results: dict[str, Any], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """One row per metric: bounds, each arm's mean and sd, the paired difference."""
     rows = []
-    for task, column, label, better in METRICS:
+    for key, source, task, column, label, better in METRICS:
 
-        def values(where: dict[str, Any], key: str, task: str = task, col: str = column) -> list:
-            per_seed = where.get(key, {}).get(task, {})
+        def values(where: dict[str, Any], arm: str, task: str = task, col: str = column) -> list:
+            per_seed = where.get(arm, {}).get(task, {})
             return [per_seed[s][col] for s in seeds if s in per_seed]
 
-        dino, sere = values(results["final"], "dino"), values(results["final"], "dino_sere")
-        row = {"task": task, "metric": column, "label": label, "better": better}
+        dino = values(results[source], "dino")
+        sere = values(results[source], "dino_sere")
+        row = {"task": task, "metric": key, "label": label, "better": better}
         row["random"] = _stats(values(results["bounds"], "random"))
         row["spectrum"] = _stats(values(results["bounds"], "spectrum"))
         row["dino"], row["dino_sere"] = _stats(dino), _stats(sere)
@@ -468,33 +504,38 @@ def plot(
                      fontsize=9)  # fmt: skip
         ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(2, 2, figsize=(8, 7), layout="constrained")
-    bars(axes[0, 0], "spatial_controlled", "spatial, controlled (lower: more invariant)")
-    bars(axes[0, 1], "channel_controlled", "channel, controlled")
-    bars(axes[1, 0], "spatial_plain", "spatial, plain TV distance")
-    bars(axes[1, 1], "channel_plain", "channel, plain TV distance")
-    fig.suptitle("Self-relation differences between two views, held-out images (Fig. 6)")
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7), layout="constrained")
+    for r, (prefix, who) in enumerate((("", "teacher"), ("student_", "student"))):
+        bars(axes[r, 0], f"{prefix}spatial_controlled", f"spatial, controlled, {who}")
+        bars(axes[r, 1], f"{prefix}channel_controlled", f"channel, controlled, {who}")
+        bars(axes[r, 2], f"{prefix}spatial_plain", f"spatial, plain TV distance, {who}")
+    fig.suptitle(
+        "Self-relation differences between two views of held-out images (Fig. 6); lower: more "
+        "invariant"
+    )
     fig.savefig(out / "fig6_bars.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    for ax, key, title in zip(
-        axes,
-        ("spatial_controlled", "channel_controlled", "spatial_entropy"),
-        ("spatial, controlled", "channel, controlled", "spatial row entropy (sharpness)"),
-        strict=True,
-    ):
-        for arm in ARMS:
-            curves = [results["curve"][arm][s] for s in seeds if s in results["curve"][arm]]
-            for curve in curves:
-                ax.plot([p["epoch"] for p in curve], [p[key] for p in curve],
-                        color=colours[arm], alpha=0.3, lw=1)  # fmt: skip
-            epochs = [p["epoch"] for p in curves[0]]
-            mean = [statistics.fmean(c[i][key] for c in curves) for i in range(len(epochs))]
-            ax.plot(epochs, mean, color=colours[arm], lw=2, label=LABELS[arm])
-        ax.set_xlabel("epoch")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
+    panels = (
+        ("spatial_controlled", "spatial, controlled"),
+        ("channel_controlled", "channel, controlled"),
+        ("spatial_entropy", "spatial row entropy (sharpness)"),
+    )
+    for r, which in enumerate(("teacher", "student")):
+        for ax, (key, title) in zip(axes[r], panels, strict=True):
+            for arm in ARMS:
+                runs = results["curve"][which][arm]
+                curves = [runs[s] for s in seeds if s in runs]
+                for curve in curves:
+                    ax.plot([p["epoch"] for p in curve], [p[key] for p in curve],
+                            color=colours[arm], alpha=0.3, lw=1)  # fmt: skip
+                epochs = [p["epoch"] for p in curves[0]]
+                mean = [statistics.fmean(c[i][key] for c in curves) for i in range(len(epochs))]
+                ax.plot(epochs, mean, color=colours[arm], lw=2, label=LABELS[arm])
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{title}, {which}", fontsize=10)
+            ax.legend(fontsize=8)
     fig.suptitle("The measure over training (thin: seeds; thick: mean; epoch 0: random init)")
     fig.savefig(out / "invariance_over_training.png", dpi=110)
     plt.close(fig)

@@ -392,15 +392,15 @@ def test_the_whole_pipeline_smoke(reproduce: Any, tmp_path: Path) -> None:
     assert saved["meta"]["seeds"] == [0, 1]
     assert saved["meta"]["environment"]["commit"]
     table = {row["metric"]: row for row in saved["table"]}
-    for metric in ("spatial_controlled", "channel_controlled", "miou", "top1"):
+    for metric in ("spatial_controlled", "student_spatial_controlled", "miou", "top1"):
         row = table[metric]
         assert len(row["dino"]["values"]) == len(row["dino_sere"]["values"]) == 2
         assert not math.isnan(row["random"]["mean"])  # the bounds are in every row
         assert not math.isnan(row["spectrum"]["mean"])
-    curve = record["results"]["curve"]["dino_sere"][1]
+    curve = record["results"]["curve"]["student"]["dino_sere"][1]
     assert [p["epoch"] for p in curve] == [0.0, 1.0, 2.0]  # random init, then every epoch
     text = (out / "results.md").read_text()
-    assert "| dense linear probe mIoU (%) | higher |" in text
+    assert "| dense linear probe mIoU (%), teacher | higher |" in text
     assert "Probe gate" in text
     # Rerunning skips the finished runs (and would resume an unfinished one).
     lines: list[str] = []
