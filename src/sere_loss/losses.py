@@ -6,6 +6,7 @@ multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the k
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Literal, overload
@@ -88,9 +89,15 @@ class SpatialSelfRelationLoss(nn.Module):
     pair the two views' features are sampled at the same ``Hs x Ws`` points of their overlap in
     the original image (13 x 13 between globals, 6 x 6 with a local view), turned into ``M``-head
     relation logits, and compared by row-wise cross-entropy, teacher sharpened by
-    ``teacher_temp``. Pairs whose crops do not overlap are masked out; the result is the mean
-    over every kept (image, pair) term, and a zero still connected to every head parameter when
-    nothing overlaps.
+    ``teacher_temp``. Pairs whose crops do not overlap are masked out (``empty_pairs="mask"``);
+    the result is the mean over every kept (image, pair) term, and a zero still connected to
+    every head parameter when nothing overlaps.
+
+    ``empty_pairs="uniform"`` reproduces the authors' code instead (SPEC 4): there such a pair
+    reads zeros at every point (its grid lies outside both views, zero padding), so both
+    relations are uniform and the term is the constant ``log(Hs * Ws)``; it stays in the mean.
+    The value then carries that constant and the spatial gradient is scaled by
+    ``n_valid / (P * B)`` against the masked mean.
 
     Temperatures: the defaults (teacher 0.5, student 1.0) are the authors' code, which produced
     the paper's numbers; the paper's text states them the other way round.
@@ -113,6 +120,8 @@ class SpatialSelfRelationLoss(nn.Module):
             channels: with a projection of another width, pass a prediction that takes it.
         local_heads: separate heads for local views (the authors' default).
         symmetric: no prediction head (paper Table 15).
+        empty_pairs: ``"mask"`` (default) leaves non-overlapping (image, pair) terms out of the
+            mean; ``"uniform"`` counts each as ``log(Hs * Ws)``, as the authors' code does.
         backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
             ``"chunked"`` or ``"triton"``: see
             :func:`~sere_loss.functional.spatial_relation_cross_entropy`. All give the same
@@ -145,11 +154,13 @@ class SpatialSelfRelationLoss(nn.Module):
         prediction: nn.Module | None = None,
         local_heads: bool = True,
         symmetric: bool = False,
+        empty_pairs: str = "mask",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
         self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.empty_pairs = check_choice(empty_pairs, "empty_pairs", ("mask", "uniform"))
         if projection is None and prediction is None and dim % self.num_heads:
             raise ValueError(
                 f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}"
@@ -269,6 +280,10 @@ class SpatialSelfRelationLoss(nn.Module):
                 backend=self.backend,
             )
             count = count + mask.sum()
+            if self.empty_pairs == "uniform":  # the authors' constant log(S) per empty term
+                empty = mask.numel() - mask.sum()
+                total = total + empty * math.log(sampler.size[0] * sampler.size[1])
+                count = count + empty
         loss = total / count.clamp(min=1.0)
         return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
 
@@ -282,7 +297,8 @@ class SpatialSelfRelationLoss(nn.Module):
         return (
             f"num_heads={self.num_heads}, teacher_temp={self.teacher_temp}, "
             f"student_temp={self.student_temp}, num_global_views={self.num_global_views}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, empty_pairs={self.empty_pairs!r}, "
+            f"backend={self.backend!r}"
         )
 
 
@@ -455,6 +471,8 @@ class SERELoss(nn.Module):
         padding: ``"border"`` or ``"zeros"``.
         global_size: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
         local_size: spatial lattice between a global and a local view (6 for 96 px).
+        empty_pairs: ``"mask"`` or ``"uniform"`` (the authors'), see
+            :class:`SpatialSelfRelationLoss`.
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -492,6 +510,7 @@ class SERELoss(nn.Module):
         padding: str = "border",
         global_size: int | tuple[int, int] = 13,
         local_size: int | tuple[int, int] = 6,
+        empty_pairs: str = "mask",
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
         backend: str = "auto",
@@ -532,6 +551,7 @@ class SERELoss(nn.Module):
                     padding=padding,
                     global_size=global_size,
                     local_size=local_size,
+                    empty_pairs=empty_pairs,
                     **common,  # type: ignore[arg-type]
                 )
             )
