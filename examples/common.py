@@ -104,10 +104,14 @@ def init_process(device_name: str, timeout_minutes: float = 10.0) -> Process:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if rank == 0:
+        print(
+            f"process group: {backend}, {world_size} process(es), a collective fails after "
+            f"{timeout_minutes:g} min of waiting (--dist-timeout)",
+            flush=True,
+        )
     return Process(rank, world_size, device, group=True)
 
 

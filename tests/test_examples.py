@@ -123,17 +123,6 @@ def test_resume_refuses_another_layout(examples: Any, image_folder: Path, tmp_pa
         _train(examples.dino_sere, image_folder, tmp_path, "--resume", "--no-sere")
 
 
-@pytest.mark.parametrize("name", TRAINERS)
-def test_command_line_runs_on_synthetic_data(name: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--preset", "tiny", "--max-steps", "1"]
-    cmd += ["--batch-size", "4", "--output-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "done:" in out.stdout
-    assert "1 process(es) on cpu" in out.stdout
-    assert len(_rows(tmp_path)) == 1
-
-
 def test_lightly_example_trains(tmp_path: Path) -> None:
     pytest.importorskip("lightly", reason="the lightly example needs lightly")
     cmd = [sys.executable, str(EXAMPLES / "lightly_dino_sere.py"), "--max-steps", "2"]
