@@ -71,7 +71,7 @@ def build_step(
     if with_sere:
         grid_g, grid_l = preset.global_px // preset.patch, preset.local_px // preset.patch
         dim = student.backbone.embed_dim
-        sere = SERELoss(dim, global_size=grid_g - 1, local_size=grid_l).to(device)
+        sere = SERELoss(dim, global_lattice=grid_g - 1, local_lattice=grid_l).to(device)
     trained = [student] if sere is None else [student, sere]
     params = common.param_groups(trained)
     optimizer = torch.optim.AdamW(params, lr=1e-4)

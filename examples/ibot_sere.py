@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ibot_weight = 1.0  # SERE: L_iBOT's weight, 1 in plain iBOT
     if not args.no_sere:  # SERE
         grid_g, grid_l = preset.global_px // preset.patch, preset.local_px // preset.patch  # SERE
-        lattices = {"global_size": grid_g - 1, "local_size": grid_l}  # SERE: 13, 6 for ViT-S/16
+        lattices = {"global_lattice": grid_g - 1, "local_lattice": grid_l}  # SERE: 13, 6
         dim = student.backbone.embed_dim  # SERE
         sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **lattices).to(device)  # SERE
         if args.ibot_weight == "authors":  # SERE

@@ -180,15 +180,15 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, 3, points="corner"),
     ),
     (
-        "bad size",
+        "bad lattice",
         ValueError,
-        r"size must be an int or a pair",
+        r"lattice must be an int or a pair",
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, (3, 3, 3)),
     ),
     (
-        "size zero",
+        "lattice zero",
         ValueError,
-        r"size\[0\] must be >= 1",
+        r"lattice\[0\] must be >= 1",
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, 0),
     ),
     (
@@ -214,14 +214,14 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
     (
         "official lattice in sampler",
         ValueError,
-        r"size >= \(2, 2\), got \(1, 1\)",
+        r"lattice >= \(2, 2\), got \(1, 1\)",
         lambda: RegionAlignedSampler(1, points="official"),
     ),
     (
         "official lattice in loss",
         ValueError,
-        r"size >= \(2, 2\), got \(1, 3\)",
-        lambda: SpatialSelfRelationLoss(12, 3, points="official", local_size=(1, 3)),
+        r"local_lattice >= \(2, 2\), got \(1, 3\)",
+        lambda: SpatialSelfRelationLoss(12, 3, points="official", local_lattice=(1, 3)),
     ),
     (
         "sampler option",

@@ -133,7 +133,7 @@ class TestSpatialMatchesAuthorsRoute:
         boxes[0, 2] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
         boxes[0, :2] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
         flips = random_flips(B, G + L, gen)
-        module = _identity_spatial(global_size=5, local_size=3).double()
+        module = _identity_spatial(global_lattice=5, local_lattice=3).double()
         loss = module(sg, tg, boxes, flips, sl)
         # Reference with the module's lattice sizes: recompute via the kept terms.
         terms, masks = [], []
@@ -447,7 +447,12 @@ class TestGradcheck:
     def test_modules_with_identity_heads(self, gen: torch.Generator) -> None:
         boxes, flips = _overlapping_geometry(gen, G + 1)
         spatial = SpatialSelfRelationLoss(
-            6, 2, projection=nn.Identity(), prediction=nn.Identity(), global_size=3, local_size=2
+            6,
+            2,
+            projection=nn.Identity(),
+            prediction=nn.Identity(),
+            global_lattice=3,
+            local_lattice=2,
         ).double()
         channel = ChannelSelfRelationLoss(6, projection=nn.Identity(), prediction=nn.Identity())
         sg = torch.randn(G * B, 9, 6, dtype=torch.float64, requires_grad=True)

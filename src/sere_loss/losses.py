@@ -22,11 +22,11 @@ from ._checks import (
     check_ndim,
     check_positive,
     check_positive_int,
-    check_size,
 )
 from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
+    _check_lattice,
     _overlap_grids_unchecked,
     channel_relation,
     channel_relation_cross_entropy,
@@ -100,8 +100,8 @@ class SpatialSelfRelationLoss(nn.Module):
         num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
         teacher_temp: ``t_t`` (0.5).
         student_temp: ``t_s`` (1.0).
-        global_size: lattice between two global views (13).
-        local_size: lattice between a global and a local view (6).
+        global_lattice: lattice between two global views (13).
+        local_lattice: lattice between a global and a local view (6).
         points: ``"center"`` (paper) or ``"official"`` (authors' lattice).
         padding: ``"border"`` or ``"zeros"`` (authors' code).
         num_global_views: ``G``, the views the teacher sees (2).
@@ -135,8 +135,8 @@ class SpatialSelfRelationLoss(nn.Module):
         *,
         teacher_temp: float = 0.5,
         student_temp: float = 1.0,
-        global_size: int | tuple[int, int] = 13,
-        local_size: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] = 13,
+        local_lattice: int | tuple[int, int] = 6,
         points: str = "center",
         padding: str = "border",
         num_global_views: int = 2,
@@ -156,10 +156,10 @@ class SpatialSelfRelationLoss(nn.Module):
             )
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
-        global_lattice = check_size(global_size, "global_size")
-        local_lattice = check_size(local_size, "local_size")
-        self.global_sampler = RegionAlignedSampler(global_lattice, points, padding)
-        self.local_sampler = RegionAlignedSampler(local_lattice, points, padding)
+        global_hw, _ = _check_lattice(global_lattice, points, "global_lattice")
+        local_hw, _ = _check_lattice(local_lattice, points, "local_lattice")
+        self.global_sampler = RegionAlignedSampler(global_hw, points, padding)
+        self.local_sampler = RegionAlignedSampler(local_hw, points, padding)
         self.num_global_views = check_positive_int(num_global_views, "num_global_views")
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.heads = RelationHeads(
@@ -242,7 +242,7 @@ class SpatialSelfRelationLoss(nn.Module):
                 flips[:, t_idx].transpose(0, 1).reshape(-1),
                 boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
                 flips[:, s_idx].transpose(0, 1).reshape(-1),
-                sampler.size,
+                sampler.lattice,
                 sampler.points,
             )
             t_feats = torch.cat(
@@ -453,8 +453,8 @@ class SERELoss(nn.Module):
         symmetric: no prediction heads.
         points: lattice of the spatial term, ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
-        global_size: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
-        local_size: spatial lattice between a global and a local view (6 for 96 px).
+        global_lattice: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
+        local_lattice: spatial lattice between a global and a local view (6 for 96 px).
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -490,8 +490,8 @@ class SERELoss(nn.Module):
         symmetric: bool = False,
         points: str = "center",
         padding: str = "border",
-        global_size: int | tuple[int, int] = 13,
-        local_size: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] = 13,
+        local_lattice: int | tuple[int, int] = 6,
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
         backend: str = "auto",
@@ -530,8 +530,8 @@ class SERELoss(nn.Module):
                     num_heads,
                     points=points,
                     padding=padding,
-                    global_size=global_size,
-                    local_size=local_size,
+                    global_lattice=global_lattice,
+                    local_lattice=local_lattice,
                     **common,  # type: ignore[arg-type]
                 )
             )
