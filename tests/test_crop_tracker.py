@@ -341,6 +341,20 @@ class TestCoordinateImage:
         assert flips == {False, True}
         assert 0 < whole < 10
 
+    def test_a_multi_crop_inside_a_compose(self) -> None:
+        # lightly's transform behind a conversion to PIL, as a dataset of tensors needs it: the
+        # tracked DINOTransform returns a list, so its views are the calls inside it.
+        transform = v2.Compose([v2.ToPILImage(), _lightly(photometric=False)])
+        tracker = CropTracker(transform)
+        assert tracker.tracked == ["transform.transforms[1]"]
+        image = torch.from_numpy(np.asarray(_pil_coordinate_image()).copy()).permute(2, 0, 1)
+        flips: set[bool] = set()
+        for _ in range(4):
+            crops = tracker(image)
+            assert len(crops.views) == 5
+            flips |= _check_pil_views(crops)
+        assert flips == {False, True}
+
     def test_a_resize_before_the_crop(self) -> None:
         # The crop is cut in whole pixels of the 2x resized image (half pixels of the original),
         # so the check reads the interior only (4 px margin), to 0.1 original pixel: a box
@@ -431,7 +445,7 @@ class TestRefused:
             def __call__(self, image: Any) -> list[Any]:
                 return [self.crop(image), v2.functional.resize(image, [32, 32])]
 
-        with pytest.raises(ValueError, match=r"returned 2 views but .* ran 1 times"):
+        with pytest.raises(ValueError, match=r"returned 2 views but 1 calls drew one image each"):
             CropTracker(TwoViewsOneCrop())(_uint8_image())
 
 

@@ -36,7 +36,7 @@ import enum
 import math
 import re
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -370,51 +370,74 @@ def _is_value(obj: object) -> bool:
     return type(obj).__module__.split(".")[0] in ("numpy", "builtins")
 
 
-class _Recorder:
-    """The geometry of the view being drawn, as the canvas-to-original map of each axis.
+class _Call:
+    """One call to a tracked object: its crops and flips, or the calls it made in turn."""
 
-    A point ``u`` in ``[0, 1]`` of the current canvas lies at ``a + b * u`` of the original
-    image (normalised); ``b < 0`` once the canvas has been flipped. A crop of ``[u0, u1]``
-    makes it ``a + b * u0 + b * (u1 - u0) * u``; a horizontal flip ``a + b - b * u``; a resize
-    changes nothing. The view's box is the image of ``[0, 1]``, its flip the sign of ``b``.
-    """
+    __slots__ = ("calls", "ops", "single")
 
     def __init__(self) -> None:
-        self.open: list[float] | None = None  # [ax, bx, ay, by] of the view being drawn
-        self.done: list[tuple[tuple[float, float, float, float], bool]] = []
+        self.calls: list[_Call] = []
+        self.ops: list[tuple[Any, ...]] = []
+        self.single = True  # returned one image (not a list or tuple of them)
 
-    def begin(self) -> None:
-        if self.open is not None:
-            raise RuntimeError("CropTracker: a view's pipeline was called inside another's")
-        self.open = [0.0, 1.0, 0.0, 1.0]
+    def leaves(self) -> Iterator[tuple[Any, ...]]:
+        """Every crop and flip below this call, in the order they ran."""
+        yield from self.ops
+        for call in self.calls:
+            yield from call.leaves()
 
-    def end(self) -> None:
-        ax, bx, ay, by = cast(list[float], self.open)
-        self.open = None
-        box = (min(ax, ax + bx), ay, max(ax, ax + bx), ay + by)
-        self.done.append((box, bx < 0))
+    def views(self) -> Iterator[_Call]:
+        """The outermost calls that returned one image: one view each."""
+        for call in self.calls:
+            if call.single:
+                yield call
+            else:
+                yield from call.views()
 
-    def _current(self, what: str) -> list[float]:
-        if self.open is None:
-            raise RuntimeError(
-                f"CropTracker: a {what} ran outside the per-view pipelines it found; each view "
-                "must be drawn by one pipeline object (an attribute, list item or child module)"
-            )
-        return self.open
 
-    def crop(self, canvas: Sequence[int], top: int, left: int, height: int, width: int) -> None:
-        m = self._current("crop")
-        rows, cols = canvas
-        m[0], m[1] = m[0] + m[1] * left / cols, m[1] * width / cols
-        m[2], m[3] = m[2] + m[3] * top / rows, m[3] * height / rows
+class _Recorder:
+    """The tree of calls to the tracked objects during one call of the transform."""
 
-    def flip(self) -> None:
-        m = self._current("flip")
-        m[0], m[1] = m[0] + m[1], -m[1]
+    def __init__(self) -> None:
+        self.root = _Call()
+        self.stack: list[_Call] = []
+
+    def reset(self) -> None:
+        self.root, self.stack = _Call(), []
+
+    def enter(self) -> _Call:
+        call = _Call()
+        (self.stack[-1] if self.stack else self.root).calls.append(call)
+        self.stack.append(call)
+        return call
+
+    def exit(self, call: _Call, out: object) -> None:
+        self.stack.pop()
+        call.single = not isinstance(out, (list, tuple))
+
+
+def _geometry(ops: Iterable[tuple[Any, ...]]) -> tuple[tuple[float, float, float, float], bool]:
+    """A view's box and flip from its crops and flips, in the order they ran.
+
+    Each axis keeps the map from the current canvas to the original image: a point ``u`` in
+    ``[0, 1]`` of the canvas lies at ``a + b * u`` of the original (normalised), ``b < 0`` once
+    flipped. A crop of ``[u0, u1]`` makes it ``a + b * u0 + b * (u1 - u0) * u``; a horizontal
+    flip ``a + b - b * u``; a resize changes nothing. The box is the image of ``[0, 1]``, the
+    flip the sign of ``b``.
+    """
+    ax, bx, ay, by = 0.0, 1.0, 0.0, 1.0
+    for op in ops:
+        if op[0] == "flip":
+            ax, bx = ax + bx, -bx
+        else:
+            _, (rows, cols), top, left, height, width = op
+            ax, bx = ax + bx * left / cols, bx * width / cols
+            ay, by = ay + by * top / rows, by * height / rows
+    return (min(ax, ax + bx), ay, max(ax, ax + bx), ay + by), bx < 0
 
 
 class _TrackedCrop(nn.Module):
-    """``RandomResizedCrop`` (v1 or v2) that tells the recorder which box it cut.
+    """``RandomResizedCrop`` (v1 or v2) that records which box it cut.
 
     It makes the calls the original's ``forward`` makes, in the same order, so the random draws
     and the output are the same: v1 ``get_params`` then ``resized_crop``; v2 ``make_params``
@@ -427,25 +450,29 @@ class _TrackedCrop(nn.Module):
 
     def forward(self, image: Any) -> Any:
         t: Any = self.inner
-        canvas = TF.get_size(image)
+        call = self.recorder.enter()
+        canvas = tuple(TF.get_size(image))
         if isinstance(t, v2.Transform):
             params = getattr(t, "make_params", None) or t._get_params
             apply = getattr(t, "transform", None) or t._transform
             p = params([image])
-            self.recorder.crop(canvas, p["top"], p["left"], p["height"], p["width"])
-            return apply(image, p)
-        top, left, height, width = t.get_params(image, t.scale, t.ratio)
-        self.recorder.crop(canvas, top, left, height, width)
-        return F1.resized_crop(
-            image, top, left, height, width, t.size, t.interpolation, antialias=t.antialias
-        )
+            call.ops.append(("crop", canvas, p["top"], p["left"], p["height"], p["width"]))
+            out = apply(image, p)
+        else:
+            top, left, height, width = t.get_params(image, t.scale, t.ratio)
+            call.ops.append(("crop", canvas, top, left, height, width))
+            out = F1.resized_crop(
+                image, top, left, height, width, t.size, t.interpolation, antialias=t.antialias
+            )
+        self.recorder.exit(call, out)
+        return out
 
     def extra_repr(self) -> str:
         return "tracked"
 
 
 class _TrackedFlip(nn.Module):
-    """``RandomHorizontalFlip`` (v1 or v2) that tells the recorder when it flipped.
+    """``RandomHorizontalFlip`` (v1 or v2) that records when it flipped.
 
     One ``torch.rand(1)`` against ``p``, as both versions draw it.
     """
@@ -456,36 +483,33 @@ class _TrackedFlip(nn.Module):
 
     def forward(self, image: Any) -> Any:
         t: Any = self.inner
+        call = self.recorder.enter()
+        out = image
         if isinstance(t, v2.Transform):
-            if torch.rand(1) >= t.p:
-                return image
-            self.recorder.flip()
-            apply = getattr(t, "transform", None) or t._transform
-            return apply(image, {})
-        if torch.rand(1) < t.p:
-            self.recorder.flip()
-            return F1.hflip(image)
-        return image
+            if torch.rand(1) < t.p:
+                call.ops.append(("flip",))
+                out = (getattr(t, "transform", None) or t._transform)(image, {})
+        elif torch.rand(1) < t.p:
+            call.ops.append(("flip",))
+            out = F1.hflip(image)
+        self.recorder.exit(call, out)
+        return out
 
     def extra_repr(self) -> str:
         return "tracked"
 
 
-class _View(nn.Module):
-    """One view's pipeline: its crops and flips between ``begin`` and ``end`` are one view."""
+class _Tracked(nn.Module):
+    """An object of the pipeline that holds a crop or a flip: its calls are recorded."""
 
     def __init__(self, inner: Callable[..., Any], recorder: _Recorder) -> None:
         super().__init__()
         self.inner, self.recorder = inner, recorder
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.recorder.begin()
-        try:
-            out = self.inner(*args, **kwargs)
-        except BaseException:
-            self.recorder.open = None
-            raise
-        self.recorder.end()
+        call = self.recorder.enter()
+        out = self.inner(*args, **kwargs)
+        self.recorder.exit(call, out)
         return out
 
     def extra_repr(self) -> str:
@@ -516,10 +540,11 @@ class CropTracker:
     ([(3, 64, 64), (3, 64, 64), (3, 32, 32)], (3, 4), (3,))
 
     How it finds them: it walks the copy's attributes, list, tuple and dict items and module
-    children. Each object below the top that holds a crop or a flip (a ``Compose``, a class of
-    yours, ``DINOViewTransform``) is one view's pipeline; every call to it is one view, in
-    call order, and must match the views the transform returns. Several crops and flips in one
-    view compose (a flip before the crop mirrors the box). ``Resize`` anywhere changes no
+    children, and records the calls of every object below the top that holds a crop or a flip
+    (a ``Compose``, a class of yours, ``DINOViewTransform``, a multi-crop inside a ``Compose``).
+    The outermost calls that return one image are the views, in call order; there must be as
+    many as the views the transform returns. Several crops and flips in one view compose (a
+    flip before the crop mirrors the box). ``Resize`` anywhere changes no
     normalised coordinate and is allowed. Transforms that move pixels otherwise
     (``RandomRotation``, ``RandomAffine``, ``RandomPerspective``, ``RandomVerticalFlip``,
     ``CenterCrop``, ``RandomCrop``, ``Pad``, the auto-augment policies...) are refused with an
@@ -569,11 +594,11 @@ class CropTracker:
                 "to 0 (a class of yours that does not move pixels: pass it in "
                 "assume_photometric)"
             )
-        self.pipelines: list[str] = []
+        self.tracked: list[str] = []  # where the outermost tracked objects sit
         self._memo = {}
-        self.transform = self._place(self.transform, "transform", 0, top=True)
+        self.transform = self._place(self.transform, "transform", 0, top=True, under=False)
         del self._memo, self._refused
-        if not self.pipelines:
+        if not self._holds_twin(self.transform, set()):
             raise TypeError(
                 f"CropTracker found no RandomResizedCrop or RandomHorizontalFlip in {transform!r}"
                 "; it looks for them in attributes, list items and child modules"
@@ -583,7 +608,7 @@ class CropTracker:
 
     def _swap(self, obj: Any, path: str, depth: int) -> tuple[Any, bool]:
         """``obj`` with twins in it, and whether it holds a torchvision transform."""
-        if _is_value(obj) or depth > 32 or isinstance(obj, (*_TWINS, _View)):
+        if _is_value(obj) or depth > 32 or isinstance(obj, (*_TWINS, _Tracked)):
             return obj, False
         seen = self._memo.get(id(obj))
         if seen is not None and seen[0] is obj:
@@ -611,22 +636,27 @@ class CropTracker:
         self._memo[id(obj)] = (obj, (out, True))
         return out, True
 
-    # Pass 2: wrap each view's pipeline (the first callable on a path that holds a twin).
+    # Pass 2: record the calls of every object that holds a twin, nested ones included.
 
-    def _place(self, obj: Any, path: str, depth: int, top: bool = False) -> Any:
-        if _is_value(obj) or depth > 32 or isinstance(obj, _View):
+    def _place(self, obj: Any, path: str, depth: int, *, top: bool, under: bool) -> Any:
+        if _is_value(obj) or depth > 32 or isinstance(obj, (*_TWINS, _Tracked)):
             return obj
         seen = self._memo.get(id(obj))
         if seen is not None and seen[0] is obj:
             return seen[1]
-        if not top and callable(obj) and self._holds_twin(obj, set()):
-            out: Any = _View(obj, self.recorder)
-            self.pipelines.append(path)
-        elif isinstance(obj, _TWINS):
-            out = obj
-        else:
-            out = self._walk(obj, path, depth, lambda o, p, d: (self._place(o, p, d), False))[0]
+        wrap = not top and callable(obj) and self._holds_twin(obj, set())
+        if wrap and not under:
+            self.tracked.append(path)
+        out: Any = _Tracked(obj, self.recorder) if wrap else obj
         self._memo[id(obj)] = (obj, out)
+
+        def visit(item: Any, where: str, level: int) -> tuple[Any, bool]:
+            return self._place(item, where, level, top=False, under=under or wrap), False
+
+        new = self._walk(obj, path, depth, visit)[0]
+        if new is not obj:  # a tuple, rebuilt
+            out = _Tracked(new, self.recorder) if wrap else new
+            self._memo[id(obj)] = (obj, out)
         return out
 
     def _holds_twin(self, obj: Any, seen: set[int]) -> bool:
@@ -671,7 +701,7 @@ class CropTracker:
 
     def __call__(self, image: object) -> Crops:
         """Run the transform on ``image``; its views with their boxes and flips."""
-        self.recorder.done = []
+        self.recorder.reset()
         if isinstance(self.transform, (list, tuple)):  # a list of per-view pipelines
             views = [pipeline(image) for pipeline in self.transform]
         else:
@@ -681,20 +711,22 @@ class CropTracker:
                 "CropTracker needs a transform that returns a list of views, got "
                 f"{type(views).__name__}; to track one pipeline, pass [pipeline]"
             )
-        geometry, self.recorder.done = self.recorder.done, []
-        if len(geometry) != len(views):
+        calls = list(self.recorder.root.views())
+        self.recorder.reset()
+        if len(calls) != len(views):
             raise ValueError(
-                f"the transform returned {len(views)} views but its view pipelines ran "
-                f"{len(geometry)} times (pipelines found: {', '.join(self.pipelines)}); each "
-                "view must come from one call to one of them"
+                f"the transform returned {len(views)} views but {len(calls)} calls drew one "
+                f"image each (tracked: {', '.join(self.tracked)}); each view must come from "
+                "one call to an object that holds its crop and flip"
             )
+        geometry = [_geometry(call.leaves()) for call in calls]
         boxes = torch.tensor([box for box, _ in geometry], dtype=torch.float32)
         flips = torch.tensor([flip for _, flip in geometry], dtype=torch.bool)
         plain = [v.as_subclass(Tensor) if isinstance(v, Tensor) else v for v in views]
         return Crops(plain, boxes, flips)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(views drawn by {', '.join(self.pipelines)})"
+        return f"{type(self).__name__}(tracking {', '.join(self.tracked)})"
 
 
 def _children(obj: Any) -> list[Any]:
