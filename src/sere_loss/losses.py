@@ -36,7 +36,6 @@ from .functional import (
     view_pairs,
 )
 from .heads import RelationHeads
-from .sampler import RegionAlignedSampler
 
 __all__ = ["ChannelSelfRelationLoss", "SERELoss", "SpatialSelfRelationLoss"]
 
@@ -86,11 +85,20 @@ class SpatialSelfRelationLoss(nn.Module):
     Both branches project every token of a view (``h``: BatchNorm + ReLU), the student then
     predicts (``g``: linear, BatchNorm, ReLU). For each (teacher global ``i``, student view ``v``)
     pair the two views' features are sampled at the same ``Hs x Ws`` points of their overlap in
-    the original image (13 x 13 between globals, 6 x 6 with a local view), turned into ``M``-head
-    relation logits, and compared by row-wise cross-entropy, teacher sharpened by
-    ``teacher_temp``. Pairs whose crops do not overlap are masked out; the result is the mean
-    over every kept (image, pair) term, and a zero still connected to every head parameter when
-    nothing overlaps.
+    the original image (the lattice, below), turned into ``M``-head relation logits, and compared
+    by row-wise cross-entropy, teacher sharpened by ``teacher_temp``. Pairs whose crops do not
+    overlap are masked out; the result is the mean over every kept (image, pair) term, and a zero
+    still connected to every head parameter when nothing overlaps.
+
+    Lattices: by default each one follows the token grid it reads. Between two global views of
+    grid ``(H, W)`` it is ``(H - 1, W - 1)``; between a global and a local view of grid
+    ``(h, w)`` it is ``(h, w)``. These are the authors' values, 13 x 13 and 6 x 6 for ViT-S/16 at
+    224 and 96 px (14 x 14 and 6 x 6 tokens), stated for any grid. The lattice reads features by
+    bilinear interpolation, so one denser than the tokens it reads only blends the same tokens
+    again: it adds cost (``S^2`` relations) and no information. An explicit lattice denser than
+    its token grid therefore warns. ``points="official"`` spaces points edge to edge and needs
+    at least 2 per side: a global grid of 3 x 3 or more, a local grid of 2 x 2 or more, or an
+    explicit lattice.
 
     Temperatures: the defaults (teacher 0.5, student 1.0) are the authors' code, which produced
     the paper's numbers; the paper's text states them the other way round.
@@ -100,8 +108,10 @@ class SpatialSelfRelationLoss(nn.Module):
         num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
         teacher_temp: ``t_t`` (0.5).
         student_temp: ``t_s`` (1.0).
-        global_lattice: lattice between two global views (13).
-        local_lattice: lattice between a global and a local view (6).
+        global_lattice: ``(Hs, Ws)`` or an int, the lattice between two global views; ``None``
+            (default) for the global token grid minus one per side (13 at 14 x 14 tokens).
+        local_lattice: the lattice between a global and a local view; ``None`` (default) for
+            the local token grid (6 at 6 x 6 tokens).
         points: ``"center"`` (paper) or ``"official"`` (authors' lattice).
         padding: ``"border"`` or ``"zeros"`` (authors' code).
         num_global_views: ``G``, the views the teacher sees (2).
@@ -135,8 +145,8 @@ class SpatialSelfRelationLoss(nn.Module):
         *,
         teacher_temp: float = 0.5,
         student_temp: float = 1.0,
-        global_lattice: int | tuple[int, int] = 13,
-        local_lattice: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] | None = None,
+        local_lattice: int | tuple[int, int] | None = None,
         points: str = "center",
         padding: str = "border",
         num_global_views: int = 2,
@@ -156,10 +166,15 @@ class SpatialSelfRelationLoss(nn.Module):
             )
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
-        global_hw, _ = _check_lattice(global_lattice, points, "global_lattice")
-        local_hw, _ = _check_lattice(local_lattice, points, "local_lattice")
-        self.global_sampler = RegionAlignedSampler(global_hw, points, padding)
-        self.local_sampler = RegionAlignedSampler(local_hw, points, padding)
+        self.points = check_choice(points, "points", ("center", "official"))
+        self.padding = check_choice(padding, "padding", ("border", "zeros"))
+        self.global_lattice: tuple[int, int] | None = None
+        self.local_lattice: tuple[int, int] | None = None
+        if global_lattice is not None:
+            self.global_lattice = _check_lattice(global_lattice, points, "global_lattice")[0]
+        if local_lattice is not None:
+            self.local_lattice = _check_lattice(local_lattice, points, "local_lattice")[0]
+        self._warned: set[tuple[str, tuple[int, int], tuple[int, int]]] = set()
         self.num_global_views = check_positive_int(num_global_views, "num_global_views")
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.heads = RelationHeads(
@@ -216,10 +231,14 @@ class SpatialSelfRelationLoss(nn.Module):
 
         t_tokens, t_hw = to_tokens(teacher, self.num_prefix_tokens, global_grid, "teacher_global")
         s_tokens, s_hw = to_tokens(student, self.num_prefix_tokens, global_grid, "student_global")
+        global_lattice = self._lattice("global_lattice", self.global_lattice, t_hw, 1)
+        local_lattice = global_lattice  # unused without local views
+        if local is not None:
+            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
+            local_lattice = self._lattice("local_lattice", self.local_lattice, l_hw, 0)
         t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
         view_maps = list(torch.split(to_maps(self.heads.student(s_tokens), s_hw), batch))
         if local is not None:
-            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
             l_maps = to_maps(self.heads.student(l_tokens, local=True), l_hw)
             view_maps += list(torch.split(l_maps, batch))
         teacher_maps = torch.split(t_maps, batch)
@@ -227,33 +246,33 @@ class SpatialSelfRelationLoss(nn.Module):
         total = t_maps.new_zeros((), dtype=torch.float32)
         count = t_maps.new_zeros((), dtype=torch.float32)
         groups = (
-            ([p for p in pairs if p[1] < g], self.global_sampler),
-            ([p for p in pairs if p[1] >= g], self.local_sampler),
+            ([p for p in pairs if p[1] < g], global_lattice),
+            ([p for p in pairs if p[1] >= g], local_lattice),
         )
-        for group, sampler in groups:
+        for group, lattice in groups:
             if not group:
                 continue
             t_idx, s_idx = [i for i, _ in group], [v for _, v in group]
             # One grid computation per lattice size: the group's pairs stacked pair-major,
-            # (P * B, 4). The geometry was checked once above (_geometry, and the lattice when
-            # the sampler was built), so no per-pair check syncs with the host here.
+            # (P * B, 4). The geometry and the lattices were checked once above, so no per-pair
+            # check syncs with the host here.
             grid_t, grid_s, mask = _overlap_grids_unchecked(
                 boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
                 flips[:, t_idx].transpose(0, 1).reshape(-1),
                 boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
                 flips[:, s_idx].transpose(0, 1).reshape(-1),
-                sampler.lattice,
-                sampler.points,
+                lattice,
+                self.points,
             )
             t_feats = torch.cat(
                 [
-                    sample_region(teacher_maps[i], grid, sampler.padding)
+                    sample_region(teacher_maps[i], grid, self.padding)
                     for i, grid in zip(t_idx, torch.split(grid_t, batch), strict=True)
                 ]
             )
             s_feats = torch.cat(
                 [
-                    sample_region(view_maps[v], grid, sampler.padding)
+                    sample_region(view_maps[v], grid, self.padding)
                     for v, grid in zip(s_idx, torch.split(grid_s, batch), strict=True)
                 ]
             )
@@ -272,6 +291,43 @@ class SpatialSelfRelationLoss(nn.Module):
         loss = total / count.clamp(min=1.0)
         return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
 
+    def _lattice(
+        self,
+        name: str,
+        explicit: tuple[int, int] | None,
+        grid: tuple[int, int],
+        minus: int,
+    ) -> tuple[int, int]:
+        """The lattice ``name`` for views of token ``grid``: ``explicit``, or ``grid - minus``.
+
+        An explicit lattice denser than the grid warns once per (option, lattice, grid); a
+        derived one too small for ``points`` raises.
+        """
+        kind = "global" if minus else "local"
+        if explicit is None:
+            hw = (grid[0] - minus, grid[1] - minus)
+            least = 2 if self.points == "official" else 1
+            if min(hw) < least:
+                derived = f"the grid minus one, {hw}" if minus else f"the grid, {hw}"
+                raise ValueError(
+                    f"{name}=None derives the lattice from the {kind} token grid {grid}: "
+                    f"{derived}, but points={self.points!r} needs at least {least} point(s) per "
+                    f"side; use larger {kind} views or pass {name} explicitly"
+                )
+            return hw
+        denser = explicit[0] > grid[0] or explicit[1] > grid[1]
+        key = (name, explicit, grid)
+        if denser and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"{name}={explicit} is denser than the {kind} token grid {grid} it reads: the "
+                "lattice reads the features by bilinear interpolation, so points beyond the "
+                f"tokens add cost and no information; {name}=None derives it from the grid",
+                UserWarning,
+                stacklevel=2,
+            )
+        return explicit
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
@@ -281,7 +337,9 @@ class SpatialSelfRelationLoss(nn.Module):
         """Settings shown by ``print(module)``."""
         return (
             f"num_heads={self.num_heads}, teacher_temp={self.teacher_temp}, "
-            f"student_temp={self.student_temp}, num_global_views={self.num_global_views}, "
+            f"student_temp={self.student_temp}, global_lattice={self.global_lattice}, "
+            f"local_lattice={self.local_lattice}, points={self.points!r}, "
+            f"padding={self.padding!r}, num_global_views={self.num_global_views}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
         )
 
@@ -453,8 +511,11 @@ class SERELoss(nn.Module):
         symmetric: no prediction heads.
         points: lattice of the spatial term, ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
-        global_lattice: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
-        local_lattice: spatial lattice between a global and a local view (6 for 96 px).
+        global_lattice: spatial lattice between global views; ``None`` (default) for the global
+            token grid minus one per side, 13 x 13 at 224 px for ViT-S/16 (see
+            :class:`SpatialSelfRelationLoss` for why).
+        local_lattice: spatial lattice between a global and a local view; ``None`` (default)
+            for the local token grid, 6 x 6 at 96 px.
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -490,8 +551,8 @@ class SERELoss(nn.Module):
         symmetric: bool = False,
         points: str = "center",
         padding: str = "border",
-        global_lattice: int | tuple[int, int] = 13,
-        local_lattice: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] | None = None,
+        local_lattice: int | tuple[int, int] | None = None,
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
         backend: str = "auto",
