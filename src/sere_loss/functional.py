@@ -354,9 +354,13 @@ def spatial_relation_cross_entropy(
     student_rows: Tensor = rearrange(student, pattern, m=num_heads)
     backend = _fused.resolve_backend(backend, student_rows)
     if backend == "reference":
+        # The relations in float32 too: float16 logits overflow at feature scales of ~30.
+        with _no_autocast(student.device):
+            student_logits = spatial_relation(_upcast(student), num_heads)
+            teacher_logits = spatial_relation(_upcast(teacher), num_heads)
         return relation_cross_entropy(
-            spatial_relation(student, num_heads),
-            spatial_relation(teacher, num_heads),
+            student_logits,
+            teacher_logits,
             student_temp,
             teacher_temp,
             mask,
@@ -430,9 +434,12 @@ def channel_relation_cross_entropy(
     teacher_rows = teacher.detach().transpose(1, 2).unsqueeze(1)
     backend = _fused.resolve_backend(backend, student_rows, teacher_rows)
     if backend == "reference":
+        with _no_autocast(student.device):  # the relations in float32 too, as above
+            student_logits = channel_relation(_upcast(student))
+            teacher_logits = channel_relation(_upcast(teacher))
         return relation_cross_entropy(
-            channel_relation(student),
-            channel_relation(teacher),
+            student_logits,
+            teacher_logits,
             student_temp,
             teacher_temp,
             mask,
