@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     student_head = DINOHead(dim, args.out_dim, 2048 if args.pretrained else 256, 256).to(device)
     teacher_head = copy.deepcopy(student_head).requires_grad_(False)
     dino_loss = DINOLoss(args.out_dim, num_views=2 + args.num_local).to(device)
-    sere = sere_loss.SERELoss(dim).to(device)  # SERE: one spatial head per 64 channels
+    sere = sere_loss.SERELoss(dim).to(device)  # SERE: both terms and their heads
     taps = sere_loss.TokenTap(student), sere_loss.TokenTap(teacher)  # SERE: after the copy
     trained = [student, student_head, sere]  # SERE: its heads train with the student
     optimizer = torch.optim.AdamW(param_groups(trained), lr=args.lr, weight_decay=0.04)

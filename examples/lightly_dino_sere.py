@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         dataset, batch_size=args.batch_size, shuffle=True, drop_last=True
     )
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=1).to(device)
-    sere = sere_loss.SERELoss(dim=backbone.embed_dim, num_heads=3).to(device)  # SERE: 96 channels
     taps = [sere_loss.TokenTap(b) for b in (model.student_backbone, model.teacher_backbone)]  # SERE
+    sere = sere_loss.SERELoss(taps[0].dim, num_heads=taps[0].num_heads).to(device)  # SERE
     params = [*model.parameters(), *sere.parameters()]  # SERE: its heads train too
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
 
