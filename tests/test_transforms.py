@@ -747,6 +747,8 @@ class TestMinOverlap:
             for min_overlap in (max(local, glob), 0.0):
                 transform = _geometric_only(
                     dino_sere_transform(
+                        global_size=16,  # only the boxes are checked: small views are enough
+                        local_size=8,
                         num_local=6,
                         min_overlap=min_overlap,
                         global_scale=(0.6, 1.0) if glob else (0.35, 1.0),
@@ -766,7 +768,7 @@ class TestMinOverlap:
 
     def test_zero_draws_each_box_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         count = _CountDraws(monkeypatch)
-        dino_sere_transform(num_local=3)(_coordinate_image())
+        dino_sere_transform(global_size=16, local_size=8, num_local=3)(_coordinate_image())
         assert count.calls == 5
 
     def test_gives_up_after_max_tries_keeping_the_best_draw(
