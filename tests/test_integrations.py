@@ -83,7 +83,8 @@ def test_hugging_face_dinov2_trains_and_saves(
 ) -> None:
     transformers = pytest.importorskip("transformers", reason="the HF example needs the 'hf' extra")
     example = _example("hf_dinov2_sere")
-    history = example.main(["--steps", "2", "--output-dir", str(tmp_path / "run")])
+    small = ["--batch-size", "4", "--num-local", "2"]
+    history = example.main(["--steps", "2", *small, "--output-dir", str(tmp_path / "run")])
     assert len(history) == 2
     for step in history:
         assert math.isfinite(step["loss"])
@@ -108,6 +109,7 @@ def test_hugging_face_pretrained_weights_are_loaded(tmp_path: Path) -> None:
     )
     transformers.Dinov2Model(config).save_pretrained(tmp_path / "pretrained")
     argv = ["--steps", "1", "--pretrained", str(tmp_path / "pretrained"), "--lr", "1e-5"]
+    argv += ["--batch-size", "4", "--num-local", "2"]
     example.main([*argv, "--output-dir", str(tmp_path / "run")])
 
     def patch_embedding(path: Path) -> torch.Tensor:
