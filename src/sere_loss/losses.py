@@ -852,7 +852,7 @@ def update_teacher(module: nn.Module, momentum: float) -> int:
             teachers frozen without a word).
 
     Example:
-        >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(dim=48)})
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(48, num_heads=6)})
         >>> update_teacher(model, 0.996)
         2
     """
