@@ -28,6 +28,7 @@ of the trainer files so that each of them reads as its method. The pieces:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -1025,7 +1026,8 @@ class Checkpointer:
                 )
             self._rotate()
         except OSError as error:
-            out.temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # what was written of it, if anything
+                out.temporary.unlink()
             raise SystemExit(
                 f"cannot write the checkpoint {out.temporary} ({error.strerror or error}). "
                 f"{self._last_good()}"

@@ -51,5 +51,5 @@ def test_a_custom_head_is_re_initialised_for_local_views() -> None:
     with torch.no_grad():
         projection[0].weight.fill_(5.0)  # a value no initialiser draws
     loss = SpatialSelfRelationLoss(8, 2, projection=projection, prediction=nn.Identity())
-    assert torch.all(loss.heads.projection[0].weight == 5.0)
-    assert float(loss.heads.local_projection[0].weight.abs().max()) <= 1 / math.sqrt(8)
+    assert torch.all(loss.heads.projection[0].weight.detach() == 5.0)
+    assert float(loss.heads.local_projection[0].weight.detach().abs().max()) <= 1 / math.sqrt(8)

@@ -10,6 +10,7 @@ a child process, which the test hook ``EXAMPLES_TEST_FAULT`` makes die at a chos
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +401,52 @@ def test_16_bit_and_float_images_keep_their_levels(examples: Any, tmp_path: Path
 
 
 # Case 6: the output directory and damaged checkpoints --------------------------------------------
+
+
+@contextlib.contextmanager
+def _unwritable(directory: Path) -> Iterator[None]:
+    """``directory`` where no file can be created: read-only, or immutable for root."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        undo = ["chmod", "755", str(directory)]
+    else:  # root writes through permissions; the immutable attribute stops it
+        made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make a directory unwritable here: {made.stderr!r}")
+        undo = ["chattr", "-i", str(directory)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_an_unwritable_output_dir_stops_the_run_before_it_starts(
+    examples: Any, image_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    with _unwritable(out), pytest.raises(SystemExit, match=rf"--output-dir {out}: cannot write"):
+        train_tiny(examples.dino_sere, image_folder, out, "--max-steps", "2")
+    assert not any(out.iterdir())
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_one(
+    examples: Any, tmp_path: Path
+) -> None:
+    common = examples.common
+    output = common.OutputDir(
+        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    )
+    checkpointer = common.Checkpointer(output)
+    checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    (tmp_path / "checkpoint.pth.tmp" / "in-the-way").mkdir(parents=True)  # cannot be written
+    with pytest.raises(
+        SystemExit, match=rf"cannot write the checkpoint {tmp_path}/checkpoint.pth.tmp .*untouched"
+    ):
+        checkpointer.save({"model": {"w": torch.zeros(2)}, "step": 2}, 2)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    output.release()
 
 
 def test_an_unwritable_checkpoint_path_stops_the_run_before_it_starts(
