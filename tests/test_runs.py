@@ -161,11 +161,7 @@ def test_an_inf_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(
     saved = _checkpoint(tmp_path)
     assert saved["step"] == 2
     assert _all_finite(saved)
-    assert _steps(tmp_path) == [1, 2, 3]
-    monkeypatch.undo()
-    last = train_tiny(examples.dino_sere, image_folder, tmp_path, "--resume", "--max-steps", "4")
-    assert last["step"] == 4
-    assert _steps(tmp_path) == [1, 2, 3, 4]
+    assert _steps(tmp_path) == [1, 2, 3]  # a resume goes on from step 2 (the kill tests)
 
 
 def test_fp16_skips_an_inf_step_as_the_grad_scaler_means_to(examples: Any) -> None:
