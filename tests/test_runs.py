@@ -194,6 +194,29 @@ def test_a_checkpoint_with_non_finite_values_is_never_written(
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
 
+def test_a_checkpoint_that_reads_back_wrong_never_replaces_the_last_one(
+    examples: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = examples.common
+    output = common.OutputDir(
+        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    )
+    checkpointer = common.Checkpointer(output)
+    checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    save = torch.save
+
+    def corrupting_save(state: dict[str, Any], f: Any) -> None:  # the bytes on disk differ
+        save({**state, "model": {"w": torch.tensor([2.0, 2.0000002])}}, f)
+
+    monkeypatch.setattr(common.torch, "save", corrupting_save)
+    with pytest.raises(SystemExit, match=r"reads back with another checksum .*untouched"):
+        checkpointer.save({"model": {"w": torch.full((2,), 2.0)}, "step": 2}, 2)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    assert not (tmp_path / "checkpoint.prev.pth").exists()
+    output.release()
+
+
 # Case 3: --resume and the options that define a run -----------------------------------------
 
 
