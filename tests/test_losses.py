@@ -522,7 +522,7 @@ class TestCombined:
         # forward under autocast, a teacher outside it): fine, the loss is float32.
         torch.manual_seed(0)
         boxes, flips = _overlapping_geometry(gen, G + L)
-        sere = SERELoss(48)
+        sere = SERELoss(48, num_heads=6)
         sg, tg = torch.randn(G * B, 49, 48).bfloat16(), torch.randn(G * B, 49, 48).half()
         sl = torch.randn(L * B, 9, 48)
         ref = sere(sg.float(), tg.float(), boxes.float(), flips, sl)

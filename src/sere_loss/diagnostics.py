@@ -3,7 +3,8 @@ r"""Diagnostics: how much a backbone's self-relations change between two views (
 SERE's claim (paper Sec. 4.4) is that it makes self-relations *invariant* to augmentation: two
 views of one image relate their patches (spatial) and their channels (channel) the same way.
 This module measures that on any backbone's tokens or feature maps (a ViT's pre-norm patch
-tokens from :class:`sere_loss.TokenTap`, say), given the views' crop boxes and flips. The maths of a relation is not restated here: the spatial relation is
+tokens from :class:`sere_loss.TokenTap`, say), given the views' crop boxes and flips. The maths
+of a relation is not restated here: the spatial relation is
 :func:`~sere_loss.functional.spatial_relation` of the features that
 :func:`~sere_loss.functional.overlap_grids` and :func:`~sere_loss.functional.sample_region` read
 at the same points of the two views' overlap, and the channel relation is
