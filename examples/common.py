@@ -355,7 +355,8 @@ def check_images(
 
     ``count = -1`` checks every image (each process its share, with ``workers`` loader
     workers); ``0`` checks none. Every failure is listed with its file before the run stops,
-    so a bad file is found before the first step rather than in the middle of an epoch.
+    so a bad file is found before the first step rather than in the middle of an epoch. The
+    global random state is left as it was, so the check does not change the initial weights.
     """
     length = len(dataset)  # type: ignore[arg-type]
     if count == 0 or length == 0:
@@ -367,7 +368,8 @@ def check_images(
         indices = picked.tolist()
     probe = _Probe(SeededTransform(dataset, transform, seed=0), indices)
     loader = DataLoader(probe, batch_size=None, num_workers=workers if count < 0 else 0)
-    failures = [message for message in loader if message]
+    with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep the run's weights
+        failures = [message for message in loader if message]
     if failures:
         listed = "\n  ".join(failures[:10])
         more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
