@@ -4,6 +4,7 @@ benchmarks/reproduce.py), and the trainer options they rely on."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -409,3 +410,46 @@ def test_the_whole_pipeline_smoke(reproduce: Any, tmp_path: Path) -> None:
     reproduce.train_all(tier, data, runs, saved["meta"]["steps"], lines.append)
     assert lines == []
     assert "--resume" in reproduce.train_command(tier, data, runs / "x", 0, "dino")
+
+
+def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
+    reproduce: Any, ev: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experiment's rerun under the trainers' run-directory rules: a run killed mid-way
+    continues from its last checkpoint (``--resume`` with the same options), its log keeps each
+    step once, every epoch's checkpoint is kept; a finished run is not started again."""
+    tier = dataclasses.replace(reproduce.TIERS["smoke"], seeds=(0,), jobs=1)
+    train_set = ev.seg.ShapesSegmentation(tier.train_images, tier.image_size, seed=0)
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    ev.seg.write_image_folder(data, train_set, train_set.num_classes)
+    steps_per_epoch = tier.train_images // tier.batch_size
+    steps = steps_per_epoch * tier.epochs
+    lines: list[str] = []
+    # Killed in the middle of the second epoch: the first epoch's checkpoint is the last one.
+    monkeypatch.setenv("EXAMPLES_TEST_FAULT", f"kill:step:{steps_per_epoch + 2}")
+    with pytest.raises(SystemExit, match="failed"):
+        reproduce.train_all(tier, data, runs, steps, lines.append)
+    run = runs / "dino_s0"
+    assert not reproduce.finished(run, tier, steps)
+    assert [s for s, _ in reproduce.kept_checkpoints(run)] == [steps_per_epoch]
+    monkeypatch.delenv("EXAMPLES_TEST_FAULT")
+    lines.clear()
+    reproduce.train_all(tier, data, runs, steps, lines.append)
+    assert [line.split(" in ")[0] for line in lines] == [
+        "training dino_s0",
+        "trained dino_s0",
+        "training dino_sere_s0",
+        "trained dino_sere_s0",
+    ]
+    assert f"resumed from step {steps_per_epoch}" in (run / "train.log").read_text()
+    assert reproduce.finished(run, tier, steps)
+    assert reproduce.finished(runs / "dino_sere_s0", tier, steps)
+    logged = [int(row["step"]) for row in ev.common.CSVLog.read(run / "log.csv")]
+    assert logged == list(range(1, steps + 1))
+    assert [s for s, _ in reproduce.kept_checkpoints(run)] == [steps_per_epoch, steps]
+    # Finished: nothing is trained again, nothing in the directories changes.
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    lines.clear()
+    reproduce.train_all(tier, data, runs, steps, lines.append)
+    assert lines == []
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
