@@ -159,17 +159,30 @@ def test_chunked_matches_reference_in_float64(
     assert_close(grad, grad64)
 
 
-def test_chunk_sized_from_the_budget(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocks_sized_from_the_budget(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = torch.device("cpu")
+    # Whole items while they fit: 37 x 37 float64 logits are 10,952 bytes, 3 items a block.
+    monkeypatch.setattr(_fused, "CPU_BLOCK_BYTES", 3 * 37 * 37 * 8)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=False) == (3, 37)
+    # Rows in chunks when one item exceeds the block: 5 rows of 37, one item at a time.
+    monkeypatch.setattr(_fused, "CPU_BLOCK_BYTES", 5 * 37 * 8)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=False) == (1, 5)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=True) == (1, 37)  # dense: whole items
+    assert _fused._block_plan(6, 37, 8, cpu, 2, whole=False) == (2, 2)  # chunk_size wins
+    assert _fused._block_plan(6, 37, 8, torch.device("meta"), None, whole=False) == (6, 37)
     shape = (2, 3, 37, 13)
     x, y, w = _rows(shape, gen), _rows(shape, gen), _rows(shape[:1], gen)
-    monkeypatch.setattr(_fused, "CHUNK_BUDGET_BYTES", 6 * 37 * 8 * 4 * 5)  # 5 rows per chunk
-    assert _fused._chunk_rows(6, 37, 8, None) == 5
     value64, grad64 = _oracle(x, y, w, scale=0.3, student_temp=0.7, teacher_temp=0.3)
-    value, grad = _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend="chunked"), x, w
-    )
-    assert_close(value, value64)
-    assert_close(grad, grad64)
+    for backend in ("chunked", "dense"):
+        value, grad = _value_and_grad(
+            lambda a, b=backend: _fused.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend=b),
+            x,
+            w,
+        )
+        assert_close(value, value64)
+        assert_close(grad, grad64)
 
 
 def test_chunked_teacher_of_other_width(gen: torch.Generator) -> None:
@@ -341,17 +354,18 @@ def test_float32_under_autocast(gen: torch.Generator) -> None:
 
 def test_auto_rule() -> None:
     small = torch.empty(512, 6, 169, 64, device="meta")  # 13 x 13 lattice, any batch
-    assert _fused.resolve_backend("auto", small) == "reference"
+    assert _fused.resolve_backend("auto", small) == "dense"
     channel = torch.empty(512, 1, 384, 196, device="meta")  # ViT-S channel relation
-    assert _fused.resolve_backend("auto", channel) == "reference"
+    assert _fused.resolve_backend("auto", channel) == "dense"
+    assert _fused.resolve_backend("auto", torch.empty(1, 1, 1024, 1, device="meta")) == "dense"
     full = torch.empty(2, 6, 1369, 64, device="meta")  # every token of 518 px views
     assert _fused.resolve_backend("auto", full) == "chunked"
-    rows = math.isqrt(_fused.REFERENCE_BUDGET_BYTES // 4)  # one item at the budget's edge
-    assert _fused.resolve_backend("auto", torch.empty(3, 1, rows, 8, device="meta")) == (
-        "reference"
-    )
+    rows = math.isqrt(_fused.DENSE_BUDGET_BYTES // 4)  # one item at the budget's edge
+    assert _fused.resolve_backend("auto", torch.empty(3, 1, rows, 8, device="meta")) == "dense"
     edge64 = torch.empty(3, 1, rows, 8, device="meta", dtype=torch.float64)
     assert _fused.resolve_backend("auto", edge64) == "chunked"  # float64 counts double
+    for name in ("reference", "dense", "chunked"):
+        assert _fused.resolve_backend(name, small) == name
 
 
 # --------------------------------------------------------------------------------------------
