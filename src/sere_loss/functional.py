@@ -9,6 +9,7 @@ it). Notation: ``B`` batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "channel_relation",
     "channel_relation_cross_entropy",
     "overlap_grids",
+    "paired_channel_relation_cross_entropy",
     "paired_relation_cross_entropy",
     "relation_cross_entropy",
     "sample_region",
@@ -234,17 +236,131 @@ def paired_relation_cross_entropy(
     rows = student_logits[0, 0, ..., 0].numel()
     with _no_autocast(student_logits.device):
         target = F.softmax(_scaled(_upcast(teacher_logits.detach()), teacher_temp), dim=-1)
-        # Each student view's log-softmax once; each pair's rows from one batched dot product,
-        # so no (B, ..., R, K) temporary per pair.
-        rows_t = target.flatten(2)  # (G, B, R * K)
-        out: list[Tensor] = []
-        cache: dict[int, Tensor] = {}
-        for i, v in pairs:
-            if v not in cache:
-                cache[v] = F.log_softmax(_scaled(_upcast(student_logits[v]), student_temp), -1)
-            log_pred = cache[v].flatten(1)  # (B, R * K)
-            out.append(-torch.einsum("bx,bx->b", rows_t[i], log_pred) / rows)
+        log_pred = F.log_softmax(_scaled(_upcast(student_logits), student_temp), dim=-1)
+        # Each view's softmax once; each pair's rows from one batched dot product, so no
+        # (B, ..., R, K) temporary per pair. The views come from unbind, whose backward stacks
+        # their gradients once (indexing a view would fill a zero tensor of all V views per view).
+        targets = target.flatten(2).unbind(0)  # G x (B, R * K)
+        preds = log_pred.flatten(2).unbind(0)  # V x (B, R * K)
+        out = [-torch.einsum("bx,bx->b", targets[i], preds[v]) / rows for i, v in pairs]
         return torch.stack(out)
+
+
+def paired_channel_relation_cross_entropy(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    pairs: list[tuple[int, int]],
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Channel self-relation cross-entropy of many (teacher view, student view) pairs (Eq. 4-5).
+
+    For pair ``(i, v)`` and item ``b`` the value is ``channel_relation_cross_entropy(student[v],
+    teacher[i], student_temp, teacher_temp, reduction="none")[b]``: logits ``x^T x / N`` per
+    view, row cross-entropy over the ``C`` rows, averaged. Views may have different token counts
+    (globals and locals); the relation ``(C, C)`` does not depend on it. Each view's relation and
+    softmax are formed once, however many pairs it is in: the channel term's multi-crop pairing
+    (SPEC 5) at the cost of its views.
+
+    Backends: ``"reference"`` (:func:`channel_relation` of every view, then
+    :func:`paired_relation_cross_entropy`, under autograd), ``"dense"`` (the same values from one
+    pass over each view's relation, keeping each view's softmax for a backward of one batched
+    matmul per view), ``"chunked"`` (the same, keeping two numbers per row and recomputing the
+    relations in the backward: the memory-saving mode), ``"triton"`` (the Triton kernel of
+    :func:`channel_relation_cross_entropy`, pair by pair), or ``"auto"``: the size rule of
+    :func:`channel_relation_cross_entropy` (dense while one item's ``C x C`` float32 logits fit
+    in 8 MiB).
+
+    Args:
+        student: ``V`` tensors ``(B, N_v, C)``, the student's projected tokens of each view.
+        teacher: ``G`` tensors ``(B, N_i, C)``, the teacher's; detached, no gradient reaches them.
+        pairs: ``(i, v)`` index pairs into ``teacher`` and ``student``, as :func:`view_pairs`
+            gives them.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
+
+    Returns:
+        ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
+
+    Example:
+        >>> views = [torch.randn(2, 49, 8), torch.randn(2, 49, 8), torch.randn(2, 9, 8)]
+        >>> pairs = view_pairs(2, 1)
+        >>> out = paired_channel_relation_cross_entropy(views, views[:2], pairs, 1.0, 0.1)
+        >>> one = channel_relation_cross_entropy(views[2], views[1], 1.0, 0.1, reduction="none")
+        >>> out.shape, bool(torch.allclose(out[3], one, atol=1e-6))
+        (torch.Size([4, 2]), True)
+    """
+    students = _check_views(student, "student")
+    teachers = _check_views(teacher, "teacher")
+    batch, channels = students[0].shape[0], students[0].shape[2]
+    for name, views in (("student", students), ("teacher", teachers)):
+        for k, x in enumerate(views):
+            if x.shape[0] != batch or x.shape[2] != channels or x.shape[1] == 0:
+                raise ValueError(
+                    f"every view must be (B, N, C) with B={batch}, C={channels} and N >= 1 as "
+                    f"student[0]; got {name}[{k}] of shape {tuple(x.shape)}"
+                )
+            if x.device != students[0].device:
+                raise ValueError(
+                    f"every view must be on {students[0].device} as student[0], got {name}[{k}] "
+                    f"on {x.device}"
+                )
+    if (
+        not pairs
+        or not all(isinstance(pair, tuple) and len(pair) == 2 for pair in pairs)
+        or not all(0 <= i < len(teachers) and 0 <= v < len(students) for i, v in pairs)
+    ):
+        raise ValueError(
+            f"pairs must be a non-empty list of (i, v) with i < {len(teachers)} and "
+            f"v < {len(students)}, got {pairs!r}"
+        )
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    widest = max(students + teachers, key=lambda x: x.shape[1])
+    backend = _fused.resolve_backend(backend, widest.transpose(1, 2).unsqueeze(1))
+    if backend == "reference":
+        return paired_relation_cross_entropy(
+            torch.stack([channel_relation(x) for x in students]),
+            torch.stack([channel_relation(y) for y in teachers]),
+            pairs,
+            student_temp,
+            teacher_temp,
+        )
+    if backend in ("dense", "chunked"):
+        return _fused.paired_channel_cross_entropy(
+            students, teachers, pairs, student_temp, teacher_temp, save=backend == "dense"
+        )
+    return torch.stack(
+        [
+            channel_relation_cross_entropy(
+                students[v],
+                teachers[i],
+                student_temp,
+                teacher_temp,
+                reduction="none",
+                backend=backend,
+            )
+            for i, v in pairs
+        ]
+    )
+
+
+def _check_views(views: object, name: str) -> list[Tensor]:
+    """Check a non-empty sequence of floating ``(B, N, C)`` tensors."""
+    if isinstance(views, Tensor) or not isinstance(views, Sequence) or not views:
+        raise TypeError(
+            f"{name} must be a non-empty list of (B, N, C) tensors, one per view, got "
+            f"{type(views).__name__}"
+        )
+    out = []
+    for k, x in enumerate(views):
+        checked = check_ndim(x, 3, f"{name}[{k}]", "(B, N, C)")
+        check_floating(checked, f"{name}[{k}]")
+        out.append(checked)
+    return out
 
 
 def _scaled(logits: Tensor, temp: float) -> Tensor:
@@ -309,14 +425,18 @@ def spatial_relation_cross_entropy(
     spatial_relation(teacher, M), student_temp, teacher_temp, mask, reduction=reduction)``: per
     head ``m`` the logits ``A_m = X_m X_m^T / sqrt(D)``, ``D = C / M``, and per row ``i``
     ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``, averaged over heads and
-    rows, then over the kept items. Backends other than ``"reference"`` never hold the
+    rows, then over the kept items. The chunked and Triton backends never hold the
     ``(B, M, S, S)`` logits: they stream them in blocks and recompute them in the backward, so
     memory grows with ``S``, not ``S^2`` (``sere_loss._fused`` has the maths of the gradient).
 
-    Backends: ``"reference"`` (the materialised kernels above), ``"chunked"`` (PyTorch, rows in
-    chunks, any device), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: the
-    reference while one item's ``M * S * S`` float32 logits fit in 8 MiB, beyond that Triton on
-    CUDA when it imports, else chunked.
+    Backends: ``"reference"`` (the materialised kernels above, under autograd), ``"dense"``
+    (PyTorch, any device: the logits in cache-sized blocks of items, keeping ``G + G^T``,
+    ``G = q - p``, for a backward of one batched matmul), ``"chunked"`` (PyTorch, any device:
+    the same blocks, keeping ``O(S)`` per row and recomputing the logits in the backward, the
+    memory-saving mode), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: dense
+    while one item's ``M * S * S`` float32 logits fit in 8 MiB, beyond that Triton on CUDA when
+    it imports, else chunked. The fused backends (all but the reference) have no second
+    derivative: ``create_graph=True`` raises there.
 
     Args:
         student: sampled student features ``(B, S, C)``.
@@ -326,7 +446,7 @@ def spatial_relation_cross_entropy(
         teacher_temp: ``t_t > 0``.
         mask: optional ``(B,)`` bool, the items to keep, as in :func:`relation_cross_entropy`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`relation_cross_entropy`.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64), also under
@@ -399,7 +519,7 @@ def channel_relation_cross_entropy(
         teacher_temp: ``t_t > 0``.
         mask: optional ``(B,)`` bool, the items to keep.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
