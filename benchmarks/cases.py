@@ -266,7 +266,7 @@ def library_modules(
         padding="zeros",
         **extra,  # type: ignore[arg-type]
     )
-    channel = ChannelSelfRelationLoss(setting.dim)
+    channel = ChannelSelfRelationLoss(setting.dim, **({} if backend is None else {"backend": backend}))  # type: ignore[arg-type]
     return spatial, channel, SERELoss(setting.dim, spatial=spatial, channel=channel)
 
 

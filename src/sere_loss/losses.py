@@ -13,7 +13,6 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from . import _fused
 from ._checks import (
     check_boxes,
     check_choice,
@@ -28,9 +27,7 @@ from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _overlap_grids_unchecked,
-    channel_relation,
-    channel_relation_cross_entropy,
-    paired_relation_cross_entropy,
+    paired_channel_relation_cross_entropy,
     sample_region,
     spatial_relation_cross_entropy,
     view_pairs,
@@ -70,6 +67,91 @@ def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]
         )
     flips_t = check_flips(flips_t.reshape(-1), flips_t.numel(), "flips").view(flips_t.shape)
     return boxes_t, flips_t
+
+
+def _sample_pairs(
+    teacher_maps: Tensor,
+    student_maps: Tensor,
+    first: int,
+    pairs: list[tuple[int, int]],
+    boxes: Tensor,
+    flips: Tensor,
+    lattice: tuple[int, int],
+    points: str,
+    padding: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both sides' features of a group of pairs at their lattices: one ``grid_sample`` per side.
+
+    Every pair ``(i, v)`` of the group reads teacher view ``i`` and student view ``v`` (numbered
+    from ``first`` in ``student_maps``) at the ``Hs x Ws`` lattice over their overlap. Each view
+    takes part in the same number ``K`` of the group's pairs (SPEC 5 pairing), so the ``K``
+    lattices of a view are laid side by side along the grid's rows and read in one call per
+    side: what ``sample_region`` gives pair by pair, point for point, without a call, a
+    concatenation and a full-size gradient buffer per pair.
+
+    Args:
+        teacher_maps: ``(G * B, C, H, W)`` teacher features of the global views.
+        student_maps: ``(V_k * B, C, h, w)`` student features of the group's views.
+        first: index of ``student_maps``' first view among all views.
+        pairs: the group's ``(i, v)`` pairs.
+        boxes: ``(B, V, 4)`` crop boxes of all views (checked).
+        flips: ``(B, V)`` flips of all views.
+        lattice: ``(Hs, Ws)``.
+        points: ``"center"`` or ``"official"``.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        ``(teacher, student, valid)``: features ``(P * B, Hs * Ws, C)`` twice and ``(P * B,)``,
+        pair-major, pairs ordered by student view (then teacher view).
+    """
+    batch = boxes.shape[0]
+    order = sorted(pairs, key=lambda pair: (pair[1], pair[0]))
+    views = student_maps.shape[0] // batch
+    teachers = teacher_maps.shape[0] // batch
+    per_student, per_teacher = len(order) // views, len(order) // teachers
+    by_teacher = [[k for k, (i, _) in enumerate(order) if i == t] for t in range(teachers)]
+    if any(len(ks) != per_teacher for ks in by_teacher) or any(
+        sum(1 for _, v in order if v == first + w) != per_student for w in range(views)
+    ):  # pragma: no cover - view_pairs pairs every view of a group equally often
+        raise RuntimeError(f"unbalanced group of view pairs {pairs}")
+    t_idx, s_idx = [i for i, _ in order], [v for _, v in order]
+    # The group's grids stacked pair-major in ``order``, (P * B, Hs, Ws, 2). The geometry was
+    # checked once by the caller, so no per-pair check syncs with the host here.
+    grid_t, grid_s, valid = _overlap_grids_unchecked(
+        boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
+        flips[:, t_idx].transpose(0, 1).reshape(-1),
+        boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
+        flips[:, s_idx].transpose(0, 1).reshape(-1),
+        lattice,
+        points,
+    )
+    hs, ws = lattice
+
+    def side_by_side(grid: Tensor, count: int) -> Tensor:
+        # (views * count * B, Hs, Ws, 2), view-major -> (views * B, count * Hs, Ws, 2)
+        grid = grid.view(-1, count, batch, hs, ws, 2).transpose(1, 2)
+        return grid.reshape(-1, count * hs, ws, 2)
+
+    def read(maps: Tensor, grid: Tensor) -> Tensor:
+        out = sample_region(maps, grid, padding)  # (views * B, K * Hs * Ws, C), rows k-major
+        return out.view(-1, batch, grid.shape[1] // hs, hs * ws, out.shape[-1])
+
+    # Student: the pairs are already student-major; (V, B, K, S, C) -> (V, K, B, S, C).
+    student = read(student_maps, side_by_side(grid_s, per_student)).transpose(1, 2)
+    # Teacher (no gradient): read per teacher view, then put in the pairs' order.
+    positions = torch.tensor(by_teacher, device=grid_t.device).flatten()
+    grid_t = grid_t.view(len(order), batch, hs, ws, 2)[positions]
+    with torch.no_grad():
+        teacher = read(teacher_maps, side_by_side(grid_t, per_teacher)).transpose(1, 2)
+        back = torch.empty_like(positions)
+        back[positions] = torch.arange(len(order), device=positions.device)
+        teacher = teacher.reshape(len(order), batch, hs * ws, -1)[back]
+    features = student.shape[-1]
+    return (
+        teacher.reshape(-1, hs * ws, features),
+        student.reshape(-1, hs * ws, features),
+        valid,
+    )
 
 
 def _temps(
@@ -217,45 +299,30 @@ class SpatialSelfRelationLoss(nn.Module):
         t_tokens, t_hw = to_tokens(teacher, self.num_prefix_tokens, global_grid, "teacher_global")
         s_tokens, s_hw = to_tokens(student, self.num_prefix_tokens, global_grid, "student_global")
         t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
-        view_maps = list(torch.split(to_maps(self.heads.student(s_tokens), s_hw), batch))
+        view_maps = [to_maps(self.heads.student(s_tokens), s_hw)]
         if local is not None:
             l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
-            l_maps = to_maps(self.heads.student(l_tokens, local=True), l_hw)
-            view_maps += list(torch.split(l_maps, batch))
-        teacher_maps = torch.split(t_maps, batch)
+            view_maps.append(to_maps(self.heads.student(l_tokens, local=True), l_hw))
 
         total = t_maps.new_zeros((), dtype=torch.float32)
         count = t_maps.new_zeros((), dtype=torch.float32)
         groups = (
-            ([p for p in pairs if p[1] < g], self.global_sampler),
-            ([p for p in pairs if p[1] >= g], self.local_sampler),
+            ([p for p in pairs if p[1] < g], self.global_sampler, 0),
+            ([p for p in pairs if p[1] >= g], self.local_sampler, g),
         )
-        for group, sampler in groups:
+        for group, sampler, first in groups:
             if not group:
                 continue
-            t_idx, s_idx = [i for i, _ in group], [v for _, v in group]
-            # One grid computation per lattice size: the group's pairs stacked pair-major,
-            # (P * B, 4). The geometry was checked once above (_geometry, and the lattice when
-            # the sampler was built), so no per-pair check syncs with the host here.
-            grid_t, grid_s, mask = _overlap_grids_unchecked(
-                boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
-                flips[:, t_idx].transpose(0, 1).reshape(-1),
-                boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
-                flips[:, s_idx].transpose(0, 1).reshape(-1),
+            t_feats, s_feats, mask = _sample_pairs(
+                t_maps,
+                view_maps[0 if first == 0 else 1],
+                first,
+                group,
+                boxes,
+                flips,
                 sampler.size,
                 sampler.points,
-            )
-            t_feats = torch.cat(
-                [
-                    sample_region(teacher_maps[i], grid, sampler.padding)
-                    for i, grid in zip(t_idx, torch.split(grid_t, batch), strict=True)
-                ]
-            )
-            s_feats = torch.cat(
-                [
-                    sample_region(view_maps[v], grid, sampler.padding)
-                    for v, grid in zip(s_idx, torch.split(grid_s, batch), strict=True)
-                ]
+                sampler.padding,
             )
             mask = mask.to(t_feats.device)
             total = total + spatial_relation_cross_entropy(
@@ -385,39 +452,13 @@ class ChannelSelfRelationLoss(nn.Module):
             raise ValueError(
                 "the channel term needs at least two views: got one global view and no local"
             )
-        rows = t_feats.transpose(1, 2).unsqueeze(1)  # (G * B, 1, C, N): shape for the dispatch
-        if _fused.resolve_backend(self.backend, rows) == "reference":
-            # Each view's C x C relation and softmax once, per group of student views (globals,
-            # locals); no pair copies its relations.
-            t_rel = channel_relation(t_feats).view(g, batch, dim := t_feats.shape[-1], dim)
-            total = t_feats.new_zeros((), dtype=torch.float32)
-            for first, feats in zip((0, g), s_feats, strict=False):
-                group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
-                if group:
-                    s_rel = channel_relation(feats).view(-1, batch, dim, dim)
-                    total = total + paired_relation_cross_entropy(s_rel, t_rel, group, ts, tt).sum()
-            loss = total / (len(pairs) * batch)
-            return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
-        # Fused backends: globals and locals have different token counts, so one call per group
-        # of pairs, each on the pairs' (P * B, N, C) features stacked pair-major.
-        teacher_views = t_feats.view(g, batch, *t_feats.shape[1:])
-        total = t_feats.new_zeros((), dtype=torch.float32)
-        for first, feats in zip((0, g), s_feats, strict=False):
-            group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
-            if not group:
-                continue
-            views = feats.view(-1, batch, *feats.shape[1:])
-            t_idx = torch.tensor([i for i, _ in group], device=feats.device)
-            s_idx = torch.tensor([v for _, v in group], device=feats.device)
-            total = total + channel_relation_cross_entropy(
-                views[s_idx].flatten(0, 1),
-                teacher_views[t_idx].flatten(0, 1),
-                ts,
-                tt,
-                reduction="sum",
-                backend=self.backend,
-            )
-        loss = total / (len(pairs) * batch)
+        # Every view's C x C relation once, every pair from it: one call for all pairs.
+        students = [v for feats in s_feats for v in feats.view(-1, batch, *feats.shape[1:])]
+        teachers = list(t_feats.view(g, batch, *t_feats.shape[1:]))
+        per_pair = paired_channel_relation_cross_entropy(
+            students, teachers, pairs, ts, tt, backend=self.backend
+        )
+        loss = per_pair.sum() / (len(pairs) * batch)
         return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
 
     @torch.no_grad()
