@@ -59,8 +59,8 @@ def authors_grids(
     boxes: Tensor,
     flips: Tensor,
     num_local: int,
-    global_size: int = 13,
-    local_size: int = 6,
+    global_lattice: int = 13,
+    local_lattice: int = 6,
 ) -> AuthorsGrids:
     """Precompute every pair's grids on the authors' edge-to-edge lattice.
 
@@ -68,14 +68,14 @@ def authors_grids(
         boxes: ``(B, 2 + L, 4)`` crop boxes in the original image, globals first.
         flips: ``(B, 2 + L)`` bool horizontal flips.
         num_local: ``L``.
-        global_size: lattice side between the two globals.
-        local_size: lattice side between a global and a local view.
+        global_lattice: lattice side between the two globals.
+        local_lattice: lattice side between a global and a local view.
 
     Returns:
         The grids of every pair.
     """
     g0, g1, valid = overlap_grids(
-        boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], global_size, "official"
+        boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], global_lattice, "official"
     )
     checks = [valid]
     local_pairs: list[list[tuple[Tensor, Tensor]]] = []
@@ -83,7 +83,7 @@ def authors_grids(
         row = []
         for v in range(2, 2 + num_local):
             gi, gv, valid = overlap_grids(
-                boxes[:, i], flips[:, i], boxes[:, v], flips[:, v], local_size, "official"
+                boxes[:, i], flips[:, i], boxes[:, v], flips[:, v], local_lattice, "official"
             )
             checks.append(valid)
             row.append((gi, gv))

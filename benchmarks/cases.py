@@ -57,8 +57,8 @@ class Setting:
         global_side: token grid side of a global view (224 px / 16 = 14).
         num_local: local views ``L``.
         local_side: token grid side of a local view (96 px / 16 = 6).
-        global_size: lattice side between the two globals (13; the side of ``S``).
-        local_size: lattice side between a global and a local view (6).
+        global_lattice: lattice side between the two globals (13; the side of ``S``).
+        local_lattice: lattice side between a global and a local view (6).
         dim: channels ``C`` (ViT-S: 384).
         heads: relation heads ``M`` (6).
         terms: which of ``spatial``, ``channel``, ``sere`` and ``spatial_core`` (the spatial term
@@ -75,8 +75,8 @@ class Setting:
     global_side: int
     num_local: int = 0
     local_side: int = 6
-    global_size: int = 13
-    local_size: int = 6
+    global_lattice: int = 13
+    local_lattice: int = 6
     dim: int = 384
     heads: int = 6
     terms: tuple[str, ...] = TERMS
@@ -111,7 +111,7 @@ SETTINGS: dict[str, Setting] = {
             "full-token spatial relation: 2x518 px, patch 14 (N = S = 1369), batch 16",
             16,
             37,
-            global_size=37,
+            global_lattice=37,
             terms=("spatial",),
             impls=(FUSED, REFERENCE, AUTHORS),
             rounds=2,
@@ -134,7 +134,7 @@ SETTINGS: dict[str, Setting] = {
             "smoke: full-token spatial relation, 2x9x9 tokens, C = 48, batch 2",
             2,
             9,
-            global_size=9,
+            global_lattice=9,
             dim=48,
             terms=("spatial",),
             impls=(FUSED, REFERENCE, AUTHORS),
@@ -260,13 +260,13 @@ def library_modules(
     spatial = SpatialSelfRelationLoss(
         setting.dim,
         setting.heads,
-        global_size=setting.global_size,
-        local_size=setting.local_size,
+        global_lattice=setting.global_lattice,
+        local_lattice=setting.local_lattice,
         points="official",
         padding="zeros",
         **extra,  # type: ignore[arg-type]
     )
-    channel = ChannelSelfRelationLoss(setting.dim, **({} if backend is None else {"backend": backend}))  # type: ignore[arg-type]
+    channel = ChannelSelfRelationLoss(setting.dim, backend="auto" if backend is None else backend)
     return spatial, channel, SERELoss(setting.dim, spatial=spatial, channel=channel)
 
 
@@ -310,7 +310,11 @@ def build_case(setting: Setting, impl: str, term: str, device: torch.device) -> 
     module: nn.Module
     if label == AUTHORS:
         grids = authors_grids(
-            inputs.boxes, inputs.flips, setting.num_local, setting.global_size, setting.local_size
+            inputs.boxes,
+            inputs.flips,
+            setting.num_local,
+            setting.global_lattice,
+            setting.local_lattice,
         )
         if term in ("spatial", CORE):
             module = AuthorsSpatial(spatial)

@@ -69,9 +69,8 @@ def build_step(
     dino_loss = trainer.DINOLoss(preset.out_dim, num_views).to(device)
     sere = None
     if with_sere:
-        grid_g, grid_l = preset.global_px // preset.patch, preset.local_px // preset.patch
         dim = student.backbone.embed_dim
-        sere = SERELoss(dim, global_size=grid_g - 1, local_size=grid_l).to(device)
+        sere = SERELoss(dim).to(device)  # lattices from the token grids
     trained = [student] if sere is None else [student, sere]
     params = common.param_groups(trained)
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -167,7 +167,7 @@ def run_setting(setting: cases.Setting, device: torch.device, args: argparse.Nam
         "local_tokens": setting.local_side**2 if setting.num_local else 0,
         "channels": setting.dim,
         "heads": setting.heads,
-        "lattice": {"global": setting.global_size, "local": setting.local_size},
+        "lattice": {"global": setting.global_lattice, "local": setting.local_lattice},
         "notes": [],
         "roles": {},
         "terms": {},

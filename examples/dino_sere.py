@@ -277,10 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sere = None  # SERE
     if not args.no_sere:  # SERE
-        grid_g, grid_l = preset.global_px // preset.patch, preset.local_px // preset.patch  # SERE
-        lattices = {"global_size": grid_g - 1, "local_size": grid_l}  # SERE: 13, 6 for ViT-S/16
-        dim = student.backbone.embed_dim  # SERE
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **lattices).to(device)  # SERE
+        dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student

@@ -248,10 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sere = None  # SERE
     if not args.no_sere:  # SERE: two global views, no local ones, so no local heads
-        lattice = preset.global_px // preset.patch - 1  # SERE: 13 for ViT-S/16 at 224 px
-        options = {"global_size": lattice, "local_heads": False}  # SERE
-        dim = backbone.embed_dim  # SERE
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
+        dim = backbone.embed_dim  # SERE: the lattice from the token grid (13 for ViT-S at 224 px)
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, local_heads=False).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     teacher = common.sync_batchnorm(teacher, process)

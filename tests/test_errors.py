@@ -18,6 +18,7 @@ from sere_loss import functional as SF
 B = 2
 BOX = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]])
 NO = torch.zeros(B, dtype=torch.bool)
+NO2 = torch.zeros(B, 2, dtype=torch.bool)
 
 
 def _sere_call(**override: object) -> Callable[[], object]:
@@ -180,15 +181,15 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, 3, points="corner"),
     ),
     (
-        "bad size",
+        "bad lattice",
         ValueError,
-        r"size must be an int or a pair",
+        r"lattice must be an int or a pair",
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, (3, 3, 3)),
     ),
     (
-        "size zero",
+        "lattice zero",
         ValueError,
-        r"size\[0\] must be >= 1",
+        r"lattice\[0\] must be >= 1",
         lambda: SF.overlap_grids(BOX, NO, BOX, NO, 0),
     ),
     (
@@ -214,14 +215,40 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
     (
         "official lattice in sampler",
         ValueError,
-        r"size >= \(2, 2\), got \(1, 1\)",
+        r"lattice >= \(2, 2\), got \(1, 1\)",
         lambda: RegionAlignedSampler(1, points="official"),
     ),
     (
         "official lattice in loss",
         ValueError,
-        r"size >= \(2, 2\), got \(1, 3\)",
-        lambda: SpatialSelfRelationLoss(12, 3, points="official", local_size=(1, 3)),
+        r"local_lattice >= \(2, 2\), got \(1, 3\)",
+        lambda: SpatialSelfRelationLoss(12, 3, points="official", local_lattice=(1, 3)),
+    ),
+    (
+        "default lattice on a 1 x 1 grid",
+        ValueError,
+        r"global_lattice=None derives the lattice from the global token grid \(1, 1\): the grid "
+        r"minus one, \(0, 0\), but points='center' needs at least 1 point\(s\) per side",
+        _sere_call(student_global=torch.randn(2 * B, 1, 12), teacher_global=torch.randn(2 * B, 1, 12)),
+    ),
+    (
+        "official lattice on a small global grid",
+        ValueError,
+        r"global token grid \(2, 2\): the grid minus one, \(1, 1\), but points='official' needs "
+        r"at least 2 point\(s\) per side; use larger global views or pass global_lattice",
+        lambda: SpatialSelfRelationLoss(12, 3, points="official")(
+            torch.randn(2 * B, 4, 12), torch.randn(2 * B, 4, 12), BOX.expand(B, 2, 4).clone(), NO2
+        ),
+    ),
+    (
+        "official lattice on a small local grid",
+        ValueError,
+        r"local_lattice=None derives the lattice from the local token grid \(1, 3\): the grid, "
+        r"\(1, 3\), but points='official' needs at least 2",
+        lambda: SpatialSelfRelationLoss(12, 3, points="official")(
+            torch.randn(2 * B, 16, 12), torch.randn(2 * B, 16, 12), BOX[:, None].expand(B, 3, 4),
+            torch.zeros(B, 3, dtype=torch.bool), torch.randn(B, 3, 12), local_grid=(1, 3),
+        ),
     ),
     (
         "sampler option",

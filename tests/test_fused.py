@@ -399,9 +399,9 @@ def _build(
 def test_modules_agree_across_backends(gen: torch.Generator, backend: str) -> None:
     tokens = _loss_inputs(gen, torch.float64)
     for cls, kw in (
-        (SpatialSelfRelationLoss, {"num_heads": HEADS, "global_size": 3, "local_size": 2}),
+        (SpatialSelfRelationLoss, {"num_heads": HEADS, "global_lattice": 3, "local_lattice": 2}),
         (ChannelSelfRelationLoss, {}),
-        (SERELoss, {"num_heads": HEADS, "global_size": 3, "local_size": 2}),
+        (SERELoss, {"num_heads": HEADS, "global_lattice": 3, "local_lattice": 2}),
     ):
         loss_r, grads_r = _sere_call(_build(cls, "reference", torch.float64, **kw), tokens)
         loss_b, grads_b = _sere_call(_build(cls, backend, torch.float64, **kw), tokens)
@@ -544,7 +544,7 @@ class _TritonInterpretedChecks:
 
     def test_losses_match_reference(self, gen: torch.Generator) -> None:
         tokens = _loss_inputs(gen, torch.float32)
-        kw = {"num_heads": HEADS, "global_size": 3, "local_size": 2}
+        kw = {"num_heads": HEADS, "global_lattice": 3, "local_lattice": 2}
         loss_r, grads_r = _sere_call(_build(SERELoss, "reference", torch.float32, **kw), tokens)
         loss_t, grads_t = _sere_call(_build(SERELoss, "triton", torch.float32, **kw), tokens)
         torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,7 @@ def test_hand_computed_example() -> None:
     b1 = torch.tensor([[0.0, 0.0, 0.5, 1.0]], dtype=torch.float64)
     b2 = torch.tensor([[0.25, 0.0, 1.0, 1.0]], dtype=torch.float64)
     g1, g2, valid = SF.overlap_grids(
-        b1, torch.tensor([False]), b2, torch.tensor([True]), size=(1, 2)
+        b1, torch.tensor([False]), b2, torch.tensor([True]), lattice=(1, 2)
     )
     assert valid.tolist() == [True]
     # View 1: u = 0.625, 0.875 -> 2u - 1 = 0.25, 0.75; v = 0.5 -> 0.
@@ -33,7 +33,7 @@ def test_disjoint_and_touching_boxes_are_invalid(points: str) -> None:
     b1 = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.0, 0.0, 0.5, 1.0], [0.1, 0.1, 0.9, 0.9]])
     b2 = torch.tensor([[0.6, 0.6, 1.0, 1.0], [0.5, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     no = torch.zeros(3, dtype=torch.bool)
-    g1, g2, valid = SF.overlap_grids(b1, no, b2, no, size=3, points=points)
+    g1, g2, valid = SF.overlap_grids(b1, no, b2, no, lattice=3, points=points)
     assert valid.tolist() == [False, False, True]
     assert torch.all(g1[:2] == -2)
     assert torch.all(g2[:2] == -2)
@@ -42,24 +42,24 @@ def test_disjoint_and_touching_boxes_are_invalid(points: str) -> None:
 
 
 def _authors_get_grid(
-    rect_q: tuple[int, int, int, int, bool], rect_k: tuple[int, int, int, int, bool], size: int
+    rect_q: tuple[int, int, int, int, bool], rect_k: tuple[int, int, int, int, bool], side: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' lattice, restated from its description (SPEC 4): crops as pixel rectangles
-    (x, y, w, h, flip), points spaced edge to edge over the overlap (step len / (size - 1)),
+    (x, y, w, h, flip), points spaced edge to edge over the overlap (step len / (side - 1)),
     u -> 1 - u when flipped, then 2u - 1; a -2 fill when the rectangles do not overlap."""
     ox0, oy0 = max(rect_q[0], rect_k[0]), max(rect_q[1], rect_k[1])
     ox1 = min(rect_q[0] + rect_q[2], rect_k[0] + rect_k[2])
     oy1 = min(rect_q[1] + rect_q[3], rect_k[1] + rect_k[3])
     if not (ox0 < ox1 and oy0 < oy1):
-        full = torch.full((size, size, 2), -2.0, dtype=torch.float64)
+        full = torch.full((side, side, 2), -2.0, dtype=torch.float64)
         return full, full.clone()
     grids = []
     for x, y, w, h, flip in (rect_q, rect_k):
-        grid = torch.empty(size, size, 2, dtype=torch.float64)
-        for i in range(size):
-            for j in range(size):
-                u = (ox0 - x) / w + j * ((ox1 - ox0) / w) / (size - 1)
-                v = (oy0 - y) / h + i * ((oy1 - oy0) / h) / (size - 1)
+        grid = torch.empty(side, side, 2, dtype=torch.float64)
+        for i in range(side):
+            for j in range(side):
+                u = (ox0 - x) / w + j * ((ox1 - ox0) / w) / (side - 1)
+                v = (oy0 - y) / h + i * ((oy1 - oy0) / h) / (side - 1)
                 grid[i, j, 0] = 2 * (1 - u if flip else u) - 1
                 grid[i, j, 1] = 2 * v - 1
         grids.append(grid)
@@ -74,8 +74,8 @@ def _random_rect(gen: torch.Generator, width: int, height: int) -> tuple[int, in
     return x, y, w, h, bool(torch.rand(1, generator=gen) < 0.5)
 
 
-@pytest.mark.parametrize("size", [13, 6, 2])
-def test_official_points_reproduce_the_authors_lattice(gen: torch.Generator, size: int) -> None:
+@pytest.mark.parametrize("side", [13, 6, 2])
+def test_official_points_reproduce_the_authors_lattice(gen: torch.Generator, side: int) -> None:
     width, height = 320, 240
     rects = [
         (_random_rect(gen, width, height), _random_rect(gen, width, height)) for _ in range(24)
@@ -88,10 +88,10 @@ def test_official_points_reproduce_the_authors_lattice(gen: torch.Generator, siz
     b2 = torch.tensor([norm(k) for _, k in rects], dtype=torch.float64)
     f1 = torch.tensor([q[4] for q, _ in rects])
     f2 = torch.tensor([k[4] for _, k in rects])
-    g1, g2, valid = SF.overlap_grids(b1, f1, b2, f2, size=size, points="official")
+    g1, g2, valid = SF.overlap_grids(b1, f1, b2, f2, lattice=side, points="official")
     assert 0 < int(valid.sum()) < len(rects), "the draw should hold overlapping and disjoint pairs"
     for n, (q, k) in enumerate(rects):
-        e1, e2 = _authors_get_grid(q, k, size)
+        e1, e2 = _authors_get_grid(q, k, side)
         assert_close(g1[n], e1)
         assert_close(g2[n], e2)
 
@@ -123,22 +123,24 @@ def test_both_views_read_the_same_original_point(gen: torch.Generator, points: s
     # End to end: sampling each view at its grid must read, from both views, the original-image
     # point of the lattice over the overlap. Bilinear reading of a linear map is exact between
     # pixel centres, so only points within half a pixel of a view's border are left out.
-    batch, size = 32, (5, 7)
+    batch, lattice = 32, (5, 7)
     boxes = random_boxes(batch, 2, min_size=0.3, generator=gen)
     flips = random_flips(batch, 2, generator=gen)
-    sampler = RegionAlignedSampler(size, points=points)
+    sampler = RegionAlignedSampler(lattice, points=points)
     m1 = _coordinate_maps(boxes[:, 0], flips[:, 0], 48, 40)
     m2 = _coordinate_maps(boxes[:, 1], flips[:, 1], 24, 32)
     s1, s2, valid = sampler(m1, m2, boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1])
-    g1, g2, _ = SF.overlap_grids(boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], size, points)
+    g1, g2, _ = SF.overlap_grids(
+        boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], lattice, points
+    )
     checked = 0
     for n in range(batch):
         if not valid[n]:
             continue
         lo = torch.maximum(boxes[n, 0, :2], boxes[n, 1, :2])
         hi = torch.minimum(boxes[n, 0, 2:], boxes[n, 1, 2:])
-        xs = _lattice(float(lo[0]), float(hi[0]), size[1], points)
-        ys = _lattice(float(lo[1]), float(hi[1]), size[0], points)
+        xs = _lattice(float(lo[0]), float(hi[0]), lattice[1], points)
+        ys = _lattice(float(lo[1]), float(hi[1]), lattice[0], points)
         expected = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
         for grid, sampled, (h, w) in ((g1, s1, (48, 40)), (g2, s2, (24, 32))):
             inside = (grid[n].reshape(-1, 2).abs() <= torch.tensor([1 - 1 / w, 1 - 1 / h])).all(1)
@@ -180,7 +182,7 @@ def test_sample_then_relate_equals_relate_then_sample(
     f1 = torch.randn(batch, 12, 7, 7, dtype=torch.float64, generator=gen)
     f2 = torch.randn(batch, 12, 5, 6, dtype=torch.float64, generator=gen)
     g1, g2, valid = SF.overlap_grids(
-        boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], size=6, points=points
+        boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], lattice=6, points=points
     )
     assert bool(valid.any())
     for feats, grid in ((f1, g1), (f2, g2)):
@@ -193,12 +195,12 @@ def test_sample_then_relate_equals_relate_then_sample(
 def test_official_needs_two_points_per_side() -> None:
     b = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     f = torch.tensor([False])
-    with pytest.raises(ValueError, match="size >= \\(2, 2\\)"):
-        SF.overlap_grids(b, f, b, f, size=(1, 3), points="official")
+    with pytest.raises(ValueError, match="lattice >= \\(2, 2\\)"):
+        SF.overlap_grids(b, f, b, f, lattice=(1, 3), points="official")
 
 
 def test_grids_follow_box_dtype_and_flips_accept_integers() -> None:
     b = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
-    g1, g2, _ = SF.overlap_grids(b, torch.tensor([1]), b, torch.tensor([0]), size=2)
+    g1, g2, _ = SF.overlap_grids(b, torch.tensor([1]), b, torch.tensor([0]), lattice=2)
     assert g1.dtype == torch.float64
     assert_close(g1[..., 0], -g2[..., 0])  # the flipped view reads mirrored x

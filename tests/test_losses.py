@@ -8,6 +8,7 @@ pairs), written here from the spec, so the modules are held to an independent st
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -65,21 +66,35 @@ def _reference_spatial(
     tt: float = 0.5,
     ts: float = 1.0,
     heads: int = HEADS,
+    lattices: tuple[tuple[int, int], tuple[int, int]] = ((13, 13), (6, 6)),
+    grids: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """Spatial loss by the authors' route; tokens already projected; mean over kept terms."""
+    """Spatial loss by the authors' route; tokens already projected; mean over kept terms.
+
+    ``lattices`` are the (global-global, global-local) lattices, ``grids`` the (global, local)
+    token grids (square ones from the token counts when not given)."""
     g = len(teacher)
+
+    def grid(tokens: torch.Tensor, v: int) -> tuple[int, int]:
+        if grids is not None:
+            return grids[1] if v >= g else grids[0]
+        side = math.isqrt(tokens.shape[1])
+        return side, side
+
     terms = []
     for i in range(g):
         for v in range(len(student)):
             if v == i:
                 continue
-            size = 13 if v < g else 6
             gi, gv, valid = SF.overlap_grids(
-                boxes[:, i], flips[:, i], boxes[:, v], flips[:, v], size, points
+                boxes[:, i], flips[:, i], boxes[:, v], flips[:, v], lattices[v >= g], points
             )
-            side_t, side_s = math.isqrt(teacher[i].shape[1]), math.isqrt(student[v].shape[1])
-            t_rel = _sample_relation(_full_relation(teacher[i], heads), gi, (side_t,) * 2, padding)
-            s_rel = _sample_relation(_full_relation(student[v], heads), gv, (side_s,) * 2, padding)
+            t_rel = _sample_relation(
+                _full_relation(teacher[i], heads), gi, grid(teacher[i], i), padding
+            )
+            s_rel = _sample_relation(
+                _full_relation(student[v], heads), gv, grid(student[v], v), padding
+            )
             terms.append(_ce_per_item(s_rel, t_rel, ts, tt)[valid])
     kept = torch.cat(terms)
     return kept.mean() if kept.numel() else kept.sum()
@@ -128,12 +143,12 @@ class TestSpatialMatchesAuthorsRoute:
         assert_close(loss, expected, atol=1e-9, rtol=1e-9)
 
     def test_non_overlapping_terms_are_masked_out_of_the_mean(self, gen: torch.Generator) -> None:
-        sg, tg, sl = _views(gen, G, 49), _views(gen, G, 196), _views(gen, L, 16)
+        sg, tg, sl = _views(gen, G, 196), _views(gen, G, 196), _views(gen, L, 16)
         boxes = random_boxes(B, G + L, min_size=0.1, generator=gen)
         boxes[0, 2] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
         boxes[0, :2] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
         flips = random_flips(B, G + L, gen)
-        module = _identity_spatial(global_size=5, local_size=3).double()
+        module = _identity_spatial(global_lattice=5, local_lattice=3).double()
         loss = module(sg, tg, boxes, flips, sl)
         # Reference with the module's lattice sizes: recompute via the kept terms.
         terms, masks = [], []
@@ -154,6 +169,63 @@ class TestSpatialMatchesAuthorsRoute:
         mask = torch.cat(masks)
         assert not bool(mask.all()), "the geometry should hold a non-overlapping pair"
         assert_close(loss, torch.cat(terms)[mask].mean(), atol=1e-9, rtol=1e-9)
+
+
+class TestLattices:
+    """Default lattices: global token grid minus one per side, and the local token grid."""
+
+    def test_defaults_follow_small_square_grids(self, gen: torch.Generator) -> None:
+        # 6 x 6 global and 3 x 3 local tokens (ViT/16 at 96 and 48 px): lattices 5 x 5 and 3 x 3,
+        # where fixed defaults of 13 and 6 would have read 169 points off 36 tokens.
+        sg, tg, sl = _views(gen, G, 36), _views(gen, G, 36), _views(gen, L, 9)
+        boxes, flips = _overlapping_geometry(gen, G + L)
+        loss = _identity_spatial().double()(sg, tg, boxes, flips, sl)
+        expected = _reference_spatial(
+            sg + sl, tg, boxes, flips, points="center", padding="border", lattices=((5, 5), (3, 3))
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+        fixed = _reference_spatial(sg + sl, tg, boxes, flips, points="center", padding="border")
+        assert not torch.isclose(loss, fixed)
+
+    @pytest.mark.parametrize("points", ["center", "official"])
+    def test_defaults_follow_rectangular_grids(self, gen: torch.Generator, points: str) -> None:
+        hw_g, hw_l = (4, 6), (2, 3)
+        sg, tg, sl = _views(gen, G, 24), _views(gen, G, 24), _views(gen, L, 6)
+        boxes, flips = _overlapping_geometry(gen, G + L)
+        module = _identity_spatial(points=points, padding="zeros").double()
+        loss = module(sg, tg, boxes, flips, sl, global_grid=hw_g, local_grid=hw_l)
+        expected = _reference_spatial(
+            sg + sl,
+            tg,
+            boxes,
+            flips,
+            points=points,
+            padding="zeros",
+            lattices=((3, 5), (2, 3)),
+            grids=(hw_g, hw_l),
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+
+    def test_explicit_lattice_denser_than_its_grid_warns_once(self, gen: torch.Generator) -> None:
+        sg, tg, sl = _views(gen, G, 49), _views(gen, G, 49), _views(gen, L, 9)
+        boxes, flips = _overlapping_geometry(gen, G + L)
+        dense = _identity_spatial(global_lattice=13).double()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            dense(sg, tg, boxes, flips, sl)
+            dense(sg, tg, boxes, flips, sl)
+        assert len(record) == 1
+        assert record[0].category is UserWarning
+        assert re.search(
+            r"global_lattice=\(13, 13\) is denser than the global token grid \(7, 7\)",
+            str(record[0].message),
+        )
+        with pytest.warns(UserWarning, match=r"local_lattice=\(3, 4\) is denser than the local"):
+            _identity_spatial(local_lattice=(3, 4)).double()(sg, tg, boxes, flips, sl)
+        # As dense as the grid, or sparser: no warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _identity_spatial(global_lattice=7, local_lattice=2).double()(sg, tg, boxes, flips, sl)
 
 
 class TestChannel:
@@ -447,7 +519,12 @@ class TestGradcheck:
     def test_modules_with_identity_heads(self, gen: torch.Generator) -> None:
         boxes, flips = _overlapping_geometry(gen, G + 1)
         spatial = SpatialSelfRelationLoss(
-            6, 2, projection=nn.Identity(), prediction=nn.Identity(), global_size=3, local_size=2
+            6,
+            2,
+            projection=nn.Identity(),
+            prediction=nn.Identity(),
+            global_lattice=3,
+            local_lattice=2,
         ).double()
         channel = ChannelSelfRelationLoss(6, projection=nn.Identity(), prediction=nn.Identity())
         sg = torch.randn(G * B, 9, 6, dtype=torch.float64, requires_grad=True)

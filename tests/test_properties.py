@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,9 +34,15 @@ def multicrop_batch(draw: st.DrawFn) -> dict[str, object]:
     num_local = draw(st.integers(0, 3))
     heads = draw(st.sampled_from([1, 2, 3]))
     dim = heads * draw(st.integers(1, 4))
-    side_g = draw(st.integers(1, 6))
-    # The heads' BatchNorm needs two tokens or more per group of views (test_errors checks it).
-    side_l = draw(st.integers(1 if num_local * batch >= 2 else 2, 4))
+    points = draw(st.sampled_from(["center", "official"]))
+    least = 2 if points == "official" else 1  # lattice points per side
+    # Local grids are smaller than global ones (test_errors checks it). The heads' BatchNorm
+    # needs two tokens or more per group of views; the default lattices are grid - 1 (global)
+    # and grid (local), so a grid must leave `least` points per side.
+    least_l = max(least, 1 if num_local * batch >= 2 else 2)
+    side_g = draw(st.integers(max(least + 1, least_l + 1), 6))
+    side_l = draw(st.integers(least_l, side_g - 1))
+    lattices = st.one_of(st.none(), st.integers(least, 7))  # derived, or any explicit one
     boxes, flips = draw(boxes_and_flips(batch, 2 + num_local))
     seed = draw(st.integers(0, 2**16))
     gen = torch.Generator().manual_seed(seed)
@@ -50,19 +57,24 @@ def multicrop_batch(draw: st.DrawFn) -> dict[str, object]:
         else None,
         "boxes": boxes,
         "flips": flips,
-        "points": draw(st.sampled_from(["center", "official"])),
+        "points": points,
+        "global_lattice": draw(lattices),
+        "local_lattice": draw(lattices),
         "padding": draw(st.sampled_from(["border", "zeros"])),
     }
 
 
 @SETTINGS
 @given(multicrop_batch())
+@pytest.mark.filterwarnings("ignore:.*is denser than the .* token grid:UserWarning")
 def test_loss_and_gradients_are_finite(case: dict[str, object]) -> None:
     sere = SERELoss(
         case["dim"],  # type: ignore[arg-type]
         num_heads=case["heads"],  # type: ignore[arg-type]
         points=case["points"],  # type: ignore[arg-type]
         padding=case["padding"],  # type: ignore[arg-type]
+        global_lattice=case["global_lattice"],  # type: ignore[arg-type]
+        local_lattice=case["local_lattice"],  # type: ignore[arg-type]
     )
     student = case["student"].requires_grad_()  # type: ignore[attr-defined]
     local = case["local"]

@@ -278,21 +278,21 @@ class TestWithTheLossesSampling:
             crops = transform(image)
             pairs = SF.view_pairs(num_global, len(crops.views) - num_global)
             for i, j in pairs:
-                size = 13 if j < num_global else 6
+                lattice = 13 if j < num_global else 6
                 bi, bj = crops.boxes[i], crops.boxes[j]
                 fi, fj = crops.flips[i : i + 1], crops.flips[j : j + 1]
-                g1, g2, valid = SF.overlap_grids(bi[None], fi, bj[None], fj, size, "center")
+                g1, g2, valid = SF.overlap_grids(bi[None], fi, bj[None], fj, lattice, "center")
                 lo = torch.maximum(bi[:2], bj[:2]).double()
                 hi = torch.minimum(bi[2:], bj[2:]).double()
                 if not bool(lo[0] < hi[0] and lo[1] < hi[1]):
                     assert not bool(valid)
                     continue
                 assert bool(valid)
-                xs = lo[0] + (hi[0] - lo[0]) * _centres(size)
-                ys = lo[1] + (hi[1] - lo[1]) * _centres(size)
-                ex = xs[None, :].expand(size, size).reshape(-1)
-                ey = ys[:, None].expand(size, size).reshape(-1)
-                keep = torch.ones(size * size, dtype=torch.bool)
+                xs = lo[0] + (hi[0] - lo[0]) * _centres(lattice)
+                ys = lo[1] + (hi[1] - lo[1]) * _centres(lattice)
+                ex = xs[None, :].expand(lattice, lattice).reshape(-1)
+                ey = ys[:, None].expand(lattice, lattice).reshape(-1)
+                keep = torch.ones(lattice * lattice, dtype=torch.bool)
                 reads, tols = [], []
                 for v, grid in ((i, g1), (j, g2)):
                     view, box, flip = crops.views[v], crops.boxes[v].double(), bool(crops.flips[v])
@@ -449,7 +449,7 @@ class TestCollation:
         )
         dim, patch = 12, 8
         embed = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)  # fake patch tokens
-        sere = SERELoss(dim, num_heads=3, global_size=4, local_size=2)
+        sere = SERELoss(dim, num_heads=3, global_lattice=4, local_lattice=2)
         batches = 0
         for crops, targets in loader:
             assert targets.shape == (2,)

@@ -575,7 +575,7 @@ def overlap_grids(
     flips1: Tensor,
     boxes2: Tensor,
     flips2: Tensor,
-    size: int | tuple[int, int],
+    lattice: int | tuple[int, int],
     points: str = "center",
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Sampling grids over the overlap of two views (the region-aligned sampling ``O``).
@@ -597,7 +597,7 @@ def overlap_grids(
         flips1: ``(B,)`` bool, horizontal flip of the first views.
         boxes2: ``(B, 4)`` crop boxes of the second views.
         flips2: ``(B,)`` bool.
-        size: ``(Hs, Ws)`` or an int for a square lattice.
+        lattice: ``(Hs, Ws)`` points, or an int for a square lattice.
         points: ``"center"`` or ``"official"``.
 
     Returns:
@@ -608,7 +608,7 @@ def overlap_grids(
         >>> b1 = torch.tensor([[0.0, 0.0, 0.5, 1.0]])
         >>> b2 = torch.tensor([[0.25, 0.0, 1.0, 1.0]])
         >>> f = torch.tensor([False])
-        >>> g1, g2, valid = overlap_grids(b1, f, b2, f, size=2)
+        >>> g1, g2, valid = overlap_grids(b1, f, b2, f, lattice=2)
         >>> g1[0, 0, :, 0].tolist()  # x of the two columns, in view 1: u = 0.625, 0.875
         [0.25, 0.75]
         >>> valid.tolist()
@@ -624,17 +624,20 @@ def overlap_grids(
     batch = boxes1.shape[0]
     flips1 = check_flips(flips1, batch, "flips1")
     flips2 = check_flips(flips2, batch, "flips2")
-    lattice_size, points = _check_lattice(size, points)
-    return _overlap_grids_unchecked(boxes1, flips1, boxes2, flips2, lattice_size, points)
+    hw, points = _check_lattice(lattice, points)
+    return _overlap_grids_unchecked(boxes1, flips1, boxes2, flips2, hw, points)
 
 
-def _check_lattice(size: object, points: object) -> tuple[tuple[int, int], str]:
-    """Check a lattice ``size`` and ``points`` option; return ``((Hs, Ws), points)``."""
-    hs, ws = check_size(size, "size")
+def _check_lattice(
+    lattice: object, points: object, name: str = "lattice"
+) -> tuple[tuple[int, int], str]:
+    """Check a ``lattice`` (named ``name``) and ``points``; return ``((Hs, Ws), points)``."""
+    hs, ws = check_size(lattice, name)
     points = check_choice(points, "points", _POINTS)
     if points == "official" and (hs < 2 or ws < 2):
         raise ValueError(
-            f"points='official' spaces points edge to edge and needs size >= (2, 2), got {(hs, ws)}"
+            f"points='official' spaces points edge to edge and needs {name} >= (2, 2), got "
+            f"{(hs, ws)}"
         )
     return (hs, ws), points
 
@@ -644,16 +647,16 @@ def _overlap_grids_unchecked(
     flips1: Tensor,
     boxes2: Tensor,
     flips2: Tensor,
-    size: tuple[int, int],
+    lattice: tuple[int, int],
     points: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`overlap_grids` without its input checks, for callers that checked already.
 
-    Boxes ``(B, 4)`` valid and flips ``(B,)`` bool are assumed, and ``size``/``points`` as
+    Boxes ``(B, 4)`` valid and flips ``(B,)`` bool are assumed, and ``lattice``/``points`` as
     :func:`_check_lattice` returns them. Checking boxes costs a host sync on an accelerator, so
     the losses check once per step and call this.
     """
-    hs, ws = size
+    hs, ws = lattice
     boxes2 = boxes2.to(boxes1)
     flips1 = flips1.to(boxes1.device)
     flips2 = flips2.to(boxes1.device)
@@ -662,13 +665,13 @@ def _overlap_grids_unchecked(
     hi = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])  # (B, 2): overlap x1, y1
     valid = (lo < hi).all(dim=1)
 
-    def lattice(n: int) -> Tensor:
+    def offsets(n: int) -> Tensor:
         k = torch.arange(n, dtype=boxes1.dtype, device=boxes1.device)
         return (k + 0.5) / n if points == "center" else k / (n - 1)
 
     # Lattice points in original-image coordinates: xs (B, Ws), ys (B, Hs).
-    xs = lo[:, :1] + lattice(ws) * (hi[:, :1] - lo[:, :1])
-    ys = lo[:, 1:] + lattice(hs) * (hi[:, 1:] - lo[:, 1:])
+    xs = lo[:, :1] + offsets(ws) * (hi[:, :1] - lo[:, :1])
+    ys = lo[:, 1:] + offsets(hs) * (hi[:, 1:] - lo[:, 1:])
 
     def to_view(boxes: Tensor, flips: Tensor) -> Tensor:
         u = (xs - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1])

@@ -21,11 +21,11 @@ from ._checks import (
     check_ndim,
     check_positive,
     check_positive_int,
-    check_size,
 )
 from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
+    _check_lattice,
     _overlap_grids_unchecked,
     paired_channel_relation_cross_entropy,
     sample_region,
@@ -33,7 +33,6 @@ from .functional import (
     view_pairs,
 )
 from .heads import RelationHeads
-from .sampler import RegionAlignedSampler
 
 __all__ = ["ChannelSelfRelationLoss", "SERELoss", "SpatialSelfRelationLoss"]
 
@@ -168,11 +167,20 @@ class SpatialSelfRelationLoss(nn.Module):
     Both branches project every token of a view (``h``: BatchNorm + ReLU), the student then
     predicts (``g``: linear, BatchNorm, ReLU). For each (teacher global ``i``, student view ``v``)
     pair the two views' features are sampled at the same ``Hs x Ws`` points of their overlap in
-    the original image (13 x 13 between globals, 6 x 6 with a local view), turned into ``M``-head
-    relation logits, and compared by row-wise cross-entropy, teacher sharpened by
-    ``teacher_temp``. Pairs whose crops do not overlap are masked out; the result is the mean
-    over every kept (image, pair) term, and a zero still connected to every head parameter when
-    nothing overlaps.
+    the original image (the lattice, below), turned into ``M``-head relation logits, and compared
+    by row-wise cross-entropy, teacher sharpened by ``teacher_temp``. Pairs whose crops do not
+    overlap are masked out; the result is the mean over every kept (image, pair) term, and a zero
+    still connected to every head parameter when nothing overlaps.
+
+    Lattices: by default each one follows the token grid it reads. Between two global views of
+    grid ``(H, W)`` it is ``(H - 1, W - 1)``; between a global and a local view of grid
+    ``(h, w)`` it is ``(h, w)``. These are the authors' values, 13 x 13 and 6 x 6 for ViT-S/16 at
+    224 and 96 px (14 x 14 and 6 x 6 tokens), stated for any grid. The lattice reads features by
+    bilinear interpolation, so one denser than the tokens it reads only blends the same tokens
+    again: it adds cost (``S^2`` relations) and no information. An explicit lattice denser than
+    its token grid therefore warns. ``points="official"`` spaces points edge to edge and needs
+    at least 2 per side: a global grid of 3 x 3 or more, a local grid of 2 x 2 or more, or an
+    explicit lattice.
 
     Temperatures: the defaults (teacher 0.5, student 1.0) are the authors' code, which produced
     the paper's numbers; the paper's text states them the other way round.
@@ -182,8 +190,10 @@ class SpatialSelfRelationLoss(nn.Module):
         num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
         teacher_temp: ``t_t`` (0.5).
         student_temp: ``t_s`` (1.0).
-        global_size: lattice between two global views (13).
-        local_size: lattice between a global and a local view (6).
+        global_lattice: ``(Hs, Ws)`` or an int, the lattice between two global views; ``None``
+            (default) for the global token grid minus one per side (13 at 14 x 14 tokens).
+        local_lattice: the lattice between a global and a local view; ``None`` (default) for
+            the local token grid (6 at 6 x 6 tokens).
         points: ``"center"`` (paper) or ``"official"`` (authors' lattice).
         padding: ``"border"`` or ``"zeros"`` (authors' code).
         num_global_views: ``G``, the views the teacher sees (2).
@@ -217,8 +227,8 @@ class SpatialSelfRelationLoss(nn.Module):
         *,
         teacher_temp: float = 0.5,
         student_temp: float = 1.0,
-        global_size: int | tuple[int, int] = 13,
-        local_size: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] | None = None,
+        local_lattice: int | tuple[int, int] | None = None,
         points: str = "center",
         padding: str = "border",
         num_global_views: int = 2,
@@ -238,10 +248,15 @@ class SpatialSelfRelationLoss(nn.Module):
             )
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
-        global_lattice = check_size(global_size, "global_size")
-        local_lattice = check_size(local_size, "local_size")
-        self.global_sampler = RegionAlignedSampler(global_lattice, points, padding)
-        self.local_sampler = RegionAlignedSampler(local_lattice, points, padding)
+        self.points = check_choice(points, "points", ("center", "official"))
+        self.padding = check_choice(padding, "padding", ("border", "zeros"))
+        self.global_lattice: tuple[int, int] | None = None
+        self.local_lattice: tuple[int, int] | None = None
+        if global_lattice is not None:
+            self.global_lattice = _check_lattice(global_lattice, points, "global_lattice")[0]
+        if local_lattice is not None:
+            self.local_lattice = _check_lattice(local_lattice, points, "local_lattice")[0]
+        self._warned: set[tuple[str, tuple[int, int], tuple[int, int]]] = set()
         self.num_global_views = check_positive_int(num_global_views, "num_global_views")
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.heads = RelationHeads(
@@ -298,19 +313,23 @@ class SpatialSelfRelationLoss(nn.Module):
 
         t_tokens, t_hw = to_tokens(teacher, self.num_prefix_tokens, global_grid, "teacher_global")
         s_tokens, s_hw = to_tokens(student, self.num_prefix_tokens, global_grid, "student_global")
+        global_lattice = self._lattice("global_lattice", self.global_lattice, t_hw, 1)
+        local_lattice = global_lattice  # unused without local views
+        if local is not None:
+            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
+            local_lattice = self._lattice("local_lattice", self.local_lattice, l_hw, 0)
         t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
         view_maps = [to_maps(self.heads.student(s_tokens), s_hw)]
         if local is not None:
-            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
             view_maps.append(to_maps(self.heads.student(l_tokens, local=True), l_hw))
 
         total = t_maps.new_zeros((), dtype=torch.float32)
         count = t_maps.new_zeros((), dtype=torch.float32)
         groups = (
-            ([p for p in pairs if p[1] < g], self.global_sampler, 0),
-            ([p for p in pairs if p[1] >= g], self.local_sampler, g),
+            ([p for p in pairs if p[1] < g], global_lattice, 0),
+            ([p for p in pairs if p[1] >= g], local_lattice, g),
         )
-        for group, sampler, first in groups:
+        for group, lattice, first in groups:
             if not group:
                 continue
             t_feats, s_feats, mask = _sample_pairs(
@@ -320,9 +339,9 @@ class SpatialSelfRelationLoss(nn.Module):
                 group,
                 boxes,
                 flips,
-                sampler.size,
-                sampler.points,
-                sampler.padding,
+                lattice,
+                self.points,
+                self.padding,
             )
             mask = mask.to(t_feats.device)
             total = total + spatial_relation_cross_entropy(
@@ -339,6 +358,43 @@ class SpatialSelfRelationLoss(nn.Module):
         loss = total / count.clamp(min=1.0)
         return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
 
+    def _lattice(
+        self,
+        name: str,
+        explicit: tuple[int, int] | None,
+        grid: tuple[int, int],
+        minus: int,
+    ) -> tuple[int, int]:
+        """The lattice ``name`` for views of token ``grid``: ``explicit``, or ``grid - minus``.
+
+        An explicit lattice denser than the grid warns once per (option, lattice, grid); a
+        derived one too small for ``points`` raises.
+        """
+        kind = "global" if minus else "local"
+        if explicit is None:
+            hw = (grid[0] - minus, grid[1] - minus)
+            least = 2 if self.points == "official" else 1
+            if min(hw) < least:
+                derived = f"the grid minus one, {hw}" if minus else f"the grid, {hw}"
+                raise ValueError(
+                    f"{name}=None derives the lattice from the {kind} token grid {grid}: "
+                    f"{derived}, but points={self.points!r} needs at least {least} point(s) per "
+                    f"side; use larger {kind} views or pass {name} explicitly"
+                )
+            return hw
+        denser = explicit[0] > grid[0] or explicit[1] > grid[1]
+        key = (name, explicit, grid)
+        if denser and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"{name}={explicit} is denser than the {kind} token grid {grid} it reads: the "
+                "lattice reads the features by bilinear interpolation, so points beyond the "
+                f"tokens add cost and no information; {name}=None derives it from the grid",
+                UserWarning,
+                stacklevel=2,
+            )
+        return explicit
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
@@ -348,7 +404,9 @@ class SpatialSelfRelationLoss(nn.Module):
         """Settings shown by ``print(module)``."""
         return (
             f"num_heads={self.num_heads}, teacher_temp={self.teacher_temp}, "
-            f"student_temp={self.student_temp}, num_global_views={self.num_global_views}, "
+            f"student_temp={self.student_temp}, global_lattice={self.global_lattice}, "
+            f"local_lattice={self.local_lattice}, points={self.points!r}, "
+            f"padding={self.padding!r}, num_global_views={self.num_global_views}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
         )
 
@@ -494,8 +552,11 @@ class SERELoss(nn.Module):
         symmetric: no prediction heads.
         points: lattice of the spatial term, ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
-        global_size: spatial lattice between global views (13 for 224 px, 14 x 14 tokens).
-        local_size: spatial lattice between a global and a local view (6 for 96 px).
+        global_lattice: spatial lattice between global views; ``None`` (default) for the global
+            token grid minus one per side, 13 x 13 at 224 px for ViT-S/16 (see
+            :class:`SpatialSelfRelationLoss` for why).
+        local_lattice: spatial lattice between a global and a local view; ``None`` (default)
+            for the local token grid, 6 x 6 at 96 px.
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -531,8 +592,8 @@ class SERELoss(nn.Module):
         symmetric: bool = False,
         points: str = "center",
         padding: str = "border",
-        global_size: int | tuple[int, int] = 13,
-        local_size: int | tuple[int, int] = 6,
+        global_lattice: int | tuple[int, int] | None = None,
+        local_lattice: int | tuple[int, int] | None = None,
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
         backend: str = "auto",
@@ -571,8 +632,8 @@ class SERELoss(nn.Module):
                     num_heads,
                     points=points,
                     padding=padding,
-                    global_size=global_size,
-                    local_size=local_size,
+                    global_lattice=global_lattice,
+                    local_lattice=local_lattice,
                     **common,  # type: ignore[arg-type]
                 )
             )

@@ -17,7 +17,8 @@ class RegionAlignedSampler(nn.Module):
     :func:`~sere_loss.functional.sample_region`; it has no parameters.
 
     Args:
-        size: lattice ``(Hs, Ws)`` or an int (13 between two 224 px views, 6 with a 96 px view).
+        lattice: ``(Hs, Ws)`` points, or an int (13 between two 224 px views, 6 with a 96 px
+            view).
         points: ``"center"`` (cell centres, the paper) or ``"official"`` (the authors' lattice).
         padding: ``"border"`` or ``"zeros"`` (the authors' code).
 
@@ -29,7 +30,7 @@ class RegionAlignedSampler(nn.Module):
         - Output: ``(sampled1, sampled2, valid)``, ``(B, Hs * Ws, C)`` twice and ``(B,)`` bool.
 
     Example:
-        >>> sampler = RegionAlignedSampler(size=6)
+        >>> sampler = RegionAlignedSampler(lattice=6)
         >>> f1, f2 = torch.randn(2, 8, 14, 14), torch.randn(2, 8, 6, 6)
         >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.1, 0.1, 0.9, 0.7]])
         >>> flips = torch.tensor([False, True])
@@ -39,10 +40,10 @@ class RegionAlignedSampler(nn.Module):
     """
 
     def __init__(
-        self, size: int | tuple[int, int] = 13, points: str = "center", padding: str = "border"
+        self, lattice: int | tuple[int, int] = 13, points: str = "center", padding: str = "border"
     ) -> None:
         super().__init__()
-        self.size, self.points = _check_lattice(size, points)
+        self.lattice, self.points = _check_lattice(lattice, points)
         self.padding = check_choice(padding, "padding", ("border", "zeros"))
 
     def forward(
@@ -62,7 +63,9 @@ class RegionAlignedSampler(nn.Module):
                 "features1 and features2 must agree on (B, C), got "
                 f"{tuple(features1.shape)} and {tuple(features2.shape)}"
             )
-        grid1, grid2, valid = overlap_grids(boxes1, flips1, boxes2, flips2, self.size, self.points)
+        grid1, grid2, valid = overlap_grids(
+            boxes1, flips1, boxes2, flips2, self.lattice, self.points
+        )
         if grid1.shape[0] != features1.shape[0]:
             raise ValueError(
                 f"boxes describe {grid1.shape[0]} images but the features hold "
@@ -76,4 +79,4 @@ class RegionAlignedSampler(nn.Module):
 
     def extra_repr(self) -> str:
         """Settings shown by ``print(module)``."""
-        return f"size={self.size}, points={self.points!r}, padding={self.padding!r}"
+        return f"lattice={self.lattice}, points={self.points!r}, padding={self.padding!r}"
