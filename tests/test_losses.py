@@ -142,6 +142,26 @@ class TestSpatialMatchesAuthorsRoute:
         expected = _reference_spatial(sg + sl, tg, boxes, flips, points=points, padding=padding)
         assert_close(loss, expected, atol=1e-9, rtol=1e-9)
 
+    def test_three_global_views_some_apart(self, gen: torch.Generator) -> None:
+        # Each global view has two global partners on each side and each local view three
+        # teachers, so every view's lattices are read together; some pairs do not overlap.
+        sg, tg, sl = _views(gen, 3, 49), _views(gen, 3, 49), _views(gen, L, 16)
+        boxes = random_boxes(B, 3 + L, min_size=0.15, generator=gen)
+        boxes[0, 4] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
+        boxes[0, :3] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
+        flips = random_flips(B, 3 + L, gen)
+        module = _identity_spatial(num_global_views=3, points="official", padding="zeros")
+        loss = module.double()(sg, tg, boxes, flips, sl)
+        lattices = ((6, 6), (4, 4))  # global grid 7 x 7 minus one; local grid 4 x 4
+        expected = _reference_spatial(
+            sg + sl, tg, boxes, flips, points="official", padding="zeros", lattices=lattices
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+        channel = ChannelSelfRelationLoss(
+            DIM, num_global_views=3, projection=nn.Identity(), prediction=nn.Identity()
+        )
+        assert_close(channel.double()(sg, tg, sl), _reference_channel(sg + sl, tg))
+
     def test_non_overlapping_terms_are_masked_out_of_the_mean(self, gen: torch.Generator) -> None:
         sg, tg, sl = _views(gen, G, 196), _views(gen, G, 196), _views(gen, L, 16)
         boxes = random_boxes(B, G + L, min_size=0.1, generator=gen)
