@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta).to(device)  # SERE
+        heads = student.backbone.blocks[0].attn.num_heads  # SERE: the ViT's own (6 for ViT-S)
+        sere = SERELoss(dim, num_heads=heads, alpha=args.alpha, beta=args.beta).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student

@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ibot_weight = 1.0  # SERE: L_iBOT's weight, 1 in plain iBOT
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta).to(device)  # SERE
+        heads = student.backbone.blocks[0].attn.num_heads  # SERE: the ViT's own (6 for ViT-S)
+        sere = SERELoss(dim, num_heads=heads, alpha=args.alpha, beta=args.beta).to(device)  # SERE
         if args.ibot_weight == "authors":  # SERE
             ibot_weight = (4 - args.alpha - args.beta) / 2  # SERE: 1.65 for 0.2 and 0.5
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too

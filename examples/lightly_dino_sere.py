@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         dataset, batch_size=args.batch_size, shuffle=True, drop_last=True
     )
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=1).to(device)
-    sere = SERELoss(dim=backbone.embed_dim).to(device)  # SERE: lattices 7 x 7, 4 x 4 from the grids
+    sere = SERELoss(backbone.embed_dim, num_heads=3).to(device)  # SERE: the ViT's heads; grids 7, 4
     params = [*model.parameters(), *sere.parameters()]  # SERE: its heads train too
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
 

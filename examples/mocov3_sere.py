@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE: two global views, no local ones, so no local heads
         dim = backbone.embed_dim  # SERE: the lattice from the token grid (13 for ViT-S at 224 px)
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, local_heads=False).to(device)  # SERE
+        heads = preset.num_heads  # SERE: the ViT's own, as the authors take it (12 for ViT-S)
+        weights = dict(alpha=args.alpha, beta=args.beta)  # SERE
+        sere = SERELoss(dim, num_heads=heads, local_heads=False, **weights).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     teacher = common.sync_batchnorm(teacher, process)

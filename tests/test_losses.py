@@ -501,7 +501,7 @@ class TestCombined:
     ) -> None:
         torch.manual_seed(0)
         boxes, flips = _overlapping_geometry(gen, G + L)
-        sere = SERELoss(48)
+        sere = SERELoss(48, num_heads=6)
         sg = torch.randn(G * B, 196, 48, requires_grad=True)
         tg, sl = torch.randn(G * B, 196, 48), torch.randn(L * B, 36, 48, requires_grad=True)
         ref = sere(sg, tg, boxes.float(), flips, sl)
@@ -552,3 +552,47 @@ class TestGradcheck:
         tg = torch.randn(G * B, 9, 6, dtype=torch.float64)
         assert torch.autograd.gradcheck(lambda a, b: spatial(a, tg, boxes, flips, b), (sg, sl))
         assert torch.autograd.gradcheck(lambda a, b: channel.double()(a, tg, b), (sg, sl))
+
+
+class TestDefaultHeads:
+    """``num_heads=None``: one spatial head per 64 channels, the head count of ViT-S, B and L."""
+
+    @pytest.mark.parametrize(("dim", "heads"), [(64, 1), (384, 6), (768, 12), (1024, 16)])
+    def test_one_head_per_64_channels(self, dim: int, heads: int) -> None:
+        assert SpatialSelfRelationLoss(dim).num_heads == heads
+        sere = SERELoss(dim)
+        assert sere.spatial is not None
+        assert sere.spatial.num_heads == heads
+
+    def test_vit_large_width_runs_and_splits_sixteen_ways(self, gen: torch.Generator) -> None:
+        # ViT-L: 1024 channels did not divide by the former default of 6 heads.
+        torch.manual_seed(0)
+        tokens = torch.randn(2 * 2, 16, 1024, generator=gen, dtype=torch.float64)
+        boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]], dtype=torch.float64)
+        boxes = boxes.expand(2, 2, 4)
+        flips = torch.zeros(2, 2, dtype=torch.bool)
+        spatial = _identity_spatial_of(1024)
+        loss = spatial.double()(tokens, tokens, boxes, flips)
+        expected = _reference_spatial(
+            list(tokens.split(2)),
+            list(tokens.split(2)),
+            boxes,
+            flips,
+            points="center",
+            padding="border",
+            heads=16,
+            lattices=((3, 3), (3, 3)),
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+
+    def test_other_widths_need_the_heads_given(self) -> None:
+        with pytest.raises(ValueError, match=r"dim=96 is not a multiple of 64: pass num_heads"):
+            SERELoss(96)
+        assert SERELoss(96, num_heads=3).spatial.num_heads == 3  # type: ignore[union-attr]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alpha=0 warns about the channel term alone
+            assert SERELoss(96, alpha=0.0).spatial is None  # no spatial term, no heads needed
+
+
+def _identity_spatial_of(dim: int) -> SpatialSelfRelationLoss:
+    return SpatialSelfRelationLoss(dim, projection=nn.Identity(), prediction=nn.Identity())

@@ -153,6 +153,28 @@ def _sample_pairs(
     )
 
 
+# One spatial head per this many channels by default: the head width of every standard ViT.
+HEAD_WIDTH = 64
+
+
+def _heads(dim: int, num_heads: object) -> int:
+    """``num_heads`` checked, or ``dim // 64`` for ``None`` (a clear error if not whole)."""
+    if num_heads is not None:
+        return check_positive_int(num_heads, "num_heads")
+    if dim % HEAD_WIDTH:
+        raise ValueError(
+            f"num_heads=None takes one head per {HEAD_WIDTH} channels (dim // {HEAD_WIDTH}, the "
+            f"head count of ViT-S, B and L), but dim={dim} is not a multiple of {HEAD_WIDTH}: "
+            f"pass num_heads, for instance the backbone's own head count; it must divide "
+            f"{dim}: one of {_divisors(dim)}"
+        )
+    return dim // HEAD_WIDTH
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
 def _temps(
     teacher_temp: float | None, student_temp: float | None, default: tuple[float, float]
 ) -> tuple[float, float]:
@@ -187,7 +209,10 @@ class SpatialSelfRelationLoss(nn.Module):
 
     Args:
         dim: channel count ``C`` of the backbone's tokens.
-        num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
+        num_heads: ``M``, the heads of the relation; ``None`` (default) for one head per 64
+            channels, ``dim // 64``: 6, 12 and 16 for ViT-S, B and L, the backbone's own head
+            count for every standard ViT, which is what the authors use. A ``dim`` that is not a
+            multiple of 64 needs ``num_heads`` given, a divisor of the heads' output width.
         teacher_temp: ``t_t`` (0.5).
         student_temp: ``t_s`` (1.0).
         global_lattice: ``(Hs, Ws)`` or an int, the lattice between two global views; ``None``
@@ -223,7 +248,7 @@ class SpatialSelfRelationLoss(nn.Module):
     def __init__(
         self,
         dim: int,
-        num_heads: int = 6,
+        num_heads: int | None = None,
         *,
         teacher_temp: float = 0.5,
         student_temp: float = 1.0,
@@ -241,10 +266,11 @@ class SpatialSelfRelationLoss(nn.Module):
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
-        self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.num_heads = _heads(dim, num_heads)
         if projection is None and prediction is None and dim % self.num_heads:
             raise ValueError(
-                f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}"
+                f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}; "
+                f"divisors of {dim}: {_divisors(dim)}"
             )
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
@@ -545,7 +571,8 @@ class SERELoss(nn.Module):
         dim: channel count ``C`` of the backbone's tokens.
         alpha: weight of the spatial term (1.0).
         beta: weight of the channel term (1.0).
-        num_heads: heads of the spatial relation (6).
+        num_heads: heads of the spatial relation; ``None`` (default) for ``dim // 64`` (6 for
+            ViT-S), see :class:`SpatialSelfRelationLoss`.
         num_global_views: ``G`` (2).
         num_prefix_tokens: leading tokens to drop (1 for a CLS token).
         local_heads: separate heads for local views.
@@ -585,7 +612,7 @@ class SERELoss(nn.Module):
         *,
         alpha: float = 1.0,
         beta: float = 1.0,
-        num_heads: int = 6,
+        num_heads: int | None = None,
         num_global_views: int = 2,
         num_prefix_tokens: int = 0,
         local_heads: bool = True,
