@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import sere_loss
 from sere_loss import SERELoss
 
 DIM = 24  # channels C of the tokens
@@ -149,7 +150,10 @@ def run_scenario(
     result["ddp_grads"] = step_grads
     result["final"] = all_params(model)
     if update_teacher:
-        ddp.module.sere.update_teacher(TEACHER_MOMENTUM)
+        # The free function, on the DDP wrapper itself: it finds the heads inside the student.
+        moved = sere_loss.update_teacher(ddp, TEACHER_MOMENTUM)
+        if moved != 2:
+            raise RuntimeError(f"update_teacher moved {moved} sets of heads, expected 2")
         result["after_teacher_update"] = all_params(model)
     return result
 

@@ -192,6 +192,8 @@ def test_ddp_loss_is_finite_and_decreases(run: Launch) -> None:
 
 
 def test_update_teacher_after_ddp_steps(run: Launch) -> None:
+    # The worker calls sere_loss.update_teacher(ddp, m) on the DDP wrapper of a student that
+    # nests the SERELoss: the free function finds the heads without `.module`.
     results = run.load("train")
     _check_in_sync(results, "after_teacher_update")
     final, after = results[0]["final"], results[0]["after_teacher_update"]

@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
 from sere_loss import (
     ChannelSelfRelationLoss,
     RegionAlignedSampler,
     SERELoss,
     SpatialSelfRelationLoss,
+    update_teacher,
 )
 from sere_loss import functional as SF
 
@@ -19,6 +21,21 @@ B = 2
 BOX = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]])
 NO = torch.zeros(B, dtype=torch.bool)
 NO2 = torch.zeros(B, 2, dtype=torch.bool)
+BOX4 = BOX[:, None].expand(B, 4, 4)  # 2 global and 2 local views
+NO4 = torch.zeros(B, 4, dtype=torch.bool)
+
+
+def _tokens(dtype: torch.dtype = torch.float32, c: int = 12) -> torch.Tensor:
+    """Two global views of a batch of B, 4 x 4 tokens of ``c`` channels."""
+    return torch.randn(2 * B, 16, c, dtype=dtype)
+
+
+def _autocast(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call()
+
+    return run
 
 
 def _sere_call(**override: object) -> Callable[[], object]:
@@ -286,6 +303,18 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: SERELoss(12, num_heads=3).update_teacher(1.5),
     ),
     (
+        "update_teacher on a module without SERE",
+        ValueError,
+        r"update_teacher found no SERE heads in Linear: pass the module that holds the SERE loss",
+        lambda: update_teacher(nn.Linear(2, 2), 0.9),
+    ),
+    (
+        "update_teacher momentum",
+        ValueError,
+        r"momentum must lie in \[0, 1\], got -0.1",
+        lambda: update_teacher(SERELoss(12, num_heads=3), -0.1),
+    ),
+    (
         "tokens ndim",
         ValueError,
         r"ViT tokens \(B, T, C\) or CNN feature maps \(B, C, H, W\), got shape \(4, 12\)",
@@ -379,6 +408,99 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
             torch.cat([BOX, BOX[:1]]).expand(1, 3, 4).clone(),
             torch.zeros(1, 3, dtype=torch.bool),
             torch.randn(1, 1, 12),
+        ),
+    ),
+    # what the views share: channels, dtypes, grids; checked before the heads run
+    (
+        "dim vs token channels",
+        ValueError,
+        r"student_global has 12 channels but the loss was built for 24 \(dim=24\): build it "
+        r"with dim=12",
+        lambda: SERELoss(24, num_heads=3)(_tokens(), _tokens(), BOX.expand(B, 2, 4).clone(), NO2),
+    ),
+    (
+        "channels vs a custom projection",
+        ValueError,
+        r"student_global has 12 channels but the loss was built for 8 \(the first layer of its",
+        lambda: SpatialSelfRelationLoss(12, 3, projection=nn.Linear(8, 12))(
+            _tokens(), _tokens(), BOX.expand(B, 2, 4).clone(), NO2
+        ),
+    ),
+    (
+        "channels vs the prediction behind no projection",
+        ValueError,
+        r"student_global has 6 channels but the loss was built for 12",
+        lambda: ChannelSelfRelationLoss(12, projection=nn.Identity())(_tokens(c=6), _tokens(c=6)),
+    ),
+    (
+        "channels of the local views",
+        ValueError,
+        r"student_local has 8 channels but the loss was built for 12 \(dim=12\)",
+        _sere_call(student_local=torch.randn(2 * B, 9, 8), boxes=BOX4, flips=NO4),
+    ),
+    (
+        "student and teacher dtypes",
+        TypeError,
+        r"student_global is torch.bfloat16 but teacher_global is torch.float32 \(outside "
+        r"torch.autocast\): run the forwards that made them, and this loss, under one "
+        r"torch.autocast, or cast them to one dtype",
+        _sere_call(student_global=_tokens(torch.bfloat16)),
+    ),
+    (
+        "local dtype",
+        TypeError,
+        r"student_global is torch.float32 but student_local is torch.float64",
+        _sere_call(student_local=torch.randn(2 * B, 9, 12, dtype=torch.float64), boxes=BOX4,
+                   flips=NO4),
+    ),
+    (
+        "half tokens outside autocast",
+        TypeError,
+        r"student_global and teacher_global are torch.float16 but the SERE heads' parameters are "
+        r"torch.float32 \(outside torch.autocast\): compute this loss under torch.autocast, as "
+        r"the forward that made them, or cast them to torch.float32",
+        _sere_call(student_global=_tokens(torch.float16), teacher_global=_tokens(torch.float16)),
+    ),
+    (
+        "float64 tokens under autocast",
+        TypeError,
+        r"student_global and teacher_global are torch.float64 but the SERE heads' parameters are "
+        r"torch.float32 \(autocast casts only float16, bfloat16 and float32\)",
+        _autocast(_sere_call(student_global=_tokens(torch.float64), teacher_global=_tokens(torch.float64))),
+    ),
+    (
+        "channel term dtypes",
+        TypeError,
+        r"student_global is torch.bfloat16 but teacher_global is torch.float32",
+        lambda: ChannelSelfRelationLoss(12)(_tokens(torch.bfloat16), _tokens()),
+    ),
+    (
+        "student and teacher grids",
+        ValueError,
+        r"student_global has a token grid \(3, 3\) \(9 tokens\) but teacher_global has a token "
+        r"grid \(4, 4\) \(16 tokens\): both must be the same global views",
+        _sere_call(student_global=torch.randn(2 * B, 9, 12)),
+    ),
+    (
+        "channel term token counts",
+        ValueError,
+        r"student_global has 9 patch tokens but teacher_global has 16 patch tokens",
+        lambda: ChannelSelfRelationLoss(12)(torch.randn(2 * B, 9, 12), _tokens()),
+    ),
+    (
+        "globals passed as locals",
+        ValueError,
+        r"student_local has a token grid \(4, 4\) \(16 tokens\), as many as the global views "
+        r"\(a token grid \(4, 4\) \(16 tokens\)\): local views are the smaller crops",
+        _sere_call(student_local=_tokens(), boxes=BOX4, flips=NO4),
+    ),
+    (
+        "views swapped",
+        ValueError,
+        r"student_local has 16 patch tokens, more than the global views \(9 patch tokens\).*look "
+        r"swapped",
+        lambda: ChannelSelfRelationLoss(12)(
+            torch.randn(2 * B, 9, 12), torch.randn(2 * B, 9, 12), _tokens()
         ),
     ),
     (

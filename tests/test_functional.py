@@ -268,3 +268,69 @@ class TestPairedRelationCrossEntropy:
             SF.paired_relation_cross_entropy(
                 torch.randn(3, 1, 2, 2), torch.randn(2, 2, 2, 2), [(0, 1)]
             )
+
+
+def _f64_spatial_ce(s: torch.Tensor, t: torch.Tensor, heads: int, ts: float, tt: float):
+    """Eq. 2-3 in float64, head by head and item by item: the mean row cross-entropy."""
+    d = s.shape[-1] // heads
+    items = []
+    for b in range(s.shape[0]):
+        per_head = []
+        for m in range(heads):
+            xs, xt = (v[b, :, m * d : (m + 1) * d].double() for v in (s, t))
+            a_s, a_t = xs @ xs.T / math.sqrt(d), xt @ xt.T / math.sqrt(d)
+            rows = -(torch.softmax(a_t / tt, -1) * torch.log_softmax(a_s / ts, -1)).sum(-1)
+            per_head.append(rows.mean())
+        items.append(torch.stack(per_head).mean())
+    return torch.stack(items).mean()
+
+
+def _f64_channel_ce(s: torch.Tensor, t: torch.Tensor, ts: float, tt: float) -> torch.Tensor:
+    """Eq. 4-5 in float64, item by item: c^T c / N per view, the mean row cross-entropy."""
+    items = []
+    for b in range(s.shape[0]):
+        xs, xt = s[b].double(), t[b].double()
+        a_s, a_t = xs.T @ xs / xs.shape[0], xt.T @ xt / xt.shape[0]
+        rows = -(torch.softmax(a_t / tt, -1) * torch.log_softmax(a_s / ts, -1)).sum(-1)
+        items.append(rows.mean())
+    return torch.stack(items).mean()
+
+
+class TestFloat32Maths:
+    """Every backend relates float16 features in float32: at a feature scale of ~30 with 64
+    channels the float16 logits overflow (the reference path used to return NaN)."""
+
+    @staticmethod
+    def _features(gen: torch.Generator, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = (30 * torch.randn(2, tokens, 64, generator=gen) for _ in range(2))
+        return s.half(), t.half()
+
+    @pytest.mark.parametrize("heads", [1, 4])
+    @pytest.mark.parametrize("backend", ["reference", "chunked"])
+    def test_spatial_half_features(self, gen: torch.Generator, backend: str, heads: int) -> None:
+        s, t = self._features(gen, 36)
+        expected = _f64_spatial_ce(s, t, heads, 1.0, 0.5)
+        loss = SF.spatial_relation_cross_entropy(s, t, heads, 1.0, 0.5, backend=backend)
+        assert loss.dtype == torch.float32
+        assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+
+    @pytest.mark.parametrize("backend", ["reference", "chunked"])
+    def test_channel_half_features(self, gen: torch.Generator, backend: str) -> None:
+        big = self._features(gen, 49)
+        small = tuple(v / 30 for v in big)  # scale 1: a loss far from 0
+        for s, t in (big, small):
+            expected = _f64_channel_ce(s, t, 1.0, 0.1)
+            loss = SF.channel_relation_cross_entropy(s, t, 1.0, 0.1, backend=backend)
+            assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+        assert expected > 1.0
+
+    def test_reference_ignores_autocast(self, gen: torch.Generator) -> None:
+        # float32 features under a bfloat16 autocast: the relations stay float32, so the loss
+        # matches the float64 statement to float32 precision, not bfloat16's.
+        s, t = (torch.randn(2, 36, 64, generator=gen) for _ in range(2))
+        expected = _f64_spatial_ce(s, t, 4, 1.0, 0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = SF.spatial_relation_cross_entropy(s, t, 4, 1.0, 0.5, backend="reference")
+            channel = SF.channel_relation_cross_entropy(s, t, 1.0, 0.1, backend="reference")
+        assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+        assert_close(channel, _f64_channel_ce(s, t, 1.0, 0.1), atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ from sere_loss import (
     ProjectionHead,
     SERELoss,
     SpatialSelfRelationLoss,
+    update_teacher,
 )
 from sere_loss import functional as SF
 
@@ -256,6 +257,19 @@ class TestChannel:
         ).double()
         assert_close(module(sg, tg, sl), _reference_channel(sg + sl, tg), atol=1e-9, rtol=1e-9)
 
+    def test_reference_backend_relates_in_float32_under_autocast(
+        self, gen: torch.Generator
+    ) -> None:
+        sg, tg, sl = _views(gen, G, 49), _views(gen, G, 49), _views(gen, L, 9)
+        expected = _reference_channel(sg + sl, tg)  # float64
+        module = ChannelSelfRelationLoss(
+            DIM, projection=nn.Identity(), prediction=nn.Identity(), backend="reference"
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module([v.float() for v in sg], [v.float() for v in tg], [v.float() for v in sl])
+        assert loss.dtype == torch.float32
+        assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5)
+
     def test_default_heads_project_then_predict(self, gen: torch.Generator) -> None:
         sg, tg = _views(gen, G, 16), _views(gen, G, 16)
         module = ChannelSelfRelationLoss(DIM).double()
@@ -321,6 +335,34 @@ class TestTeacher:
                 expected = 0.9 * (student[k] - 1.0) + 0.1 * student[k]
                 assert_close(teacher[k].detach(), expected.detach())
         assert before  # the loop above ran
+
+    def test_free_function_reaches_every_nested_loss(self) -> None:
+        # A model that nests the losses (as a LightningModule would), one level deeper too.
+        model = nn.ModuleDict(
+            {
+                "backbone": nn.Linear(4, DIM),
+                "sere": SERELoss(DIM, num_heads=HEADS),
+                "more": nn.ModuleDict({"channel": ChannelSelfRelationLoss(DIM)}),
+            }
+        )
+        heads = [
+            m.heads
+            for m in model.modules()
+            if isinstance(m, (SpatialSelfRelationLoss, ChannelSelfRelationLoss))
+        ]
+        assert len(heads) == 3
+        with torch.no_grad():
+            for h in heads:
+                for p in h.projection.parameters():
+                    p.add_(torch.randn_like(p))
+        student = [[p.detach().clone() for p in h.projection.parameters()] for h in heads]
+        teacher = [[p.detach().clone() for p in h.teacher_projection.parameters()] for h in heads]
+        assert update_teacher(model, 0.75) == 3
+        for h, s_params, t_params in zip(heads, student, teacher, strict=True):
+            for p, s_p, t_p in zip(
+                h.teacher_projection.parameters(), s_params, t_params, strict=True
+            ):
+                assert_close(p.detach(), 0.75 * t_p + 0.25 * s_p)
 
     def test_momentum_one_freezes_and_zero_copies(self) -> None:
         sere = SERELoss(DIM, num_heads=HEADS)
@@ -494,6 +536,20 @@ class TestCombined:
         assert spatial_only.channel is None
         with pytest.raises(ValueError, match="both 0"):
             SERELoss(DIM, alpha=0.0, beta=0.0)
+
+    def test_views_of_mixed_precision_under_autocast(self, gen: torch.Generator) -> None:
+        # Under autocast the views may come in any of float16, bfloat16 and float32 (a student
+        # forward under autocast, a teacher outside it): fine, the loss is float32.
+        torch.manual_seed(0)
+        boxes, flips = _overlapping_geometry(gen, G + L)
+        sere = SERELoss(48, num_heads=6)
+        sg, tg = torch.randn(G * B, 49, 48).bfloat16(), torch.randn(G * B, 49, 48).half()
+        sl = torch.randn(L * B, 9, 48)
+        ref = sere(sg.float(), tg.float(), boxes.float(), flips, sl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = sere(sg, tg, boxes.float(), flips, sl)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, ref, atol=0.0, rtol=3e-2)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16])
     def test_autocast_on_cpu_is_finite_and_close(

@@ -9,7 +9,7 @@ are in :mod:`sere_loss.functional`.
 from . import functional
 from .functional import channel_relation_cross_entropy, spatial_relation_cross_entropy
 from .heads import PredictionHead, ProjectionHead, RelationHeads
-from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
+from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss, update_teacher
 from .sampler import RegionAlignedSampler
 
 __version__ = "0.1.0"
@@ -26,4 +26,5 @@ __all__ = [
     "channel_relation_cross_entropy",
     "functional",
     "spatial_relation_cross_entropy",
+    "update_teacher",
 ]

@@ -322,9 +322,12 @@ def paired_channel_relation_cross_entropy(
     widest = max(students + teachers, key=lambda x: x.shape[1])
     backend = _fused.resolve_backend(backend, widest.transpose(1, 2).unsqueeze(1))
     if backend == "reference":
+        with _no_autocast(students[0].device):  # the relations in float32, as above
+            student_logits = torch.stack([channel_relation(_upcast(x)) for x in students])
+            teacher_logits = torch.stack([channel_relation(_upcast(y)) for y in teachers])
         return paired_relation_cross_entropy(
-            torch.stack([channel_relation(x) for x in students]),
-            torch.stack([channel_relation(y) for y in teachers]),
+            student_logits,
+            teacher_logits,
             pairs,
             student_temp,
             teacher_temp,
@@ -474,9 +477,13 @@ def spatial_relation_cross_entropy(
     student_rows: Tensor = rearrange(student, pattern, m=num_heads)
     backend = _fused.resolve_backend(backend, student_rows)
     if backend == "reference":
+        # The relations in float32 too: float16 logits overflow at feature scales of ~30.
+        with _no_autocast(student.device):
+            student_logits = spatial_relation(_upcast(student), num_heads)
+            teacher_logits = spatial_relation(_upcast(teacher), num_heads)
         return relation_cross_entropy(
-            spatial_relation(student, num_heads),
-            spatial_relation(teacher, num_heads),
+            student_logits,
+            teacher_logits,
             student_temp,
             teacher_temp,
             mask,
@@ -550,9 +557,12 @@ def channel_relation_cross_entropy(
     teacher_rows = teacher.detach().transpose(1, 2).unsqueeze(1)
     backend = _fused.resolve_backend(backend, student_rows, teacher_rows)
     if backend == "reference":
+        with _no_autocast(student.device):  # the relations in float32 too, as above
+            student_logits = channel_relation(_upcast(student))
+            teacher_logits = channel_relation(_upcast(teacher))
         return relation_cross_entropy(
-            channel_relation(student),
-            channel_relation(teacher),
+            student_logits,
+            teacher_logits,
             student_temp,
             teacher_temp,
             mask,

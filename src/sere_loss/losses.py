@@ -7,7 +7,7 @@ multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the k
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, overload
 
 import torch
@@ -21,6 +21,7 @@ from ._checks import (
     check_ndim,
     check_positive,
     check_positive_int,
+    check_unit_interval,
 )
 from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
@@ -32,9 +33,9 @@ from .functional import (
     spatial_relation_cross_entropy,
     view_pairs,
 )
-from .heads import RelationHeads
+from .heads import ProjectionHead, RelationHeads, _TokenBatchNorm
 
-__all__ = ["ChannelSelfRelationLoss", "SERELoss", "SpatialSelfRelationLoss"]
+__all__ = ["ChannelSelfRelationLoss", "SERELoss", "SpatialSelfRelationLoss", "update_teacher"]
 
 
 def _zero_touch(params: Iterable[nn.Parameter], like: Tensor) -> Tensor:
@@ -175,6 +176,121 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is enabled for ``device``'s type (``False`` where it has none)."""
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except RuntimeError:  # a device type that autocast does not know
+        return False
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """The channel count the first layer of ``module`` takes, where the layer says it."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    if isinstance(module, _TokenBatchNorm):
+        module = module.bn
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0]
+    return None
+
+
+def _names(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _check_views(
+    heads: RelationHeads, views: Sequence[tuple[str, Tensor, tuple[int, int] | None]]
+) -> None:
+    """Check what a term's views share before its heads run, and name the arguments.
+
+    ``views`` holds ``(argument, patch tokens (B, N, C), token grid or None)`` for
+    ``student_global``, ``teacher_global`` and, if given, ``student_local``, in this order.
+
+    - dtypes: under autocast any of float16, bfloat16 and float32 is fine (the heads run under
+      it, the relations in float32). Outside it, the views must share one dtype, the heads'.
+    - channels: the width the heads take, where the first layer says it (default heads: dim).
+    - grids: the student's global views must have the teacher's grid; local views fewer tokens
+      than global ones (equal or more means global and local views are mixed up).
+    """
+    param = next((p for p in heads.parameters() if p.is_floating_point()), None)
+    heads_dtype = None if param is None else param.dtype
+    dtypes = {t.dtype for _, t, _ in views} | ({heads_dtype} if heads_dtype else set())
+    autocast = _autocast_on(views[0][1].device)
+    if not (autocast and dtypes <= set(_AUTOCAST_DTYPES)):
+        # Outside autocast, or a dtype that autocast leaves alone (float64).
+        where = (
+            "autocast casts only float16, bfloat16 and float32"
+            if autocast
+            else "outside torch.autocast"
+        )
+        first, first_tokens, _ = views[0]
+        for name, tokens, _ in views[1:]:
+            if tokens.dtype != first_tokens.dtype:
+                raise TypeError(
+                    f"{first} is {first_tokens.dtype} but {name} is {tokens.dtype} ({where}): "
+                    "run the forwards that made them, and this loss, under one torch.autocast, "
+                    "or cast them to one dtype (e.g. .float())"
+                )
+        dtype = first_tokens.dtype
+        if heads_dtype is not None and dtype != heads_dtype:
+            names = _names([name for name, _, _ in views])
+            how = (
+                f"cast them to {heads_dtype}"
+                if autocast
+                else "compute this loss under torch.autocast, as the forward that made them, or "
+                f"cast them to {heads_dtype}"
+            )
+            raise TypeError(
+                f"{names} are {dtype} but the SERE heads' parameters are {heads_dtype} "
+                f"({where}): {how} (or the loss module to {dtype} with .to())"
+            )
+    width = _input_width(heads.projection)
+    if width is None and isinstance(heads.projection, nn.Identity):
+        width = _input_width(heads.prediction)
+    if width is not None:
+        source = (
+            f"dim={width}"
+            if isinstance(heads.projection, ProjectionHead)
+            else "the first layer of its heads"
+        )
+        for name, tokens, _ in views:
+            if tokens.shape[-1] != width:
+                raise ValueError(
+                    f"{name} has {tokens.shape[-1]} channels but the loss was built for {width} "
+                    f"({source}): build it with dim={tokens.shape[-1]}, the backbone's width"
+                )
+
+    def layout(tokens: Tensor, hw: tuple[int, int] | None) -> str:
+        n = tokens.shape[1]
+        return f"{n} patch tokens" if hw is None else f"a token grid {hw} ({n} tokens)"
+
+    (s_name, s_tokens, s_hw), (t_name, t_tokens, t_hw) = views[0], views[1]
+    if s_tokens.shape[1] != t_tokens.shape[1] or s_hw != t_hw:
+        raise ValueError(
+            f"{s_name} has {layout(s_tokens, s_hw)} but {t_name} has {layout(t_tokens, t_hw)}: "
+            "both must be the same global views, at one resolution (the student's local views go "
+            "in student_local)"
+        )
+    if len(views) > 2:
+        l_name, l_tokens, l_hw = views[2]
+        if l_tokens.shape[1] >= t_tokens.shape[1]:
+            what = "as many as" if l_tokens.shape[1] == t_tokens.shape[1] else "more than"
+            raise ValueError(
+                f"{l_name} has {layout(l_tokens, l_hw)}, {what} the global views "
+                f"({layout(t_tokens, t_hw)}): local views are the smaller crops (96 px against "
+                "224 px in DINO), so global and local views look swapped or mixed up; global "
+                "views go in student_global and teacher_global, local ones in student_local"
+            )
+
+
 def _temps(
     teacher_temp: float | None, student_temp: float | None, default: tuple[float, float]
 ) -> tuple[float, float]:
@@ -206,6 +322,12 @@ class SpatialSelfRelationLoss(nn.Module):
 
     Temperatures: the defaults (teacher 0.5, student 1.0) are the authors' code, which produced
     the paper's numbers; the paper's text states them the other way round.
+
+    Inputs are checked before the heads run, and a mistake names the argument: channels other
+    than ``dim``; student and teacher global views of different grids; local views with as many
+    tokens as the global ones or more (views swapped); dtypes. Under ``torch.autocast`` the
+    views may be float16, bfloat16 or float32, mixed; outside it they must share one dtype, the
+    heads' (float16 tokens with float32 heads mean a forward under autocast and a loss outside).
 
     Args:
         dim: channel count ``C`` of the backbone's tokens.
@@ -339,10 +461,14 @@ class SpatialSelfRelationLoss(nn.Module):
 
         t_tokens, t_hw = to_tokens(teacher, self.num_prefix_tokens, global_grid, "teacher_global")
         s_tokens, s_hw = to_tokens(student, self.num_prefix_tokens, global_grid, "student_global")
+        inputs = [("student_global", s_tokens, s_hw), ("teacher_global", t_tokens, t_hw)]
+        if local is not None:
+            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
+            inputs.append(("student_local", l_tokens, l_hw))
+        _check_views(self.heads, inputs)
         global_lattice = self._lattice("global_lattice", self.global_lattice, t_hw, 1)
         local_lattice = global_lattice  # unused without local views
         if local is not None:
-            l_tokens, l_hw = to_tokens(local, self.num_prefix_tokens, local_grid, "student_local")
             local_lattice = self._lattice("local_lattice", self.local_lattice, l_hw, 0)
         t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
         view_maps = [to_maps(self.heads.student(s_tokens), s_hw)]
@@ -447,6 +573,7 @@ class ChannelSelfRelationLoss(nn.Module):
 
     The paper (Sec. 4.3) finds that ``L_c`` without an image-level loss ``L_I`` can collapse
     (every channel encoding the same feature): add it to a DINO, iBOT or MoCo v3 objective.
+    Inputs are checked as in :class:`SpatialSelfRelationLoss`, by token counts.
 
     Temperatures: teacher 0.1 and student 1.0 are the authors' code (the paper's text swaps
     them).
@@ -525,11 +652,18 @@ class ChannelSelfRelationLoss(nn.Module):
         prefix = self.num_prefix_tokens
         t_tokens = patch_tokens(teacher, prefix, "teacher_global")
         s_tokens = patch_tokens(student, prefix, "student_global")
-        t_feats = self.heads.teacher(t_tokens)
-        s_feats = [self.heads.student(s_tokens)]
+        inputs: list[tuple[str, Tensor, tuple[int, int] | None]] = [
+            ("student_global", s_tokens, None),
+            ("teacher_global", t_tokens, None),
+        ]
         if student_local is not None:
             local, num_local, _ = join_views(student_local, None, batch, "student_local")
             l_tokens = patch_tokens(local, prefix, "student_local")
+            inputs.append(("student_local", l_tokens, None))
+        _check_views(self.heads, inputs)
+        t_feats = self.heads.teacher(t_tokens)
+        s_feats = [self.heads.student(s_tokens)]
+        if student_local is not None:
             s_feats.append(self.heads.student(l_tokens, local=True))
         pairs = view_pairs(g, num_local)
         if not pairs:
@@ -751,3 +885,42 @@ class SERELoss(nn.Module):
     def extra_repr(self) -> str:
         """Settings shown by ``print(module)``."""
         return f"alpha={self.alpha}, beta={self.beta}"
+
+
+@torch.no_grad()
+def update_teacher(module: nn.Module, momentum: float) -> int:
+    """EMA step of every SERE teacher head in ``module``, wherever it sits.
+
+    Looks through ``module.modules()`` for the heads of every SERE term (a :class:`SERELoss`, a
+    :class:`SpatialSelfRelationLoss` or :class:`ChannelSelfRelationLoss`, or bare
+    :class:`~sere_loss.heads.RelationHeads`) and moves each teacher projection one step,
+    ``teacher = m * teacher + (1 - m) * student``. So it reaches through
+    ``DistributedDataParallel`` (no ``.module``), a LightningModule or any model that holds the
+    loss. Call it right after the backbone's EMA step, with the same momentum.
+
+    Args:
+        module: a SERE loss, or any module that holds one (DDP wrappers included).
+        momentum: the teacher momentum of this iteration, in [0, 1].
+
+    Returns:
+        How many sets of heads moved (2 for a :class:`SERELoss` with both terms).
+
+    Raises:
+        ValueError: ``module`` holds no SERE heads (a wrong module would otherwise leave the
+            teachers frozen without a word).
+
+    Example:
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(dim=48)})
+        >>> update_teacher(model, 0.996)
+        2
+    """
+    momentum = check_unit_interval(momentum, "momentum")
+    heads = [m for m in module.modules() if isinstance(m, RelationHeads)]
+    if not heads:
+        raise ValueError(
+            f"update_teacher found no SERE heads in {type(module).__name__}: pass the module "
+            "that holds the SERE loss (or the loss itself)"
+        )
+    for h in heads:
+        h.update_teacher(momentum)
+    return len(heads)
