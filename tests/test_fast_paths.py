@@ -62,13 +62,17 @@ def _paired_value_and_grads(
 
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("products", [0, 100], ids=["sum-then-product", "two-products"])
 def test_paired_channel_matches_the_loop_in_float64(
-    gen: torch.Generator, backend: str, monkeypatch: pytest.MonkeyPatch
+    gen: torch.Generator, backend: str, products: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_fused, "CPU_BLOCK_BYTES", 2 * C * C * 8)  # blocks of 2 items, B = 3
+    monkeypatch.setattr(_fused, "_TWO_PRODUCTS_BELOW_TOKENS", products)
     student, teacher = _views(gen), _views(gen)[:2]
     pairs = SF.view_pairs(2, 2)
-    weights = torch.rand(len(pairs), B, generator=gen, dtype=torch.float64)
+    # Upstream weights of either sign; for item 0 the two pairs of local view 2 cancel.
+    weights = 2 * torch.rand(len(pairs), B, generator=gen, dtype=torch.float64) - 1
+    weights[pairs.index((1, 2)), 0] = -weights[pairs.index((0, 2)), 0]
     leaves = [x.clone().requires_grad_() for x in student]
     want = _channel_pairs_loop(leaves, teacher, pairs, 1.0, 0.1)
     want_grads = torch.autograd.grad(want, leaves, weights)
