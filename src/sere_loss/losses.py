@@ -142,10 +142,11 @@ def _sample_pairs(
     positions = torch.tensor(by_teacher, device=grid_t.device).flatten()
     grid_t = grid_t.view(len(order), batch, hs, ws, 2)[positions]
     with torch.no_grad():
-        teacher = read(teacher_maps, side_by_side(grid_t, per_teacher)).transpose(1, 2)
+        teacher = read(teacher_maps, side_by_side(grid_t, per_teacher))  # (G, B, Kt, S, C)
         back = torch.empty_like(positions)
         back[positions] = torch.arange(len(order), device=positions.device)
-        teacher = teacher.reshape(len(order), batch, hs * ws, -1)[back]
+        # Pair p reads teacher view back[p] // Kt, lattice back[p] % Kt: one gather, (P, B, S, C).
+        teacher = teacher[back // per_teacher, :, back % per_teacher]
     features = student.shape[-1]
     return (
         teacher.reshape(-1, hs * ws, features),
