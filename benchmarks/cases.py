@@ -223,7 +223,7 @@ SETTINGS: dict[str, Setting] = {
             2,
             7,
             dim=64,
-            impls=("library@3", "library@6"),
+            impls=("library@6", "library@3"),
             **SWEEP,
         ),
     )

@@ -187,6 +187,36 @@ def results_table(setting: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def lattice_table(settings: list[dict[str, Any]]) -> list[str]:
+    """Cost of each lattice against the baseline lattice of its sweep: time per round, memory."""
+    import stats
+
+    lines = [
+        "| setting | lattice | points S | spatial term per step | time vs the smallest "
+        "(median, IQR) | peak memory | memory vs the smallest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for setting in settings:
+        data = setting.get("terms", {}).get("spatial")
+        if data is None:
+            continue
+        base = setting["baseline"]
+        runs = data["impls"]
+        order = sorted(runs, key=lambda impl: int(impl.partition("@")[2] or 0))
+        for impl in order:
+            side = int(impl.partition("@")[2])
+            r, b = runs[impl], runs[base]
+            cost = stats.ratio_summary(r["seconds"]["values"], b["seconds"]["values"])
+            mem = r["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else float("nan")
+            lines.append(
+                f"| {setting['name']} | {side} x {side} | {side * side} | "
+                f"{_fmt_time(r['seconds']['median'])} | {cost['median']:.2f}x "
+                f"({cost['q25']:.2f}-{cost['q75']:.2f}) | {r['peak_bytes'] / MIB:,.0f} MiB | "
+                f"{mem:.2f}x |"
+            )
+    return lines
+
+
 def dino_table(dino: dict[str, Any]) -> list[str]:
     """The whole-step measurement, as markdown lines."""
     if dino.get("status") != "measured":
@@ -303,6 +333,8 @@ def docs_block(results: dict[str, Any], stem: str) -> str:
         if not members:
             continue
         lines += [f"#### {title}", ""]
+        if group == "lattice":
+            lines += [*lattice_table(members), ""]
         for setting in members:
             lines += [f"**{setting['name']}**: {setting['description']}", ""]
             lines += _setting_lines(setting)
