@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import sere_loss
-from sere_loss import SERELoss
+from sere_loss import SERELoss, TokenTap
 
 DIM = 24  # channels C of the tokens
 IN_DIM = 16  # channels of the fixed random inputs the backbone maps to tokens
@@ -158,6 +158,49 @@ def run_scenario(
     return result
 
 
+def run_tap_scenario(rank: int) -> dict[str, Any]:
+    """One DINO + SERE step with TokenTap on a DDP-wrapped multi-crop student.
+
+    The tap is on the DDP wrapper itself; the loss takes only SERE's value (the head's output
+    enters times 0), so the backbone's gradient comes through the tapped tokens alone.
+    """
+    from _tiny_models import MultiCrop, TinyViT
+
+    torch.manual_seed(MODEL_SEED)
+    student = MultiCrop(TinyViT(), nn.Linear(24, 5))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    sere = SERELoss(24, num_heads=3)
+    reference, reference_sere = copy.deepcopy(student), copy.deepcopy(sere)
+    gen = torch.Generator().manual_seed(DATA_SEED + rank)
+    crops = [torch.randn(BATCH, 3, 16, 16, generator=gen) for _ in range(2)]
+    crops += [torch.randn(BATCH, 3, 8, 8, generator=gen) for _ in range(2)]
+    start = 0.3 * torch.rand(BATCH, 4, 2, generator=gen)
+    boxes = torch.cat([start, start + 0.5 + 0.2 * torch.rand(BATCH, 4, 2, generator=gen)], -1)
+    flips = torch.rand(BATCH, 4, generator=gen) < 0.5
+    t_tap = TokenTap(teacher)
+
+    def step(model: nn.Module, loss_module: nn.Module) -> Tensor:
+        with TokenTap(model) as tap:
+            out = model(crops)
+            with torch.no_grad():
+                teacher(crops[:2])
+            s_maps, (t_maps,) = tap.pop(), t_tap.pop()
+        loss = loss_module(s_maps[0], t_maps, boxes.clamp(max=1.0), flips, s_maps[1])
+        return loss + 0.0 * out.sum()  # type: ignore[no-any-return]
+
+    result: dict[str, Any] = {}
+    local_loss = step(reference, reference_sere)
+    local_loss.backward()
+    result["local_loss"] = local_loss.detach().clone()
+    result["local_grads"] = trainable_grads(nn.ModuleDict({"s": reference, "sere": reference_sere}))
+    ddp, sere_ddp = DistributedDataParallel(student), DistributedDataParallel(sere)
+    loss = step(ddp, sere_ddp)
+    loss.backward()
+    result["loss"] = loss.detach().clone()
+    result["ddp_grads"] = trainable_grads(nn.ModuleDict({"s": student, "sere": sere}))
+    return result
+
+
 # name -> options of run_scenario; run in this order by every rank.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "train": {"steps": 20, "overlap": True, "local": True, "update_teacher": True},
@@ -188,6 +231,7 @@ def main(argv: list[str]) -> int:
         if options["overlap"] is None:  # disjoint on rank 0 only
             options["overlap"] = rank != 0
         save(run_scenario(rank, **options), out / f"{name}-rank{rank}.pt")
+    save(run_tap_scenario(rank), out / f"tap-rank{rank}.pt")
     sys.stdout.flush()
     sys.stderr.flush()
     dist.destroy_process_group()

@@ -209,6 +209,29 @@ def test_update_teacher_after_ddp_steps(run: Launch) -> None:
             assert torch.equal(after[name], final[name]), f"update_teacher changed {name}"
 
 
+def test_token_tap_under_ddp(run: Launch) -> None:
+    # TokenTap on a DDP-wrapped multi-crop student (the worker's run_tap_scenario): the loss
+    # is SERE's alone, so the backbone's gradient comes through the tapped tokens. DDP's
+    # gradient is the mean of the ranks' local ones, and the blocks got a real gradient.
+    results = run.load("tap")
+    for r in results:
+        _assert_same(r["loss"], r["local_loss"], "DDP loss vs local loss")
+    names = set(results[0]["local_grads"])
+    assert "s.backbone.blocks.1.mlp.0.weight" in names
+    for rank, r in enumerate(results):
+        assert set(r["ddp_grads"]) == names == set(r["local_grads"]), rank
+    for name in sorted(names):
+        ddp = [r["ddp_grads"][name] for r in results]
+        _assert_same(ddp[0], ddp[1], f"DDP gradient of {name} across ranks")
+        mean = (results[0]["local_grads"][name] + results[1]["local_grads"][name]) / 2
+        _assert_same(ddp[0], mean, f"DDP gradient of {name} vs local mean", **MEAN)
+    for rank in range(WORLD_SIZE):
+        block = results[rank]["local_grads"]["s.backbone.blocks.1.mlp.0.weight"]
+        assert block.abs().sum() > 0, rank
+    local = [r["local_grads"]["s.backbone.blocks.1.mlp.0.weight"] for r in results]
+    assert not torch.allclose(local[0], local[1])  # the ranks' data differ
+
+
 @pytest.mark.parametrize("scenario", DISJOINT_SCENARIOS)
 def test_ddp_no_overlapping_views_does_not_stall(run: Launch, scenario: str) -> None:
     results = run.load(scenario)  # present: the step finished on both ranks

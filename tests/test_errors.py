@@ -421,7 +421,8 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
     (
         "channels vs a custom projection",
         ValueError,
-        r"student_global has 12 channels but the loss was built for 8 \(the first layer of its",
+        r"student_global has 12 channels but the loss was built for 8 \(the first layer of its "
+        r"heads\): give it heads that take 12, the backbone's width",
         lambda: SpatialSelfRelationLoss(12, 3, projection=nn.Linear(8, 12))(
             _tokens(), _tokens(), BOX.expand(B, 2, 4).clone(), NO2
         ),

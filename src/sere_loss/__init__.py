@@ -3,7 +3,8 @@
 SERE (Li, Gao, Cheng, TPAMI 2023) adds two terms to DINO, iBOT or MoCo v3 style objectives: the
 spatial self-relation of the patches of a view, compared across views on their overlap, and the
 channel self-relation of a view. ``SERELoss`` computes both for a multi-crop batch; the kernels
-are in :mod:`sere_loss.functional`.
+are in :mod:`sere_loss.functional`. ``TokenTap`` takes the patch tokens out of a backbone, and
+``update_teacher`` moves the teacher heads of every SERE loss inside a model.
 """
 
 from . import functional
@@ -11,6 +12,7 @@ from .functional import channel_relation_cross_entropy, spatial_relation_cross_e
 from .heads import PredictionHead, ProjectionHead, RelationHeads
 from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss, update_teacher
 from .sampler import RegionAlignedSampler
+from .tap import TokenTap
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ __all__ = [
     "RelationHeads",
     "SERELoss",
     "SpatialSelfRelationLoss",
+    "TokenTap",
     "__version__",
     "channel_relation_cross_entropy",
     "functional",

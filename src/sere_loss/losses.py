@@ -257,16 +257,19 @@ def _check_views(
     if width is None and isinstance(heads.projection, nn.Identity):
         width = _input_width(heads.prediction)
     if width is not None:
-        source = (
-            f"dim={width}"
-            if isinstance(heads.projection, ProjectionHead)
-            else "the first layer of its heads"
-        )
+        default = isinstance(heads.projection, ProjectionHead)
+        source = f"dim={width}" if default else "the first layer of its heads"
         for name, tokens, _ in views:
-            if tokens.shape[-1] != width:
+            channels = tokens.shape[-1]
+            if channels != width:
+                fix = (
+                    f"build it with dim={channels}"
+                    if default
+                    else f"give it heads that take {channels}"
+                )
                 raise ValueError(
-                    f"{name} has {tokens.shape[-1]} channels but the loss was built for {width} "
-                    f"({source}): build it with dim={tokens.shape[-1]}, the backbone's width"
+                    f"{name} has {channels} channels but the loss was built for {width} "
+                    f"({source}): {fix}, the backbone's width"
                 )
 
     def layout(tokens: Tensor, hw: tuple[int, int] | None) -> str:
@@ -911,7 +914,7 @@ def update_teacher(module: nn.Module, momentum: float) -> int:
             teachers frozen without a word).
 
     Example:
-        >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(dim=48)})
+        >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(48, num_heads=6)})
         >>> update_teacher(model, 0.996)
         2
     """
