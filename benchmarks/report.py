@@ -77,6 +77,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 met=bool(s["median"] >= t.bound),
                 clears=bool(s["ci_low"] >= t.bound),
             )
+            if "cpu_speedup" in run:
+                row["cpu"] = run["cpu_speedup"]["median"]
         elif run["memory_ratio"] is None:
             row.update(value=None, met=None, note="the baseline's peak read 0")
         else:
@@ -99,6 +101,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             met=bool(s["median"] <= 0.03),
             clears=bool(s["ci_high"] <= 0.03),
         )
+        if "cpu_share" in dino:
+            row["cpu"] = dino["cpu_share"]["median"]
     else:
         row.update(value=None, met=None, note=dino.get("status", "not run"))
     out.append(row)
@@ -132,15 +136,16 @@ def _fmt_bound(row: dict[str, Any]) -> str:
 def targets_table(targets: list[dict[str, Any]]) -> str:
     """Markdown: target, bound, median, IQR, interval for the median, met."""
     lines = [
-        "| target | bound | measured (median) | IQR | interval for the median | met |",
-        "|---|---|---|---|---|---|",
+        "| target | bound | measured (median) | IQR | interval for the median | met | "
+        "in CPU time (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in targets:
         kind = row["kind"]
         if row.get("value") is None:
             lines.append(
                 f"| {row['target']} | {_fmt_bound(row)} | - ({row.get('note', '')}) | - | - | "
-                "not measured |"
+                "not measured | - |"
             )
             continue
         iqr = "-"
@@ -153,9 +158,10 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
         met = "yes" if row["met"] else "**no**"
         if row["met"] and not row.get("clears", True):
             met = "yes (median; the interval reaches past the bound)"
+        cpu = _fmt_ratio(row["cpu"], kind) if "cpu" in row else "-"
         lines.append(
             f"| {row['target']} | {_fmt_bound(row)} | {_fmt_ratio(row['value'], kind)} | "
-            f"{iqr} | {interval} | {met} |"
+            f"{iqr} | {interval} | {met} | {cpu} |"
         )
     return "\n".join(lines)
 
@@ -165,24 +171,26 @@ def results_table(setting: dict[str, Any]) -> str:
     base = setting.get("baseline", "authors")
     lines = [
         f"| term | implementation | per step (median) | IQR | peak memory | speedup vs {base} "
-        "(median, IQR) | interval | memory vs " + base + " |",
-        "|---|---|---|---|---|---|---|---|",
+        "(median, IQR) | interval | in CPU time | memory vs " + base + " |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for term, data in setting.get("terms", {}).items():
         for impl, r in data["impls"].items():
             t = r["seconds"]
             peak = r.get("peak_bytes")
             mem = f"{peak / MIB:,.0f} MiB" if peak is not None else "-"
-            speed, interval, memr = "-", "-", "-"
+            speed, interval, memr, cpu = "-", "-", "-", "-"
             if "speedup" in r:
                 s = r["speedup"]
                 speed = f"{s['median']:.2f}x ({s['q25']:.2f}-{s['q75']:.2f})"
                 interval = f"{s['ci_low']:.2f}-{s['ci_high']:.2f}"
+                if "cpu_speedup" in r:
+                    cpu = f"{r['cpu_speedup']['median']:.2f}x"
                 if r["memory_ratio"] is not None:
                     memr = f"{r['memory_ratio']:.3f}"
             lines.append(
                 f"| {term} | {impl} | {_fmt_time(t['median'])} | {_fmt_time(t['iqr'])} | {mem} | "
-                f"{speed} | {interval} | {memr} |"
+                f"{speed} | {interval} | {cpu} | {memr} |"
             )
     return "\n".join(lines)
 
@@ -240,6 +248,12 @@ def dino_table(dino: dict[str, Any]) -> list[str]:
         f"{100 * s['ci_low']:.2f}-{100 * s['ci_high']:.2f} %), and the step with SERE takes "
         f"{o['median']:.3f} times the step without (IQR {o['q25']:.3f}-{o['q75']:.3f}).",
     ]
+    if "cpu_share" in dino:
+        c, co = dino["cpu_share"], dino["cpu_step_ratio"]
+        rows[-1] += (
+            f" In process CPU time: share {100 * c['median']:.2f} % (IQR "
+            f"{100 * c['q25']:.2f}-{100 * c['q75']:.2f} %), ratio {co['median']:.3f}."
+        )
     return rows
 
 
@@ -306,9 +320,15 @@ def _setting_lines(setting: dict[str, Any]) -> list[str]:
     rounds = {d["rounds"] for d in setting.get("terms", {}).values()}
     lines.append(
         f"- {setting['batch']} images, {setting['channels']} channels, {setting['heads']} heads; "
-        f"lattice {setting['lattice']['global']} (globals), {setting['lattice']['local']} "
-        f"(with a local view); {', '.join(map(str, sorted(rounds)))} rounds; 1-min load during "
-        f"timing {'; '.join(loads)}"
+        f"lattice {setting['lattice']['global']} between the globals"
+        + (
+            f", {setting['lattice']['local']} with a local view ({setting['local_views']} local "
+            "views)"
+            if setting.get("local_views")
+            else ""
+        )
+        + f"; {', '.join(map(str, sorted(rounds)))} rounds; 1-min load during timing "
+        + "; ".join(loads)
     )
     return [*lines, "", results_table(setting), ""]
 

@@ -47,8 +47,11 @@ def _sync(device: torch.device) -> None:
 
 def time_rounds(
     built: list[cases.Case], rounds: int, device: torch.device, min_sample_s: float
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Seconds per step of every case, one sample per case and round; and steps per sample.
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
+    """Seconds per step of every case, one sample per case and round, and steps per sample.
+
+    The third result is the process's CPU seconds per step (``time.process_time``): at one
+    thread, far less sensitive than wall time to the load of other processes.
 
     Every case first takes one untimed warm-up step, always. A sample runs the step ``number``
     times (enough to last ``min_sample_s`` judging by a second, timed warm-up step) and records
@@ -64,17 +67,19 @@ def time_rounds(
         _sync(device)
         numbers[case.impl] = max(1, math.ceil(min_sample_s / (time.perf_counter() - tic)))
     times: dict[str, list[float]] = {case.impl: [] for case in built}
+    cpu: dict[str, list[float]] = {case.impl: [] for case in built}
     for r in range(rounds):
         shift = r % len(built)
         for case in built[shift:] + built[:shift]:
             number = numbers[case.impl]
             _sync(device)
-            tic = time.perf_counter()
+            tic, tic_cpu = time.perf_counter(), time.process_time()
             for _ in range(number):
                 case.step()
             _sync(device)
             times[case.impl].append((time.perf_counter() - tic) / number)
-    return times, numbers
+            cpu[case.impl].append((time.process_time() - tic_cpu) / number)
+    return times, numbers, cpu
 
 
 def _authors_fits(setting: cases.Setting, device: torch.device, args: argparse.Namespace) -> str:
@@ -150,7 +155,7 @@ def run_setting(
         built = [cases.build_case(setting, impl, term, device) for impl in impls]
         load_before = record.load()
         started = time.perf_counter()
-        times, numbers = time_rounds(built, args.rounds, device, args.min_sample)
+        times, numbers, cpu = time_rounds(built, args.rounds, device, args.min_sample)
         seconds = time.perf_counter() - started
         load_after = record.load()
         base = out["baseline"]
@@ -159,18 +164,21 @@ def run_setting(
             peak = probes[term][impl]["peak_bytes"]
             runs[impl] = {
                 "seconds": stats.summary(times[impl]),
+                "cpu_seconds": stats.summary(cpu[impl]),
                 "steps_per_sample": numbers[impl],
                 "peak_bytes": peak,
                 "loss": probes[term][impl]["loss"],
             }
             if impl != base:
                 runs[impl]["speedup"] = stats.ratio_summary(times[base], times[impl])
+                runs[impl]["cpu_speedup"] = stats.ratio_summary(cpu[base], cpu[impl])
                 base_peak = probes[term][base]["peak_bytes"]
                 runs[impl]["memory_ratio"] = peak / base_peak if base_peak > 0 else None
             line = f"    {impl}: {runs[impl]['seconds']['median'] * 1e3:,.1f} ms"
             if impl != base:
                 s = runs[impl]["speedup"]
                 line += f", {s['median']:.2f}x (IQR {s['q25']:.2f}-{s['q75']:.2f}) vs {base}"
+                line += f" (CPU time {runs[impl]['cpu_speedup']['median']:.2f}x)"
                 if runs[impl]["memory_ratio"] is not None:
                     line += f", memory {runs[impl]['memory_ratio']:.3f}"
             print(line, flush=True)

@@ -66,12 +66,13 @@ def test_rounds_warm_up_every_case_and_rotate_the_order() -> None:
         return cases.Case(cases.SETTINGS["quick"], name, "sere", loss, [leaf])
 
     built = [case("a"), case("b"), case("c")]
-    times, numbers = run.time_rounds(built, 4, torch.device("cpu"), min_sample_s=0.0)
+    times, numbers, cpu = run.time_rounds(built, 4, torch.device("cpu"), min_sample_s=0.0)
     assert numbers == {"a": 1, "b": 1, "c": 1}
     # Each case: an untimed warm-up step and a timed one that sizes its samples, then rounds.
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
     assert calls[6:] == [*"abc", *"bca", *"cab", *"abc"]
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert {name: len(t) for name, t in cpu.items()} == {"a": 4, "b": 4, "c": 4}
 
 
 def test_dirty_state_covers_the_whole_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
