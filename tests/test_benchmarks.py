@@ -37,6 +37,7 @@ def test_median_interval_from_order_statistics() -> None:
     low, high, cover = stats.median_interval(twenty)
     assert (low, high) == (6.0, 15.0)
     assert cover == pytest.approx(1 - 2 * 21700 / 2**20)
+    assert stats.median_interval([3.0]) == (3.0, 3.0, 0.0)  # one round claims no coverage
 
 
 def test_ratios_are_taken_within_rounds() -> None:
