@@ -140,6 +140,46 @@ def test_paired_channel_bad_input() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Sampling: token rows gathered by their bilinear taps against grid_sample
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("hw", [(5, 5), (3, 7)])
+def test_sample_tokens_is_sample_region(
+    gen: torch.Generator, padding: str, hw: tuple[int, int]
+) -> None:
+    h, w = hw
+    tokens = torch.randn(3, h * w, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    # Points inside, on the border band and outside the view (grids of -2 mark empty pairs).
+    grid = 2.6 * torch.rand(3, 4, 6, 2, generator=gen, dtype=torch.float64) - 1.3
+    grid[0, 0, 0] = -2.0
+    grid[1, 0, :2] = torch.tensor([[-1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)  # corners
+    maps = tokens.transpose(1, 2).reshape(3, 4, h, w)  # the tokens on their grid, (B, C, H, W)
+    want = SF.sample_region(maps, grid, padding)
+    got = SF.sample_tokens(tokens, hw, grid, padding)
+    assert_close(got, want)
+    weights = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    (want_grad,) = torch.autograd.grad(want, tokens, weights)
+    (got_grad,) = torch.autograd.grad(got, tokens, weights)
+    assert_close(got_grad, want_grad)
+
+
+def test_bilinear_taps_weights_sum_to_one_inside() -> None:
+    grid = torch.tensor([[[0.3, -0.2], [-0.5, 0.6], [1.0, 1.0]]], dtype=torch.float64)
+    index, weight = SF.bilinear_taps(grid, (4, 6), "zeros")
+    assert index.shape == weight.shape == (1, 3, 4)
+    assert int(index.min()) >= 0
+    assert int(index.max()) < 24
+    # Between pixel centres (u = 3.4, v = 1.1; u = 1.0, v = 2.7) all four taps are in the map.
+    # At (1, 1), u = 5.5 and v = 3.5: only pixel (5, 3) is, with weight 0.5 * 0.5.
+    assert_close(weight[0, :2].sum(-1), torch.ones(2, dtype=torch.float64))
+    assert float(weight[0, 2].sum()) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="tokens must hold the H \\* W = 6 tokens"):
+        SF.sample_tokens(torch.randn(1, 5, 2), (2, 3), torch.zeros(1, 1, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
 # The whole loss: values, gradients and BatchNorm buffers under the tolerance rule
 # --------------------------------------------------------------------------------------------
 

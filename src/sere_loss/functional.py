@@ -38,7 +38,9 @@ __all__ = [
     "paired_channel_relation_cross_entropy",
     "paired_relation_cross_entropy",
     "relation_cross_entropy",
+    "bilinear_taps",
     "sample_region",
+    "sample_tokens",
     "spatial_relation",
     "spatial_relation_cross_entropy",
     "view_pairs",
@@ -733,6 +735,116 @@ def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Te
         align_corners=False,
     )
     return rearrange(sampled, "b c h w -> b (h w) c")
+
+
+def bilinear_taps(
+    grid: Tensor, hw: tuple[int, int], padding: str = "border"
+) -> tuple[Tensor, Tensor]:
+    r"""The four taps of :func:`sample_region`'s bilinear interpolation, as indices and weights.
+
+    ``grid_sample`` with ``align_corners=False`` reads a point ``(x, y)`` of the grid at pixel
+    coordinates ``u = ((x + 1) W - 1) / 2`` and ``v = ((y + 1) H - 1) / 2`` (``padding="border"``
+    first clamps them to ``[0, W - 1]`` and ``[0, H - 1]``), and blends the four pixels around
+    them: ``(u0, v0)`` with weight ``(1 - a)(1 - b)``, ``(u0 + 1, v0)`` with ``a (1 - b)``,
+    ``(u0, v0 + 1)`` with ``(1 - a) b`` and ``(u0 + 1, v0 + 1)`` with ``a b``, where
+    ``u0 = floor(u)``, ``a = u - u0`` and likewise for ``v``. A pixel outside the map weighs 0
+    (with ``"border"`` only a tap of weight 0 can fall outside). The pixels are numbered
+    row-major, ``v * W + u``: the order of the patch tokens of a ``(H, W)`` grid.
+
+    Args:
+        grid: ``(..., 2)`` points in ``grid_sample``'s convention (x, then y, in ``[-1, 1]``
+            inside the map).
+        hw: ``(H, W)`` of the map.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so always
+        valid) and ``(..., 4)`` weights in the grid's dtype.
+
+    Example:
+        >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
+        >>> index.tolist(), weight.tolist()  # the centre: all four pixels, a quarter each
+        ([[0, 1, 2, 3]], [[0.25, 0.25, 0.25, 0.25]])
+    """
+    height, width = hw
+    padding = check_choice(padding, "padding", _PADDINGS)
+    u = ((grid[..., 0] + 1) * width - 1) / 2
+    v = ((grid[..., 1] + 1) * height - 1) / 2
+    if padding == "border":
+        u = u.clamp(0, width - 1)
+        v = v.clamp(0, height - 1)
+    u0, v0 = u.floor(), v.floor()
+    a, b = u - u0, v - v0
+    indices, weights = [], []
+    for dv, wv in ((0, 1 - b), (1, b)):
+        for du, wu in ((0, 1 - a), (1, a)):
+            uu, vv = u0 + du, v0 + dv
+            inside = (uu >= 0) & (uu <= width - 1) & (vv >= 0) & (vv <= height - 1)
+            indices.append((vv.clamp(0, height - 1) * width + uu.clamp(0, width - 1)).long())
+            weights.append(torch.where(inside, wu * wv, torch.zeros_like(wu)))
+    return torch.stack(indices, dim=-1), torch.stack(weights, dim=-1)
+
+
+def sample_tokens(
+    tokens: Tensor, hw: tuple[int, int], grid: Tensor, padding: str = "border"
+) -> Tensor:
+    r""":func:`sample_region` of patch tokens laid on their grid, as a weighted gather of tokens.
+
+    The value of ``sample_region(tokens viewed as (B, C, H, W) maps, grid, padding)``: each
+    point is the :func:`bilinear_taps` blend of four tokens. Reading token rows ``(B * N, C)``
+    directly (``embedding_bag`` with the taps' weights) takes no layout change of the tokens and
+    returns ``(B, S, C)`` rows; its gradient reaches the tokens in their own layout.
+
+    Args:
+        tokens: ``(B, H * W, C)`` patch tokens, row-major on the grid.
+        hw: ``(H, W)``.
+        grid: ``(B, Hs, Ws, 2)`` from :func:`overlap_grids`.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        Sampled features ``(B, Hs * Ws, C)``, row-major over the lattice.
+
+    Example:
+        >>> tokens = torch.arange(4.0).view(1, 4, 1)  # a 2 x 2 grid of one channel
+        >>> sample_tokens(tokens, (2, 2), torch.zeros(1, 1, 1, 2)).tolist()  # the centre
+        [[[1.5]]]
+    """
+    tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
+    check_floating(tokens, "tokens")
+    height, width = check_size(hw, "hw")
+    if tokens.shape[1] != height * width:
+        raise ValueError(
+            f"tokens must hold the H * W = {height * width} tokens of the grid {(height, width)}, "
+            f"got shape {tuple(tokens.shape)}"
+        )
+    grid = check_ndim(grid, 4, "grid", "(B, Hs, Ws, 2)")
+    if grid.shape[-1] != 2 or grid.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"grid must have shape (B, Hs, Ws, 2) with B={tokens.shape[0]} as in tokens "
+            f"{tuple(tokens.shape)}, got {tuple(grid.shape)}"
+        )
+    padding = check_choice(padding, "padding", _PADDINGS)
+    items = torch.arange(tokens.shape[0], device=tokens.device)
+    return _gather_taps(tokens.flatten(0, 1), items, (height, width), grid, padding)
+
+
+def _gather_taps(
+    table: Tensor, items: Tensor, hw: tuple[int, int], grid: Tensor, padding: str
+) -> Tensor:
+    """Bilinear reads of many maps stored as token rows, without checks.
+
+    ``table`` ``(R, C)`` holds maps of ``H * W`` tokens one after the other; grid ``k``
+    ``(K, Hs, Ws, 2)`` reads map ``items[k]``. Returns ``(K, Hs * Ws, C)``.
+    """
+    index, weight = bilinear_taps(grid.to(table.device), hw, padding)
+    first = (items.to(table.device) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
+    rows = F.embedding_bag(
+        (index + first).view(-1, 4),
+        table,
+        per_sample_weights=weight.view(-1, 4).to(table.dtype),
+        mode="sum",
+    )
+    return rows.view(grid.shape[0], grid.shape[1] * grid.shape[2], table.shape[-1])
 
 
 def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:

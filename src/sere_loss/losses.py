@@ -27,6 +27,7 @@ from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _check_lattice,
+    _gather_taps,
     _overlap_grids_unchecked,
     paired_channel_relation_cross_entropy,
     sample_region,
@@ -70,8 +71,10 @@ def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]
 
 
 def _sample_pairs(
-    teacher_maps: Tensor,
-    student_maps: Tensor,
+    teacher: Tensor,
+    teacher_hw: tuple[int, int],
+    student: Tensor,
+    student_hw: tuple[int, int],
     first: int,
     pairs: list[tuple[int, int]],
     boxes: Tensor,
@@ -79,44 +82,40 @@ def _sample_pairs(
     lattice: tuple[int, int],
     points: str,
     padding: str,
+    gather: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Both sides' features of a group of pairs at their lattices: one ``grid_sample`` per side.
+    """Both sides' features of a group of pairs at their lattices: one gather per side.
 
     Every pair ``(i, v)`` of the group reads teacher view ``i`` and student view ``v`` (numbered
-    from ``first`` in ``student_maps``) at the ``Hs x Ws`` lattice over their overlap. Each view
-    takes part in the same number ``K`` of the group's pairs (SPEC 5 pairing), so the ``K``
-    lattices of a view are laid side by side along the grid's rows and read in one call per
-    side: what ``sample_region`` gives pair by pair, point for point, without a call, a
-    concatenation and a full-size gradient buffer per pair.
+    from ``first`` in ``student``) at the ``Hs x Ws`` lattice over their overlap: what
+    :func:`~sere_loss.functional.sample_region` gives pair by pair, read straight from the
+    token rows (:func:`~sere_loss.functional.sample_tokens`) in the pairs' order, with no call,
+    layout change or full-size gradient buffer per pair.
 
     Args:
-        teacher_maps: ``(G * B, C, H, W)`` teacher features of the global views.
-        student_maps: ``(V_k * B, C, h, w)`` student features of the group's views.
-        first: index of ``student_maps``' first view among all views.
+        teacher: ``(G * B, N, C)`` teacher features of the global views, on grid ``teacher_hw``.
+        teacher_hw: ``(H, W)`` of the teacher's tokens.
+        student: ``(V_k * B, n, C)`` student features of the group's views.
+        student_hw: ``(h, w)`` of the student's tokens.
+        first: index of ``student``'s first view among all views.
         pairs: the group's ``(i, v)`` pairs.
         boxes: ``(B, V, 4)`` crop boxes of all views (checked).
         flips: ``(B, V)`` flips of all views.
         lattice: ``(Hs, Ws)``.
         points: ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
+        gather: read token rows (the fast path); ``False`` reads each pair's maps with
+            :func:`~sere_loss.functional.sample_region` (``grid_sample``), the reference, which
+            autograd differentiates twice (``embedding_bag`` has no second derivative).
 
     Returns:
         ``(teacher, student, valid)``: features ``(P * B, Hs * Ws, C)`` twice and ``(P * B,)``,
-        pair-major, pairs ordered by student view (then teacher view).
+        pair-major in the order of ``pairs``.
     """
     batch = boxes.shape[0]
-    order = sorted(pairs, key=lambda pair: (pair[1], pair[0]))
-    views = student_maps.shape[0] // batch
-    teachers = teacher_maps.shape[0] // batch
-    per_student, per_teacher = len(order) // views, len(order) // teachers
-    by_teacher = [[k for k, (i, _) in enumerate(order) if i == t] for t in range(teachers)]
-    if any(len(ks) != per_teacher for ks in by_teacher) or any(
-        sum(1 for _, v in order if v == first + w) != per_student for w in range(views)
-    ):  # pragma: no cover - view_pairs pairs every view of a group equally often
-        raise RuntimeError(f"unbalanced group of view pairs {pairs}")
-    t_idx, s_idx = [i for i, _ in order], [v for _, v in order]
-    # The group's grids stacked pair-major in ``order``, (P * B, Hs, Ws, 2). The geometry was
-    # checked once by the caller, so no per-pair check syncs with the host here.
+    t_idx, s_idx = [i for i, _ in pairs], [v for _, v in pairs]
+    # The group's grids stacked pair-major, (P * B, Hs, Ws, 2). The geometry was checked once by
+    # the caller, so no per-pair check syncs with the host here.
     grid_t, grid_s, valid = _overlap_grids_unchecked(
         boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
         flips[:, t_idx].transpose(0, 1).reshape(-1),
@@ -125,34 +124,28 @@ def _sample_pairs(
         lattice,
         points,
     )
-    hs, ws = lattice
-
-    def side_by_side(grid: Tensor, count: int) -> Tensor:
-        # (views * count * B, Hs, Ws, 2), view-major -> (views * B, count * Hs, Ws, 2)
-        grid = grid.view(-1, count, batch, hs, ws, 2).transpose(1, 2)
-        return grid.reshape(-1, count * hs, ws, 2)
-
-    def read(maps: Tensor, grid: Tensor) -> Tensor:
-        out = sample_region(maps, grid, padding)  # (views * B, K * Hs * Ws, C), rows k-major
-        return out.view(-1, batch, grid.shape[1] // hs, hs * ws, out.shape[-1])
-
-    # Student: the pairs are already student-major; (V, B, K, S, C) -> (V, K, B, S, C).
-    student = read(student_maps, side_by_side(grid_s, per_student)).transpose(1, 2)
-    # Teacher (no gradient): read per teacher view, then put in the pairs' order.
-    positions = torch.tensor(by_teacher, device=grid_t.device).flatten()
-    grid_t = grid_t.view(len(order), batch, hs, ws, 2)[positions]
+    if not gather:
+        t_maps = torch.split(to_maps(teacher, teacher_hw), batch)
+        s_maps = torch.split(to_maps(student, student_hw), batch)
+        t_grids, s_grids = torch.split(grid_t, batch), torch.split(grid_s, batch)
+        t_feats = torch.cat(
+            [sample_region(t_maps[i], g, padding) for i, g in zip(t_idx, t_grids, strict=True)]
+        )
+        s_feats = torch.cat(
+            [
+                sample_region(s_maps[v - first], g, padding)
+                for v, g in zip(s_idx, s_grids, strict=True)
+            ]
+        )
+        return t_feats, s_feats, valid
+    items = torch.arange(batch, device=student.device)
+    # Pair p, image b reads teacher map i_p * B + b and student map (v_p - first) * B + b.
+    t_items = (torch.tensor(t_idx, device=items.device)[:, None] * batch + items).flatten()
+    s_items = (torch.tensor(s_idx, device=items.device) - first)[:, None] * batch + items
     with torch.no_grad():
-        teacher = read(teacher_maps, side_by_side(grid_t, per_teacher))  # (G, B, Kt, S, C)
-        back = torch.empty_like(positions)
-        back[positions] = torch.arange(len(order), device=positions.device)
-        # Pair p reads teacher view back[p] // Kt, lattice back[p] % Kt: one gather, (P, B, S, C).
-        teacher = teacher[back // per_teacher, :, back % per_teacher]
-    features = student.shape[-1]
-    return (
-        teacher.reshape(-1, hs * ws, features),
-        student.reshape(-1, hs * ws, features),
-        valid,
-    )
+        t_feats = _gather_taps(teacher.flatten(0, 1), t_items, teacher_hw, grid_t, padding)
+    s_feats = _gather_taps(student.flatten(0, 1), s_items.flatten(), student_hw, grid_s, padding)
+    return t_feats, s_feats, valid
 
 
 # One spatial head per this many channels by default: the head width of every standard ViT.
@@ -474,13 +467,13 @@ class SpatialSelfRelationLoss(nn.Module):
         local_lattice = global_lattice  # unused without local views
         if local is not None:
             local_lattice = self._lattice("local_lattice", self.local_lattice, l_hw, 0)
-        t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
-        view_maps = [to_maps(self.heads.student(s_tokens), s_hw)]
+        t_feats_all = self.heads.teacher(t_tokens)
+        views = [(self.heads.student(s_tokens), s_hw)]
         if local is not None:
-            view_maps.append(to_maps(self.heads.student(l_tokens, local=True), l_hw))
+            views.append((self.heads.student(l_tokens, local=True), l_hw))
 
-        total = t_maps.new_zeros((), dtype=torch.float32)
-        count = t_maps.new_zeros((), dtype=torch.float32)
+        total = t_feats_all.new_zeros((), dtype=torch.float32)
+        count = t_feats_all.new_zeros((), dtype=torch.float32)
         groups = (
             ([p for p in pairs if p[1] < g], global_lattice, 0),
             ([p for p in pairs if p[1] >= g], local_lattice, g),
@@ -488,9 +481,12 @@ class SpatialSelfRelationLoss(nn.Module):
         for group, lattice, first in groups:
             if not group:
                 continue
+            feats, hw = views[0 if first == 0 else 1]
             t_feats, s_feats, mask = _sample_pairs(
-                t_maps,
-                view_maps[0 if first == 0 else 1],
+                t_feats_all,
+                t_hw,
+                feats,
+                hw,
                 first,
                 group,
                 boxes,
@@ -498,6 +494,7 @@ class SpatialSelfRelationLoss(nn.Module):
                 lattice,
                 self.points,
                 self.padding,
+                gather=self.backend != "reference",
             )
             mask = mask.to(t_feats.device)
             total = total + spatial_relation_cross_entropy(
