@@ -1,11 +1,11 @@
 """SERE added to a DINO loop built from another library's parts: lightly's.
 
-The loop follows lightly's own DINO example: lightly's ``DINOProjectionHead``, ``DINOLoss``,
-``update_momentum`` and ``cosine_schedule`` around a timm ViT, one view at a time. The lines
-that SERE adds end with ``# SERE``; without them this is plain lightly DINO. One more line
-changes: lightly's ``DINOTransform`` does not say where its crops came from, so the crops come
-from ``sere_loss.transforms.dino_sere_transform``, the same multi-crop recipe that also records
-each view's crop box and flip.
+The loop follows lightly's own DINO example: lightly's ``DINOTransform``, ``DINOProjectionHead``,
+``DINOLoss``, ``update_momentum`` and ``cosine_schedule`` around a timm ViT, one view at a time.
+The lines that SERE adds end with ``# SERE``; without them this is plain lightly DINO. lightly's
+transform stays: ``CropTracker`` runs it unchanged (the same random draws, the same views) and
+records each view's crop box and flip, and ``TokenTap`` reads the backbones' patch tokens
+without a change to the model.
 
     pip install lightly            # or: pip install -e ".[dev]", which includes it
     python examples/lightly_dino_sere.py              # a tiny ViT on synthetic images, CPU
@@ -21,12 +21,14 @@ from common import SyntheticImages
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import DINOTransform
 from lightly.utils.scheduler import cosine_schedule
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torchvision.transforms import v2
 
-from sere_loss import SERELoss  # SERE
-from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
+import sere_loss  # SERE
+from sere_loss.transforms import CropTracker  # SERE
 
 
 class DINO(nn.Module):
@@ -42,20 +44,13 @@ class DINO(nn.Module):
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
 
-    @staticmethod
-    def _embed(backbone: VisionTransformer, head: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        final, (patches,) = backbone.forward_intermediates(
-            x, indices=1, norm=False, output_fmt="NLC"
-        )  # patches: the last block's patch tokens before the final norm, (B, N, C)
-        return head(backbone.forward_head(final, pre_logits=True)), patches
+    def forward(self, x: Tensor) -> Tensor:
+        """The student's head output for one view."""
+        return self.student_head(self.student_backbone(x))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The student's head output and patch tokens for one view."""
-        return self._embed(self.student_backbone, self.student_head, x)
-
-    def forward_teacher(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The teacher's head output and patch tokens for one view."""
-        return self._embed(self.teacher_backbone, self.teacher_head, x)
+    def forward_teacher(self, x: Tensor) -> Tensor:
+        """The teacher's head output for one view."""
+        return self.teacher_head(self.teacher_backbone(x))
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -75,13 +70,17 @@ def main(argv: list[str] | None = None) -> list[float]:
         dynamic_img_size=True,
     )  # fmt: skip
     model = DINO(backbone).to(device)
-    transform = dino_sere_transform(global_size=64, local_size=32)  # SERE: was DINOTransform
+    # lightly's transforms take PIL images, as lightly's datasets give them.
+    transform = DINOTransform(global_crop_size=64, local_crop_size=32)
+    transform = v2.Compose([v2.ToPILImage(), transform])
+    transform = CropTracker(transform)  # SERE: the same views, with their boxes and flips
     dataset = SyntheticImages(128, size=96, transform=transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=True, drop_last=True
     )
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=1).to(device)
-    sere = SERELoss(backbone.embed_dim, num_heads=3).to(device)  # SERE: the ViT's heads; grids 7, 4
+    taps = [sere_loss.TokenTap(b) for b in (model.student_backbone, model.teacher_backbone)]  # SERE
+    sere = sere_loss.SERELoss(taps[0].dim, num_heads=taps[0].num_heads).to(device)  # SERE
     params = [*model.parameters(), *sere.parameters()]  # SERE: its heads train too
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
 
@@ -95,14 +94,13 @@ def main(argv: list[str] | None = None) -> list[float]:
             momentum = cosine_schedule(step, steps, 0.996, 1.0)
             update_momentum(model.student_backbone, model.teacher_backbone, m=momentum)
             update_momentum(model.student_head, model.teacher_head, m=momentum)
-            sere.update_teacher(momentum)  # SERE: the teacher's relation heads, the same EMA
-            views = [view.to(device) for view in crops.views]
-            teacher = [model.forward_teacher(view) for view in views[:2]]
-            student = [model.forward(view) for view in views]
-            loss = criterion([t[0] for t in teacher], [s[0] for s in student], epoch=epoch)
-            s_tokens, t_tokens = [s[1] for s in student], [t[1] for t in teacher]  # SERE
-            geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
-            loss = loss + sere(s_tokens[:2], t_tokens, *geometry, s_tokens[2:])  # SERE
+            sere_loss.update_teacher(sere, momentum)  # SERE: its teacher heads, the same EMA
+            crops = crops.to(device)  # the views, and each view's box and flip
+            teacher = [model.forward_teacher(view) for view in crops.views[:2]]
+            student = [model.forward(view) for view in crops.views]
+            loss = criterion(teacher, student, epoch=epoch)
+            s, t = (tap.pop() for tap in taps)  # SERE: patch tokens (B, C, H, W), one per view
+            loss = loss + sere(s[:2], t, crops.boxes, crops.flips, s[2:])  # SERE
             loss.backward()
             model.student_head.cancel_last_layer_gradients(current_epoch=epoch)
             optimizer.step()

@@ -21,22 +21,31 @@ Geometry is exact: a view's pixel ``k`` (of ``n``) covers the original span
 ``x0 + (x1 - x0) * [k, k + 1] / n``, counted from the right when the view is flipped, which is the
 convention of ``overlap_grids`` (``grid_sample`` with ``align_corners=False``). The presets follow
 the published recipes; their photometric parts can be replaced per crop (:class:`CropSpec`).
+To keep a multi-crop pipeline you already have (torchvision v2 or v1, the official DINO
+repository's, lightly's ``DINOTransform``), wrap it in :class:`CropTracker`: same views, same
+random draws, and their geometry.
 
 This module needs torchvision; ``import sere_loss`` alone does not import it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import math
-from collections.abc import Callable, Sequence
+import re
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
+import torchvision.transforms as v1
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import default_collate
 from torchvision import tv_tensors
+from torchvision.transforms import functional as F1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -46,6 +55,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CropSpec",
+    "CropTracker",
     "Crops",
     "MultiCropTransform",
     "collate_crops",
@@ -89,12 +99,27 @@ class Crops(NamedTuple):
         )
 
 
+def _check_pixels(value: object, name: str) -> int | tuple[int, int]:
+    """A view size: ``n`` (square) or ``(height, width)``; a list is kept as a tuple."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
+        height = check_positive_int(value[0], f"{name}[0]")
+        return height, check_positive_int(value[1], f"{name}[1]")
+    return check_positive_int(value, name)
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a checked view size."""
+    return (size, size) if isinstance(size, int) else size
+
+
 @dataclasses.dataclass(frozen=True)
 class CropSpec:
     """How one view is drawn.
 
     Attributes:
-        size: output side in pixels (square views).
+        size: output size in pixels: ``n`` for a square view, or ``(height, width)``.
         scale: range of the crop's area as a fraction of the image's (``RandomResizedCrop``).
         ratio: range of the crop's aspect ratio.
         flip_p: probability of a horizontal flip.
@@ -105,7 +130,7 @@ class CropSpec:
         interpolation: resampling of the crop to ``size``.
     """
 
-    size: int
+    size: int | tuple[int, int]
     scale: tuple[float, float]
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -114,7 +139,7 @@ class CropSpec:
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BICUBIC
 
     def __post_init__(self) -> None:
-        check_positive_int(self.size, "size")
+        object.__setattr__(self, "size", _check_pixels(self.size, "size"))
         for name in ("scale", "ratio"):
             pair = getattr(self, name)
             if (
@@ -158,49 +183,100 @@ class MultiCropTransform:
     Args:
         crops: one :class:`CropSpec` per view, global views first.
         num_global: how many of ``crops`` are global views (the teacher's), for the loss's
-            ``num_global_views``. Defaults to the views with the largest size.
+            ``num_global_views``. Defaults to the views with the largest area in pixels.
+        min_overlap: redraw a view's crop until it covers enough of the global views: every
+            view after the first must have at least this fraction of its own area inside one
+            of the global views drawn before it (a local view: inside any global view; global
+            view ``k``: inside one of globals ``0..k-1``). ``0`` (the default) draws each crop
+            once, as ``RandomResizedCrop`` does, and the random draws do not change.
+        max_tries: how many crops to draw per view at most when ``min_overlap > 0``. When none
+            reaches ``min_overlap``, the draw that overlapped most is kept: the spatial term
+            then samples a smaller overlap (or masks the pair out if there is none), and
+            nothing fails in a data loader.
+
+    Why a redraw here rather than a mask in the loss: the spatial term already leaves out
+    pairs that do not overlap, so a mask would only drop more of them after the crops have
+    been drawn and resized. Redrawing the box (cheap: before any pixel is resampled) keeps
+    every view useful to the spatial term. The price is a different crop distribution: local
+    views lean towards the global ones, which is what the option asks for.
 
     Call it on a PIL image or a ``(C, H, W)`` tensor; it returns :class:`Crops`.
     """
 
-    def __init__(self, crops: Sequence[CropSpec], num_global: int | None = None) -> None:
+    def __init__(
+        self,
+        crops: Sequence[CropSpec],
+        num_global: int | None = None,
+        *,
+        min_overlap: float = 0.0,
+        max_tries: int = 10,
+    ) -> None:
         if not isinstance(crops, Sequence) or not crops:
             raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
         crops = list(crops)
         if not all(isinstance(c, CropSpec) for c in crops):
             raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
+        areas = [math.prod(_hw(c.size)) for c in crops]
         if num_global is None:
-            largest = max(c.size for c in crops)
-            num_global = sum(c.size == largest for c in crops)
+            num_global = sum(a == max(areas) for a in areas)
         num_global = check_positive_int(num_global, "num_global")
         if num_global > len(crops):
             raise ValueError(f"num_global={num_global} exceeds the {len(crops)} crops")
-        sizes = [c.size for c in crops]
-        if min(sizes[:num_global]) < max(sizes[num_global:], default=0):
+        if min(areas[:num_global]) < max(areas[num_global:], default=0):
             raise ValueError(
                 f"the {num_global} global crops must come first and be the largest, got sizes "
-                f"{sizes}"
+                f"{[c.size for c in crops]}"
             )
         self.crops = crops
         self.num_global = num_global
+        self.min_overlap = check_unit_interval(min_overlap, "min_overlap")
+        self.max_tries = check_positive_int(max_tries, "max_tries")
 
     @property
     def num_local(self) -> int:
         """How many local views each image gives."""
         return len(self.crops) - self.num_global
 
+    def _draw_box(
+        self, source: Tensor, spec: CropSpec, globals_: list[tuple[int, int, int, int]]
+    ) -> tuple[int, int, int, int]:
+        """``RandomResizedCrop``'s sampling of a crop ``(top, left, h, w)``.
+
+        Redrawn until it overlaps one of ``globals_`` by ``min_overlap`` of its area; the best
+        of the tries when none does.
+        """
+        best, best_cover = None, -1.0
+        tries = self.max_tries if self.min_overlap > 0 and globals_ else 1
+        for _ in range(tries):
+            top, left, h, w = v2.RandomResizedCrop.get_params(
+                source, list(spec.scale), list(spec.ratio)
+            )
+            if tries == 1:
+                return top, left, h, w
+            inside = max(
+                max(0, min(left + w, gl + gw) - max(left, gl))
+                * max(0, min(top + h, gt + gh) - max(top, gt))
+                for gt, gl, gh, gw in globals_
+            )
+            cover = inside / (h * w)
+            if cover > best_cover:
+                best, best_cover = (top, left, h, w), cover
+            if cover >= self.min_overlap:
+                break
+        return cast(tuple[int, int, int, int], best)
+
     def __call__(self, image: object) -> Crops:
         """Draw every view of ``image`` and its geometry."""
         source = _as_image(image)
         height, width = TF.get_size(source)
         views, boxes, flips = [], [], []
+        drawn: list[tuple[int, int, int, int]] = []
         for spec in self.crops:
             # RandomResizedCrop's own sampling of the crop, in pixels of the original image.
-            top, left, h, w = v2.RandomResizedCrop.get_params(
-                source, list(spec.scale), list(spec.ratio)
-            )
+            top, left, h, w = self._draw_box(source, spec, drawn[: self.num_global])
+            drawn.append((top, left, h, w))
             view = TF.resized_crop(
-                source, top, left, h, w, [spec.size, spec.size], spec.interpolation, antialias=True
+                source, top, left, h, w, list(_hw(spec.size)), spec.interpolation, antialias=True
             )
             flip = bool(torch.rand(()) < spec.flip_p)
             if flip and not spec.flip_last:
@@ -214,8 +290,452 @@ class MultiCropTransform:
         return Crops(views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips))
 
     def __repr__(self) -> str:
-        lines = [f"  {spec.size}px scale={spec.scale} flip_p={spec.flip_p}" for spec in self.crops]
-        return f"{type(self).__name__}(num_global={self.num_global},\n" + ",\n".join(lines) + ")"
+        sizes = ["x".join(map(str, _hw(c.size))) for c in self.crops]
+        lines = [
+            f"  {px}px scale={spec.scale} flip_p={spec.flip_p}"
+            for px, spec in zip(sizes, self.crops, strict=True)
+        ]
+        overlap = f", min_overlap={self.min_overlap}" if self.min_overlap > 0 else ""
+        head = f"{type(self).__name__}(num_global={self.num_global}{overlap},\n"
+        return head + ",\n".join(lines) + ")"
+
+
+# Geometry from a pipeline the user already has.
+
+# Transforms that move pixels in ways a crop box and a horizontal flip cannot describe, by name
+# in torchvision.transforms (v1) and torchvision.transforms.v2; refused unless they never fire.
+_REFUSED = (
+    "RandomRotation",
+    "RandomAffine",
+    "RandomPerspective",
+    "ElasticTransform",
+    "RandomVerticalFlip",
+    "CenterCrop",
+    "RandomCrop",
+    "FiveCrop",
+    "TenCrop",
+    "Pad",
+    "RandomZoomOut",
+    "RandomIoUCrop",
+    "AutoAugment",
+    "RandAugment",
+    "TrivialAugmentWide",
+    "AugMix",
+)
+# Resizing the whole image or a view changes no normalised coordinate.
+_RESIZES = ("Resize", "RandomResize", "RandomShortestSize", "ScaleJitter")
+# A class of the user's (not torchvision's) whose name says it moves pixels.
+_GEOMETRIC_NAME = re.compile(
+    r"rotat|affine|perspective|elastic|crop|flip|shear|translat|warp|zoom|pad", re.IGNORECASE
+)
+
+
+def _classes(*names: str) -> tuple[type, ...]:
+    found = (getattr(module, name, None) for module in (v1, v2) for name in names)
+    return tuple(c for c in found if isinstance(c, type))
+
+
+def _never_fires(obj: object) -> bool:
+    """A random transform with probability 0 (``p`` or ``prob``) is a no-op."""
+    p = getattr(obj, "p", getattr(obj, "prob", None))
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0
+
+
+# Objects that hold no transform: the walk does not look inside them.
+_VALUES = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    enum.Enum,
+    type,
+    Tensor,
+    Image.Image,
+    torch.Generator,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+)
+
+
+def _is_value(obj: object) -> bool:
+    """``True`` for numbers, strings, tensors, images, functions and numpy or builtin objects."""
+    if obj is None or isinstance(obj, _VALUES):
+        return True
+    if isinstance(obj, (list, tuple, dict)):
+        return False
+    return type(obj).__module__.split(".")[0] in ("numpy", "builtins")
+
+
+class _Call:
+    """One call to a tracked object: its crops and flips, or the calls it made in turn."""
+
+    __slots__ = ("calls", "ops", "single")
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.ops: list[tuple[Any, ...]] = []
+        self.single = True  # returned one image (not a list or tuple of them)
+
+    def leaves(self) -> Iterator[tuple[Any, ...]]:
+        """Every crop and flip below this call, in the order they ran."""
+        yield from self.ops
+        for call in self.calls:
+            yield from call.leaves()
+
+    def views(self) -> Iterator[_Call]:
+        """The outermost calls that returned one image: one view each."""
+        for call in self.calls:
+            if call.single:
+                yield call
+            else:
+                yield from call.views()
+
+
+class _Recorder:
+    """The tree of calls to the tracked objects during one call of the transform."""
+
+    def __init__(self) -> None:
+        self.root = _Call()
+        self.stack: list[_Call] = []
+
+    def reset(self) -> None:
+        self.root, self.stack = _Call(), []
+
+    def enter(self) -> _Call:
+        call = _Call()
+        (self.stack[-1] if self.stack else self.root).calls.append(call)
+        self.stack.append(call)
+        return call
+
+    def exit(self, call: _Call, out: object) -> None:
+        self.stack.pop()
+        call.single = not isinstance(out, (list, tuple))
+
+
+def _geometry(ops: Iterable[tuple[Any, ...]]) -> tuple[tuple[float, float, float, float], bool]:
+    """A view's box and flip from its crops and flips, in the order they ran.
+
+    Each axis keeps the map from the current canvas to the original image: a point ``u`` in
+    ``[0, 1]`` of the canvas lies at ``a + b * u`` of the original (normalised), ``b < 0`` once
+    flipped. A crop of ``[u0, u1]`` makes it ``a + b * u0 + b * (u1 - u0) * u``; a horizontal
+    flip ``a + b - b * u``; a resize changes nothing. The box is the image of ``[0, 1]``, the
+    flip the sign of ``b``.
+    """
+    ax, bx, ay, by = 0.0, 1.0, 0.0, 1.0
+    for op in ops:
+        if op[0] == "flip":
+            ax, bx = ax + bx, -bx
+        else:
+            _, (rows, cols), top, left, height, width = op
+            ax, bx = ax + bx * left / cols, bx * width / cols
+            ay, by = ay + by * top / rows, by * height / rows
+    return (min(ax, ax + bx), ay, max(ax, ax + bx), ay + by), bx < 0
+
+
+class _TrackedCrop(nn.Module):
+    """``RandomResizedCrop`` (v1 or v2) that records which box it cut.
+
+    It makes the calls the original's ``forward`` makes, in the same order, so the random draws
+    and the output are the same: v1 ``get_params`` then ``resized_crop``; v2 ``make_params``
+    then ``transform`` (``_get_params`` / ``_transform`` before torchvision 0.21).
+    """
+
+    def __init__(self, inner: Any, recorder: _Recorder) -> None:
+        super().__init__()
+        self.inner, self.recorder = inner, recorder
+
+    def forward(self, image: Any) -> Any:
+        t: Any = self.inner
+        call = self.recorder.enter()
+        canvas = tuple(TF.get_size(image))
+        if isinstance(t, v2.Transform):
+            params = getattr(t, "make_params", None) or t._get_params
+            apply = getattr(t, "transform", None) or t._transform
+            p = params([image])
+            call.ops.append(("crop", canvas, p["top"], p["left"], p["height"], p["width"]))
+            out = apply(image, p)
+        else:
+            top, left, height, width = t.get_params(image, t.scale, t.ratio)
+            call.ops.append(("crop", canvas, top, left, height, width))
+            out = F1.resized_crop(
+                image, top, left, height, width, t.size, t.interpolation, antialias=t.antialias
+            )
+        self.recorder.exit(call, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return "tracked"
+
+
+class _TrackedFlip(nn.Module):
+    """``RandomHorizontalFlip`` (v1 or v2) that records when it flipped.
+
+    One ``torch.rand(1)`` against ``p``, as both versions draw it.
+    """
+
+    def __init__(self, inner: Any, recorder: _Recorder) -> None:
+        super().__init__()
+        self.inner, self.recorder = inner, recorder
+
+    def forward(self, image: Any) -> Any:
+        t: Any = self.inner
+        call = self.recorder.enter()
+        out = image
+        if isinstance(t, v2.Transform):
+            if torch.rand(1) < t.p:
+                call.ops.append(("flip",))
+                out = (getattr(t, "transform", None) or t._transform)(image, {})
+        elif torch.rand(1) < t.p:
+            call.ops.append(("flip",))
+            out = F1.hflip(image)
+        self.recorder.exit(call, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return "tracked"
+
+
+class _Tracked(nn.Module):
+    """An object of the pipeline that holds a crop or a flip: its calls are recorded."""
+
+    def __init__(self, inner: Callable[..., Any], recorder: _Recorder) -> None:
+        super().__init__()
+        self.inner, self.recorder = inner, recorder
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.recorder.enter()
+        out = self.inner(*args, **kwargs)
+        self.recorder.exit(call, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return "" if isinstance(self.inner, nn.Module) else repr(self.inner)
+
+
+_TWINS = (_TrackedCrop, _TrackedFlip)
+
+
+class CropTracker:
+    """Keep your multi-crop augmentation and get each view's crop box and flip.
+
+    ``CropTracker(transform)`` copies ``transform`` (any object that turns an image into a list
+    of views: torchvision v2 or v1 ``Compose`` pipelines per view, the official DINO
+    repository's ``DataAugmentationDINO``, lightly's ``DINOTransform``, a plain list of
+    per-view pipelines) and swaps each ``RandomResizedCrop`` and ``RandomHorizontalFlip`` (v1
+    or v2) in the copy for a twin that makes the same calls, so it draws the same random
+    numbers and gives the same pixels, and records what it did. Calling the tracker on an image
+    returns :class:`Crops`: your views, their boxes and flips.
+
+    >>> from torchvision.transforms import v2
+    >>> view = lambda px, scale: v2.Compose([
+    ...     v2.RandomResizedCrop(px, scale=scale), v2.RandomHorizontalFlip(),
+    ...     v2.ToDtype(torch.float32, scale=True)])
+    >>> tracker = CropTracker([view(64, (0.4, 1)), view(64, (0.4, 1)), view(32, (0.05, 0.4))])
+    >>> crops = tracker(torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8))
+    >>> [tuple(v.shape) for v in crops.views], tuple(crops.boxes.shape), tuple(crops.flips.shape)
+    ([(3, 64, 64), (3, 64, 64), (3, 32, 32)], (3, 4), (3,))
+
+    How it finds them: it walks the copy's attributes, list, tuple and dict items and module
+    children, and records the calls of every object below the top that holds a crop or a flip
+    (a ``Compose``, a class of yours, ``DINOViewTransform``, a multi-crop inside a ``Compose``).
+    The outermost calls that return one image are the views, in call order; there must be as
+    many as the views the transform returns. Several crops and flips in one view compose (a
+    flip before the crop mirrors the box). ``Resize`` anywhere changes no
+    normalised coordinate and is allowed. Transforms that move pixels otherwise
+    (``RandomRotation``, ``RandomAffine``, ``RandomPerspective``, ``RandomVerticalFlip``,
+    ``CenterCrop``, ``RandomCrop``, ``Pad``, the auto-augment policies...) are refused with an
+    error that names them and where they sit, unless their probability is 0 (``p=0``, or
+    inside ``RandomApply(..., p=0)``, as lightly's default ``RandomVerticalFlip(p=0)`` and
+    ``RandomRotate(prob=0)``). A callable the walk cannot see into (DINO's ``GaussianBlur``,
+    ``v2.Lambda``) is taken not to move pixels, unless its class name says otherwise (rotate,
+    affine, crop, flip, pad...): pass such a class in ``assume_photometric`` if it does not.
+
+    Why swap transforms rather than let torchvision v2 carry ``tv_tensors.BoundingBoxes``
+    through the pipeline: v2 clamps boxes to each new canvas, so the full-image box comes out
+    of a crop as the crop's own canvas, not as its place in the original; a flip leaves no
+    trace on a box of the whole view; v1 transforms and custom callables that take one PIL
+    image (DINO's own ``GaussianBlur`` and ``Solarization``) break when a ``Compose`` hands
+    them ``(image, boxes)``; and the user's call signature would change. The twins need none
+    of that, and the coordinate-image tests check their records pixel by pixel.
+
+    Args:
+        transform: the multi-crop transform; it is copied (``copy.deepcopy``) and left as it
+            was.
+        assume_photometric: classes of yours the tracker may take as not moving pixels,
+            though their names suggest they do.
+
+    Raises:
+        ValueError: a transform in the pipeline moves pixels in a way a box and a flip cannot
+            describe.
+        TypeError: no ``RandomResizedCrop`` or ``RandomHorizontalFlip`` was found.
+    """
+
+    def __init__(self, transform: object, *, assume_photometric: Sequence[type] = ()) -> None:
+        if not isinstance(assume_photometric, Sequence) or not all(
+            isinstance(c, type) for c in assume_photometric
+        ):
+            raise TypeError(
+                f"assume_photometric must be a sequence of classes, got {assume_photometric!r}"
+            )
+        self.recorder = _Recorder()
+        self.transform: Any = copy.deepcopy(transform)
+        self._trusted = tuple(assume_photometric)
+        self._refused: list[str] = []
+        self._memo: dict[int, tuple[object, Any]] = {}  # id -> (object, what replaced it)
+        self.transform = self._swap(self.transform, "transform", 0)[0]
+        if self._refused:
+            raise ValueError(
+                "CropTracker cannot describe these transforms with a crop box and a horizontal "
+                "flip: " + "; ".join(self._refused) + ". Remove them or set their probability "
+                "to 0 (a class of yours that does not move pixels: pass it in "
+                "assume_photometric)"
+            )
+        self.tracked: list[str] = []  # where the outermost tracked objects sit
+        self._memo = {}
+        self.transform = self._place(self.transform, "transform", 0, top=True, under=False)
+        del self._memo, self._refused
+        if not self._holds_twin(self.transform, set()):
+            raise TypeError(
+                f"CropTracker found no RandomResizedCrop or RandomHorizontalFlip in {transform!r}"
+                "; it looks for them in attributes, list items and child modules"
+            )
+
+    # Pass 1: swap crops and flips for twins, refuse what cannot be described.
+
+    def _swap(self, obj: Any, path: str, depth: int) -> tuple[Any, bool]:
+        """``obj`` with twins in it, and whether it holds a torchvision transform."""
+        if _is_value(obj) or depth > 32 or isinstance(obj, (*_TWINS, _Tracked)):
+            return obj, False
+        seen = self._memo.get(id(obj))
+        if seen is not None and seen[0] is obj:
+            return cast(tuple[Any, bool], seen[1])
+        name = type(obj).__name__
+        torchvision = type(obj).__module__.startswith("torchvision.transforms")
+        if isinstance(obj, _classes("RandomResizedCrop")):
+            out: Any = _TrackedCrop(obj, self.recorder)
+        elif isinstance(obj, _classes("RandomHorizontalFlip")):
+            out = _TrackedFlip(obj, self.recorder)
+        elif isinstance(obj, _classes("RandomApply")) and _never_fires(obj):
+            out = obj
+        elif isinstance(obj, _classes(*_REFUSED)) and not _never_fires(obj):
+            self._refused.append(f"{name} at {path}")
+            out = obj
+        elif isinstance(obj, (*_classes(*_RESIZES), *self._trusted)):
+            out = obj
+        else:
+            out, inside = self._walk(obj, path, depth, self._swap)
+            leaf = not inside and not torchvision
+            if leaf and _GEOMETRIC_NAME.search(name) and not _never_fires(obj):
+                self._refused.append(f"{name} at {path} (its name says it moves pixels)")
+            self._memo[id(obj)] = (obj, (out, inside or torchvision))
+            return out, inside or torchvision
+        self._memo[id(obj)] = (obj, (out, True))
+        return out, True
+
+    # Pass 2: record the calls of every object that holds a twin, nested ones included.
+
+    def _place(self, obj: Any, path: str, depth: int, *, top: bool, under: bool) -> Any:
+        if _is_value(obj) or depth > 32 or isinstance(obj, (*_TWINS, _Tracked)):
+            return obj
+        seen = self._memo.get(id(obj))
+        if seen is not None and seen[0] is obj:
+            return seen[1]
+        wrap = not top and callable(obj) and self._holds_twin(obj, set())
+        if wrap and not under:
+            self.tracked.append(path)
+        out: Any = _Tracked(obj, self.recorder) if wrap else obj
+        self._memo[id(obj)] = (obj, out)
+
+        def visit(item: Any, where: str, level: int) -> tuple[Any, bool]:
+            return self._place(item, where, level, top=False, under=under or wrap), False
+
+        new = self._walk(obj, path, depth, visit)[0]
+        if new is not obj:  # a tuple, rebuilt
+            out = _Tracked(new, self.recorder) if wrap else new
+            self._memo[id(obj)] = (obj, out)
+        return out
+
+    def _holds_twin(self, obj: Any, seen: set[int]) -> bool:
+        if isinstance(obj, _TWINS):
+            return True
+        if _is_value(obj) or id(obj) in seen or len(seen) > 10_000:
+            return False
+        seen.add(id(obj))
+        return any(self._holds_twin(child, seen) for child in _children(obj))
+
+    @staticmethod
+    def _walk(
+        obj: Any, path: str, depth: int, visit: Callable[[Any, str, int], tuple[Any, bool]]
+    ) -> tuple[Any, bool]:
+        """Visit ``obj``'s items or attributes, put back what ``visit`` returns."""
+        found = False
+        if isinstance(obj, (list, tuple)):
+            items = []
+            for i, item in enumerate(obj):
+                new, inside = visit(item, f"{path}[{i}]", depth + 1)
+                items.append(new)
+                found |= inside
+            if isinstance(obj, list):
+                obj[:] = items
+                return obj, found
+            return (type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)), found
+        if isinstance(obj, dict):
+            for key, item in list(obj.items()):
+                new, inside = visit(item, f"{path}[{key!r}]", depth + 1)
+                obj[key] = new
+                found |= inside
+            return obj, found
+        attributes = getattr(obj, "__dict__", None)
+        if not isinstance(attributes, dict):
+            return obj, False
+        for key, item in list(attributes.items()):
+            new, inside = visit(item, path if key == "_modules" else f"{path}.{key}", depth + 1)
+            if new is not item:
+                attributes[key] = new
+            found |= inside
+        return obj, found
+
+    def __call__(self, image: object) -> Crops:
+        """Run the transform on ``image``; its views with their boxes and flips."""
+        self.recorder.reset()
+        if isinstance(self.transform, (list, tuple)):  # a list of per-view pipelines
+            views = [pipeline(image) for pipeline in self.transform]
+        else:
+            views = self.transform(image)
+        if not isinstance(views, (list, tuple)):
+            raise TypeError(
+                "CropTracker needs a transform that returns a list of views, got "
+                f"{type(views).__name__}; to track one pipeline, pass [pipeline]"
+            )
+        calls = list(self.recorder.root.views())
+        self.recorder.reset()
+        if len(calls) != len(views):
+            raise ValueError(
+                f"the transform returned {len(views)} views but {len(calls)} calls drew one "
+                f"image each (tracked: {', '.join(self.tracked)}); each view must come from "
+                "one call to an object that holds its crop and flip"
+            )
+        geometry = [_geometry(call.leaves()) for call in calls]
+        boxes = torch.tensor([box for box, _ in geometry], dtype=torch.float32)
+        flips = torch.tensor([flip for _, flip in geometry], dtype=torch.bool)
+        plain = [v.as_subclass(Tensor) if isinstance(v, Tensor) else v for v in views]
+        return Crops(plain, boxes, flips)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tracking {', '.join(self.tracked)})"
+
+
+def _children(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if isinstance(obj, dict):
+        return list(obj.values())
+    attributes = getattr(obj, "__dict__", None)
+    return list(attributes.values()) if isinstance(attributes, dict) else []
 
 
 def collate_crops(batch: Sequence[Any]) -> Any:
@@ -253,13 +773,14 @@ def _photometric(
 
 def _multicrop(
     *,
-    global_size: int,
-    local_size: int,
+    global_size: int | tuple[int, int],
+    local_size: int | tuple[int, int],
     num_local: int,
     global_scale: tuple[float, float],
     local_scale: tuple[float, float],
     mean: Sequence[float],
     std: Sequence[float],
+    min_overlap: float,
 ) -> MultiCropTransform:
     num_local = check_int(num_local, "num_local", 0)
     global1 = _photometric(1.0, 0.0, mean, std)
@@ -270,24 +791,26 @@ def _multicrop(
         CropSpec(global_size, global_scale, photometric=global2),
     ]
     crops += [CropSpec(local_size, local_scale, photometric=local) for _ in range(num_local)]
-    return MultiCropTransform(crops, num_global=2)
+    return MultiCropTransform(crops, num_global=2, min_overlap=min_overlap)
 
 
 def dino_sere_transform(
     *,
-    global_size: int = 224,
-    local_size: int = 96,
+    global_size: int | tuple[int, int] = 224,
+    local_size: int | tuple[int, int] = 96,
     num_local: int = 4,
     global_scale: tuple[float, float] = (0.35, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.35),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    min_overlap: float = 0.0,
 ) -> MultiCropTransform:
     """DINO's multi-crop with SERE's crop scales: 2 global (0.35, 1) and 4 local (0.05, 0.35).
 
     Global view 1 is always blurred; global view 2 is blurred with p = 0.1 and solarised with
     p = 0.2; local views are blurred with p = 0.5. Every view: flip, colour jitter
-    (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2, bicubic resizing.
+    (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2, bicubic resizing. Sizes are
+    ``n`` or ``(height, width)`` in pixels; ``min_overlap`` as in :class:`MultiCropTransform`.
     """
     return _multicrop(
         global_size=global_size,
@@ -297,18 +820,20 @@ def dino_sere_transform(
         local_scale=local_scale,
         mean=mean,
         std=std,
+        min_overlap=min_overlap,
     )
 
 
 def ibot_sere_transform(
     *,
-    global_size: int = 224,
-    local_size: int = 96,
+    global_size: int | tuple[int, int] = 224,
+    local_size: int | tuple[int, int] = 96,
     num_local: int = 10,
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    min_overlap: float = 0.0,
 ) -> MultiCropTransform:
     """The iBOT multi-crop with SERE's settings: 2 global (0.4, 1) and 10 local (0.05, 0.4).
 
@@ -322,15 +847,17 @@ def ibot_sere_transform(
         local_scale=local_scale,
         mean=mean,
         std=std,
+        min_overlap=min_overlap,
     )
 
 
 def mocov3_transform(
     *,
-    size: int = 224,
+    size: int | tuple[int, int] = 224,
     scale: tuple[float, float] = (0.08, 1.0),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    min_overlap: float = 0.0,
 ) -> MultiCropTransform:
     """MoCo v3's two asymmetric views, scale (0.08, 1), with their geometry recorded.
 
@@ -346,4 +873,5 @@ def mocov3_transform(
             CropSpec(size, scale, flip_last=True, photometric=view2),
         ],
         num_global=2,
+        min_overlap=min_overlap,
     )
