@@ -380,31 +380,32 @@ class _BlockedGramCE(torch.autograd.Function):
             for i in range(0, n, block):
                 items = slice(i, min(i + block, n))
                 xi, yi = x[items], y[items]
+                if save:  # whole items: the reference's own formula, fused softmaxes
+                    p = torch.softmax(_gram(yi, teacher_scale), dim=-1)
+                    log_q = torch.log_softmax(_gram(xi, student_scale), dim=-1)
+                    # CE_i = -sum_j p_ij log q_ij
+                    torch.sum(p * log_q, dim=-1, out=ce[items]).neg_()
+                    g = log_q.exp_().sub_(p)  # q - p
+                    torch.add(g, g.transpose(1, 2), out=factor[items])
+                    continue
                 for r in range(0, rows, chunk):
                     part = slice(r, min(r + chunk, rows))
                     a = _gram(xi, student_scale, part)  # A / t_s of these rows, (n_i, r, R)
                     t = _gram(yi, teacher_scale, part)
                     a_max = a.amax(dim=-1, keepdim=True)
-                    e_s = a.sub_(a_max).exp()  # a now holds A / t_s - m
-                    z_s = e_s.sum(dim=-1, keepdim=True)
+                    z_s = a.sub_(a_max).exp().sum(dim=-1, keepdim=True)  # a: A / t_s - m
                     t_max = t.amax(dim=-1, keepdim=True)
                     e_t = t.sub_(t_max).exp_()  # unnormalised teacher softmax
                     z_t = e_t.sum(dim=-1, keepdim=True)
                     # CE_i = log z_i - sum_j p_ij (A_ij / t_s - m_i)
-                    if save:
-                        p = e_t.div_(z_t)
-                        ce[items, part] = z_s.log().squeeze(-1) - (p * a).sum(dim=-1)
-                        g = e_s.div_(z_s).sub_(p)  # q - p
-                        torch.add(g, g.transpose(1, 2), out=factor[items])
-                    else:
-                        log_z = z_s.log_()
-                        ce[items, part] = log_z.squeeze(-1) - e_t.mul_(a).sum(dim=-1).div_(
-                            z_t.squeeze(-1)
-                        )
-                        stats[0, items, part] = a_max.squeeze(-1)
-                        stats[1, items, part] = log_z.squeeze(-1)
-                        stats[2, items, part] = t_max.squeeze(-1)
-                        stats[3, items, part] = z_t.log_().squeeze(-1)
+                    log_z = z_s.log_()
+                    ce[items, part] = log_z.squeeze(-1) - e_t.mul_(a).sum(dim=-1).div_(
+                        z_t.squeeze(-1)
+                    )
+                    stats[0, items, part] = a_max.squeeze(-1)
+                    stats[1, items, part] = log_z.squeeze(-1)
+                    stats[2, items, part] = t_max.squeeze(-1)
+                    stats[3, items, part] = z_t.log_().squeeze(-1)
             per_item = ce.view(batch, heads * rows).mean(dim=1)
         if save:
             ctx.save_for_backward(student, factor)
@@ -537,32 +538,38 @@ class _PairedChannelCE(torch.autograd.Function):
             for b in range(0, batch, block):
                 items = slice(b, min(b + block, batch))
                 ps = []
+                if save:  # the reference's formula, fused softmaxes written where they are kept
+                    for i, y in enumerate(ys):
+                        t = _channel_logits(y[items], 1.0 / (y.shape[1] * tt))
+                        ps.append(torch.softmax(t, dim=-1, out=p_saved[i][items]))
+                    for v, x in enumerate(xs):
+                        if not by_view[v]:
+                            continue
+                        a = _channel_logits(x[items], 1.0 / (x.shape[1] * ts))
+                        log_q = torch.log_softmax(a, dim=-1, out=q_saved[v][items])
+                        for k, i in by_view[v]:  # CE_r = -sum_j p_rj log q_rj
+                            torch.sum(ps[i] * log_q, dim=-1, out=ce[k, items]).neg_()
+                        log_q.exp_()  # q, in q_saved[v]
+                    continue
                 for i, y in enumerate(ys):
-                    out = p_saved[i][items] if save else None
-                    t = _channel_logits(y[items], 1.0 / (y.shape[1] * tt), out)
+                    t = _channel_logits(y[items], 1.0 / (y.shape[1] * tt))
                     t_max = t.amax(dim=-1, keepdim=True)
                     e_t = t.sub_(t_max).exp_()
                     z_t = e_t.sum(dim=-1, keepdim=True)
-                    ps.append(e_t.div_(z_t))  # in p_saved[i] when saving
-                    if not save:
-                        stats[len(xs) + i, 0, items] = t_max.squeeze(-1)
-                        stats[len(xs) + i, 1, items] = z_t.log_().squeeze(-1)
+                    ps.append(e_t.div_(z_t))
+                    stats[len(xs) + i, 0, items] = t_max.squeeze(-1)
+                    stats[len(xs) + i, 1, items] = z_t.log_().squeeze(-1)
                 for v, x in enumerate(xs):
                     if not by_view[v]:
                         continue
                     a = _channel_logits(x[items], 1.0 / (x.shape[1] * ts))
                     a_max = a.amax(dim=-1, keepdim=True)
                     a.sub_(a_max)  # A / t_s - m
-                    e_s = torch.exp(a, out=q_saved[v][items]) if save else a.exp()
-                    z_s = e_s.sum(dim=-1, keepdim=True)
-                    log_z = z_s.log()
+                    log_z = a.exp().sum(dim=-1, keepdim=True).log_()
                     for k, i in by_view[v]:  # CE_r = log z_r - sum_j p_rj (A_rj / t_s - m_r)
                         ce[k, items] = log_z.squeeze(-1) - (ps[i] * a).sum(dim=-1)
-                    if save:
-                        e_s.div_(z_s)  # q, in q_saved[v]
-                    else:
-                        stats[v, 0, items] = a_max.squeeze(-1)
-                        stats[v, 1, items] = log_z.squeeze(-1)
+                    stats[v, 0, items] = a_max.squeeze(-1)
+                    stats[v, 1, items] = log_z.squeeze(-1)
             per_pair = ce.mean(dim=-1)
         if save:
             ctx.save_for_backward(*students, *q_saved, *p_saved)
