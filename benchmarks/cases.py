@@ -163,7 +163,7 @@ SETTINGS: dict[str, Setting] = {
             32,
             28,
             global_lattice=13,
-            terms=(*TERMS, CORE),
+            terms=("spatial", "sere", CORE),
         ),
         _s(
             "g448_b32",
