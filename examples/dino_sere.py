@@ -17,6 +17,11 @@ epoch, 2 x 224 global crops at scale (0.35, 1) and 4 x 96 local crops at (0.05, 
 with alpha = beta = 1. All schedules are per iteration and span ``--epochs``; ``--max-steps``
 stops early without changing them, so a short run is the start of the long one. The batch is
 per process: the paper's 512 is ``--batch-size 64`` on 8 GPUs.
+
+``--recipe authors`` (the default) follows the authors' code where it differs from the paper's
+text: SERE's lattice edge to edge with zero padding, non-overlapping pairs counted as log S,
+spatial heads = the backbone's, weight decay on biases too, fp16 autocast on CUDA.
+``--recipe paper`` follows the text; ``docs/trainers.md`` lists each difference and its effect.
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ class Preset(common.Preset):
 
     local_px: int
     num_local: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
     out_dim: int
     head_hidden: int
     head_bottleneck: int
     teacher_temp_warmup_epochs: float
+    min_lr: float
+    freeze_last_layer: int
 
 
 PRESETS = {
@@ -57,6 +66,8 @@ PRESETS = {
         global_px=64,
         local_px=32,
         num_local=4,
+        global_scale=(0.35, 1.0),
+        local_scale=(0.05, 0.35),
         out_dim=1024,
         head_hidden=256,
         head_bottleneck=64,
@@ -64,6 +75,9 @@ PRESETS = {
         epochs=2,
         warmup_epochs=1,
         teacher_temp_warmup_epochs=1,
+        lr=0.0005,
+        min_lr=1e-6,
+        freeze_last_layer=1,
         drop_path=0.1,
         synthetic_length=128,
         synthetic_size=96,
@@ -76,6 +90,8 @@ PRESETS = {
         global_px=224,
         local_px=96,
         num_local=4,
+        global_scale=(0.35, 1.0),
+        local_scale=(0.05, 0.35),
         out_dim=65536,
         head_hidden=2048,
         head_bottleneck=256,
@@ -83,6 +99,9 @@ PRESETS = {
         epochs=100,
         warmup_epochs=10,
         teacher_temp_warmup_epochs=30,
+        lr=0.0005,
+        min_lr=1e-6,
+        freeze_last_layer=1,
         drop_path=0.1,
         synthetic_length=10_000,
         synthetic_size=256,
@@ -208,16 +227,16 @@ def schedules(
 ) -> dict[str, list[float]]:
     """DINO's values per iteration, over the whole run.
 
-    ``lr``: linear warm-up to ``--lr`` x total batch / 256, then cosine to ``--min-lr``; ``wd``:
+    ``lr``: linear warm-up to ``lr`` x total batch / 256, then cosine to ``min_lr``; ``wd``:
     cosine between the two ``--weight-decay`` values; ``momentum``: cosine from ``--momentum``
     to 1; ``teacher_temp``: linear warm-up between the two ``--teacher-temp`` values.
     """
     epochs, total = preset.epochs, preset.epochs * steps_per_epoch
-    lr = args.lr * preset.batch_size * world_size / 256
+    lr = preset.lr * preset.batch_size * world_size / 256
     warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
     return {
         "lr": common.cosine_schedule(
-            lr, args.min_lr, epochs, steps_per_epoch, preset.warmup_epochs
+            lr, preset.min_lr, epochs, steps_per_epoch, preset.warmup_epochs
         ),
         "wd": common.cosine_schedule(*args.weight_decay, epochs, steps_per_epoch),
         "momentum": common.cosine_schedule(args.momentum, 1.0, epochs, steps_per_epoch),
@@ -228,14 +247,14 @@ def schedules(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
-    common.add_run_arguments(p, PRESETS, lr=0.0005, output_dir="runs/dino_sere")
+    common.add_run_arguments(p, PRESETS, output_dir="runs/dino_sere")
     p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--min-lr", type=float, help="final lr (preset's)")
     p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
     p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
     p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter; 0 disables")
-    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs")
+    p.add_argument("--freeze-last-layer", type=int, help="epochs (preset's)")
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
     p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
     p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
@@ -245,14 +264,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset, process, precision = common.setup(PRESETS, args)
-    device = process.device
+    preset, process, precision, output = common.setup(PRESETS, args)
+    recipe, device = common.RECIPES[args.recipe], process.device
 
     # Data: multi-crop views with their crop boxes and flips, this process's share of them.
     transform = dino_sere_transform(  # SERE: records each view's box and flip
-        global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local
-    )
+        global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local,
+        global_scale=preset.global_scale, local_scale=preset.local_scale,
+    )  # fmt: skip
     dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    common.check_images(dataset, transform, process, args.check_images, preset.workers)
     loader, sampler = common.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
         seed=args.seed,
@@ -278,14 +299,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
-        heads = student.backbone.blocks[0].attn.num_heads  # SERE: the ViT's own (6 for ViT-S)
-        sere = SERELoss(dim, num_heads=heads, alpha=args.alpha, beta=args.beta).to(device)  # SERE
+        options = recipe.sere_options(student.backbone)  # SERE: lattice points, padding, heads
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
 
     # Optimisation: per-iteration schedules over the whole run.
-    optimizer = torch.optim.AdamW(common.param_groups(trained))
+    optimizer = torch.optim.AdamW(common.param_groups(trained, decay_biases=recipe.decay_biases))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     schedule = schedules(args, preset, steps_per_epoch, process.world_size)
 
@@ -295,15 +316,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state["sere"] = sere  # SERE: its heads, the teacher's among them
     fields = ["lr", "wd", "momentum", "teacher_temp", "loss", "dino"]
     fields += ["spatial", "channel"]  # SERE
+    config = {"preset": asdict(preset), "precision": precision, "dataset_size": len(dataset)}
     run = common.Run(
-        process, args, state, epochs=preset.epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=preset.batch_size, fields=fields, config={"preset": asdict(preset)},
+        process, args, state, output=output, epochs=preset.epochs, config=config,
+        steps_per_epoch=steps_per_epoch, batch_size=preset.batch_size, fields=fields,
     )  # fmt: skip
     torch.manual_seed(args.seed + 1 + process.rank)  # each process its own stochastic depth
     start = run.resume()  # and, when resuming, the random state it had saved
     method = "DINO" if sere is None else "DINO + SERE"  # SERE
     run.print(
-        f"{method} | preset {args.preset} | {process.world_size} process(es) on {device} "
+        f"{method} | preset {args.preset} | recipe {recipe.name} | {process.world_size} "
+        f"process(es) on {device} "
         f"{precision} | {num_views} views x batch {preset.batch_size} per process | "
         f"{steps_per_epoch} steps/epoch | steps {start} -> {run.max_steps} of {total_steps} | "
         f"logs in {args.output_dir}"
@@ -330,9 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = loss + loss_sere  # SERE
 
         logged = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
-        frozen = student if epoch < args.freeze_last_layer else None
+        frozen = student if epoch < preset.freeze_last_layer else None
         common.optimizer_step(
-            loss, optimizer, scaler, clip_grad=args.clip_grad, freeze_last_layer=frozen
+            loss, optimizer, scaler, step=step, clip_grad=args.clip_grad, freeze_last_layer=frozen
         )
         common.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE

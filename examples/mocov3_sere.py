@@ -20,6 +20,11 @@ epochs then cosine to 0, weight decay 0.1 on every parameter; momentum 0.99 -> 1
 with alpha = beta = 1 (the paper does not give MoCo v3's weights; DINO's are used). As in MoCo
 v3, the momentum encoder (and SERE's teacher heads) take their EMA step at the start of each
 iteration.
+
+``--recipe authors`` (the default) applies the authors' SERE code where it differs from the
+paper's text (lattice points and padding, non-overlapping pairs, spatial heads = the backbone's:
+12 for MoCo v3's ViT-S, fp16 on CUDA, as MoCo v3 too trains); ``--recipe paper`` follows the
+text. Weight decay is on every parameter under both, as in MoCo v3.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ PRESETS = {
         batch_size=16,
         epochs=2,
         warmup_epochs=1,
+        lr=1.5e-4,
         drop_path=0.0,
         synthetic_length=128,
         synthetic_size=96,
@@ -79,6 +85,7 @@ PRESETS = {
         batch_size=128,
         epochs=100,
         warmup_epochs=40,
+        lr=1.5e-4,
         drop_path=0.0,
         synthetic_length=10_000,
         synthetic_size=256,
@@ -210,7 +217,7 @@ def contrastive_loss(query: Tensor, key: Tensor, temperature: float, rank: int) 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="MoCo v3 + SERE trainer", allow_abbrev=False)
-    common.add_run_arguments(p, PRESETS, lr=1.5e-4, output_dir="runs/mocov3_sere")
+    common.add_run_arguments(p, PRESETS, output_dir="runs/mocov3_sere")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--moco-m", type=float, default=0.99, help="momentum, cosine to 1")
     p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature")
@@ -223,12 +230,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset, process, precision = common.setup(PRESETS, args)
-    device = process.device
+    preset, process, precision, output = common.setup(PRESETS, args)
+    recipe, device = common.RECIPES[args.recipe], process.device
 
     # Data: two views, with their crop boxes and flips recorded.
     transform = mocov3_transform(size=preset.global_px)  # SERE: records each view's box and flip
     dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    common.check_images(dataset, transform, process, args.check_images, preset.workers)
     loader, sampler = common.build_loader(
         dataset,
         transform,
@@ -249,19 +257,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE: two global views, no local ones, so no local heads
         dim = backbone.embed_dim  # SERE: the lattice from the token grid (13 for ViT-S at 224 px)
-        heads = preset.num_heads  # SERE: the ViT's own, as the authors take it (12 for ViT-S)
-        weights = dict(alpha=args.alpha, beta=args.beta)  # SERE
-        sere = SERELoss(dim, num_heads=heads, local_heads=False, **weights).to(device)  # SERE
+        options = recipe.sere_options(backbone) | {"local_heads": False}  # SERE: points, heads
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     teacher = common.sync_batchnorm(teacher, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
 
     # Optimisation: AdamW with weight decay on every parameter, per-iteration schedules.
-    params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    params = common.param_groups(trained, decay_all=True)
     optimizer = torch.optim.AdamW(params, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lr_peak = args.lr * preset.batch_size * process.world_size / 256
+    lr_peak = preset.lr * preset.batch_size * process.world_size / 256
     schedule = {
         "lr": common.cosine_schedule(
             lr_peak, 0, preset.epochs, steps_per_epoch, preset.warmup_epochs
@@ -275,21 +282,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state["sere"] = sere  # SERE: its heads, the teacher's among them
     fields = ["lr", "momentum", "loss", "moco"]
     fields += ["spatial", "channel"]  # SERE
+    config = {"preset": asdict(preset), "precision": precision, "dataset_size": len(dataset)}
     run = common.Run(
-        process,
-        args,
-        state,
-        epochs=preset.epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=preset.batch_size,
-        fields=fields,
-        config={"preset": asdict(preset)},
-    )
+        process, args, state, output=output, epochs=preset.epochs, config=config,
+        steps_per_epoch=steps_per_epoch, batch_size=preset.batch_size, fields=fields,
+    )  # fmt: skip
     torch.manual_seed(args.seed + 1 + process.rank)  # each process its own random state
     start = run.resume()  # and, when resuming, the random state it had saved
     method = "MoCo v3" if sere is None else "MoCo v3 + SERE"  # SERE
     run.print(
-        f"{method} | preset {args.preset} | {process.world_size} process(es) on {device} "
+        f"{method} | preset {args.preset} | recipe {recipe.name} | {process.world_size} "
+        f"process(es) on {device} "
         f"{precision} | 2 views x batch {preset.batch_size} per process | "
         f"{steps_per_epoch} steps/epoch | steps {start} -> {run.max_steps} of "
         f"{run.total_steps} | logs in {args.output_dir}"
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = loss + loss_sere  # SERE
 
         logged = run.mean({"loss": loss, "moco": loss_moco, **terms}, step)
-        common.optimizer_step(loss, optimizer, scaler)
+        common.optimizer_step(loss, optimizer, scaler, step=step)
         run.log(step, epoch, now, logged)
     return run.finish()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -64,3 +66,35 @@ def examples() -> Iterator[SimpleNamespace]:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small RGB images of mixed sizes in two classes, as ImageFolder wants them."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(8):
+        h, w = (48, 72) if i % 2 else (80, 60)
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        (root / f"class{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(pixels.numpy()).save(root / f"class{i % 2}" / f"{i}.png")
+    return root
+
+
+def train_tiny(module: Any, data: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """Run a trainer's ``main`` in this process: tiny preset, batch 4, no workers, no bar.
+
+    The start-up check opens one image (``--check-images 1``) unless ``extra`` says otherwise.
+    """
+    argv = ["--data", str(data), "--preset", "tiny", "--batch-size", "4", "--workers", "0"]
+    argv += ["--check-images", "1"]
+    result: dict[str, Any] = module.main([*argv, "--no-progress", "--output-dir", str(out), *extra])
+    return result
+
+
+def log_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``log.csv``."""
+    with (run / "log.csv").open() as f:
+        return list(csv.DictReader(f))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import csv
 import math
 import re
 import subprocess
@@ -13,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from conftest import log_rows, train_tiny
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
@@ -32,30 +33,12 @@ TOTAL = {
 }
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Eight small RGB images of mixed sizes in two classes, as ImageFolder wants them."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    gen = torch.Generator().manual_seed(0)
-    for i in range(8):
-        h, w = (48, 72) if i % 2 else (80, 60)
-        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
-        (root / f"class{i % 2}").mkdir(exist_ok=True)
-        Image.fromarray(pixels.numpy()).save(root / f"class{i % 2}" / f"{i}.png")
-    return root
-
-
 def _rows(run: Path) -> list[dict[str, str]]:
-    with (run / "log.csv").open() as f:
-        return list(csv.DictReader(f))
+    return log_rows(run)
 
 
 def _train(module: Any, data: Path, out: Path, *extra: str) -> dict[str, Any]:
-    argv = ["--data", str(data), "--preset", "tiny", "--batch-size", "4", "--workers", "0"]
-    result: dict[str, Any] = module.main([*argv, "--no-progress", "--output-dir", str(out), *extra])
-    return result
+    return train_tiny(module, data, out, *extra)
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -138,17 +121,6 @@ def test_resume_refuses_another_layout(examples: Any, image_folder: Path, tmp_pa
         _train(examples.dino_sere, image_folder, tmp_path / "b", "--resume")
     with pytest.raises(SystemExit, match=r"another setup"):
         _train(examples.dino_sere, image_folder, tmp_path, "--resume", "--no-sere")
-
-
-@pytest.mark.parametrize("name", TRAINERS)
-def test_command_line_runs_on_synthetic_data(name: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--preset", "tiny", "--max-steps", "1"]
-    cmd += ["--batch-size", "4", "--output-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "done:" in out.stdout
-    assert "1 process(es) on cpu" in out.stdout
-    assert len(_rows(tmp_path)) == 1
 
 
 def test_lightly_example_trains(tmp_path: Path) -> None:

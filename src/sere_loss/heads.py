@@ -87,8 +87,9 @@ class ProjectionHead(_TokenHead):
 class PredictionHead(_TokenHead):
     """SERE prediction ``g`` (student only): bias-free linear ``C -> C``, BatchNorm, ReLU.
 
-    The linear layer is the authors' 1x1 convolution, initialised the same way
-    (normal with std ``sqrt(2 / C)``, fan-out mode).
+    The linear layer is the authors' 1x1 convolution and keeps PyTorch's default initialisation,
+    as theirs does (their ``_init_weights`` is never applied to it): uniform in
+    ``(-1/sqrt(C), 1/sqrt(C))``, a standard deviation of ``1/sqrt(3 C)``, 0.029 at ``C = 384``.
 
     Args:
         dim: channel count ``C``.
@@ -100,9 +101,22 @@ class PredictionHead(_TokenHead):
 
     def __init__(self, dim: int) -> None:
         dim = check_positive_int(dim, "dim")
-        linear = nn.Linear(dim, dim, bias=False)
-        nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
-        super().__init__(linear, _TokenBatchNorm(dim), nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Linear(dim, dim, bias=False), _TokenBatchNorm(dim), nn.ReLU(inplace=True)
+        )
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its own, newly drawn parameters (``reset_parameters``).
+
+    Submodules without ``reset_parameters`` keep the copied values.
+    """
+    twin = copy.deepcopy(module)
+    for sub in twin.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return twin
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -118,7 +132,9 @@ class RelationHeads(nn.Module):
     - ``projection`` / ``prediction``: the student's heads for global views.
     - ``local_projection`` / ``local_prediction``: the student's heads for local views (their
       own BatchNorm statistics, as in the authors' code), or the global ones when
-      ``local_heads=False``.
+      ``local_heads=False``. They are drawn independently, as the authors' separate local
+      modules are: copies of the global heads with their parameters re-initialised
+      (``reset_parameters`` of every submodule that has one).
     - ``teacher_projection``: a frozen copy of ``projection`` that follows it by exponential
       moving average through :meth:`update_teacher`. The teacher has no prediction head and sees
       global views only. Its BatchNorm runs in the same mode as this module (batch statistics
@@ -129,7 +145,8 @@ class RelationHeads(nn.Module):
         projection: the student's projection; ``None`` for :class:`ProjectionHead`.
         prediction: the student's prediction; ``None`` for :class:`PredictionHead`
             (``nn.Identity()`` when ``symmetric``).
-        local_heads: give local views their own pair of heads (copies of the global ones).
+        local_heads: give local views their own pair of heads (of the same structure as the
+            global ones, independently initialised).
         symmetric: no prediction head on the student (paper Table 15, "symmetry").
     """
 
@@ -156,8 +173,8 @@ class RelationHeads(nn.Module):
             self.prediction = prediction if prediction is not None else PredictionHead(dim)
         self.local_heads = bool(local_heads)
         if self.local_heads:
-            self.local_projection: nn.Module = copy.deepcopy(self.projection)
-            self.local_prediction: nn.Module = copy.deepcopy(self.prediction)
+            self.local_projection: nn.Module = _fresh_copy(self.projection)
+            self.local_prediction: nn.Module = _fresh_copy(self.prediction)
         self.teacher_projection = _frozen_copy(self.projection)
 
     def student(self, tokens: Tensor, local: bool = False) -> Tensor:

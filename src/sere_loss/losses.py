@@ -6,6 +6,7 @@ multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the k
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal, overload
@@ -304,8 +305,14 @@ class SpatialSelfRelationLoss(nn.Module):
     pair the two views' features are sampled at the same ``Hs x Ws`` points of their overlap in
     the original image (the lattice, below), turned into ``M``-head relation logits, and compared
     by row-wise cross-entropy, teacher sharpened by ``teacher_temp``. Pairs whose crops do not
-    overlap are masked out; the result is the mean over every kept (image, pair) term, and a zero
-    still connected to every head parameter when nothing overlaps.
+    overlap are masked out (``empty_pairs="mask"``); the result is the mean over every kept
+    (image, pair) term, and a zero still connected to every head parameter when nothing overlaps.
+
+    ``empty_pairs="uniform"`` reproduces the authors' code instead (SPEC 4): there such a pair
+    reads zeros at every point (its grid lies outside both views, zero padding), so both
+    relations are uniform and the term is the constant ``log(Hs * Ws)``; it stays in the mean.
+    The value then carries that constant and the spatial gradient is scaled by
+    ``n_valid / (P * B)`` against the masked mean.
 
     Lattices: by default each one follows the token grid it reads. Between two global views of
     grid ``(H, W)`` it is ``(H - 1, W - 1)``; between a global and a local view of grid
@@ -349,6 +356,8 @@ class SpatialSelfRelationLoss(nn.Module):
             channels: with a projection of another width, pass a prediction that takes it.
         local_heads: separate heads for local views (the authors' default).
         symmetric: no prediction head (paper Table 15).
+        empty_pairs: ``"mask"`` (default) leaves non-overlapping (image, pair) terms out of the
+            mean; ``"uniform"`` counts each as ``log(Hs * Ws)``, as the authors' code does.
         backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
             ``"chunked"`` or ``"triton"``: see
             :func:`~sere_loss.functional.spatial_relation_cross_entropy`. All give the same
@@ -381,11 +390,13 @@ class SpatialSelfRelationLoss(nn.Module):
         prediction: nn.Module | None = None,
         local_heads: bool = True,
         symmetric: bool = False,
+        empty_pairs: str = "mask",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
         self.num_heads = _heads(dim, num_heads)
+        self.empty_pairs = check_choice(empty_pairs, "empty_pairs", ("mask", "uniform"))
         if projection is None and prediction is None and dim % self.num_heads:
             raise ValueError(
                 f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}; "
@@ -508,6 +519,10 @@ class SpatialSelfRelationLoss(nn.Module):
                 backend=self.backend,
             )
             count = count + mask.sum()
+            if self.empty_pairs == "uniform":  # the authors' constant log(S) per empty term
+                empty = mask.numel() - mask.sum()
+                total = total + empty * math.log(lattice[0] * lattice[1])
+                count = count + empty
         loss = total / count.clamp(min=1.0)
         return loss + _zero_touch(self.heads.student_parameters_unused(local is not None), loss)
 
@@ -560,7 +575,8 @@ class SpatialSelfRelationLoss(nn.Module):
             f"student_temp={self.student_temp}, global_lattice={self.global_lattice}, "
             f"local_lattice={self.local_lattice}, points={self.points!r}, "
             f"padding={self.padding!r}, num_global_views={self.num_global_views}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, empty_pairs={self.empty_pairs!r}, "
+            f"backend={self.backend!r}"
         )
 
 
@@ -719,6 +735,8 @@ class SERELoss(nn.Module):
             :class:`SpatialSelfRelationLoss` for why).
         local_lattice: spatial lattice between a global and a local view; ``None`` (default)
             for the local token grid, 6 x 6 at 96 px.
+        empty_pairs: ``"mask"`` or ``"uniform"`` (the authors'), see
+            :class:`SpatialSelfRelationLoss`.
         spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
             then do not apply to it).
         channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
@@ -756,6 +774,7 @@ class SERELoss(nn.Module):
         padding: str = "border",
         global_lattice: int | tuple[int, int] | None = None,
         local_lattice: int | tuple[int, int] | None = None,
+        empty_pairs: str = "mask",
         spatial: SpatialSelfRelationLoss | None = None,
         channel: ChannelSelfRelationLoss | None = None,
         backend: str = "auto",
@@ -796,6 +815,7 @@ class SERELoss(nn.Module):
                     padding=padding,
                     global_lattice=global_lattice,
                     local_lattice=local_lattice,
+                    empty_pairs=empty_pairs,
                     **common,  # type: ignore[arg-type]
                 )
             )

@@ -39,6 +39,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
+import numpy as np
 import torch
 import torchvision.transforms as v1
 from PIL import Image
@@ -158,23 +159,72 @@ class CropSpec:
             raise TypeError(f"photometric must be callable, got {type(self.photometric).__name__}")
 
 
+_SIXTEEN_BIT = 65535  # the range of 16-bit levels, which other integer images are taken to hold
+
+
 def _as_image(image: object) -> Tensor:
+    """``image`` as a ``(3, H, W)`` tv_tensors image, converted without losing its range.
+
+    - PIL images become 8-bit RGB. 16-bit modes (``"I;16"`` and its byte orders: 16-bit PNGs),
+      ``"I"`` (32-bit integers, in which decoders put 16-bit levels) and ``"F"`` (float) are
+      scaled from their range to 8 bits, not clipped as ``Image.convert("RGB")`` would: integer
+      levels ``v`` in ``[0, 65535]`` become ``round(v * 255 / 65535)``, floats in ``[0, 1]``
+      become ``round(x * 255)``. Values outside those ranges are refused. Other modes go through
+      ``convert("RGB")`` (8-bit already: ``"L"``, ``"P"``, ``"RGBA"``, ``"CMYK"``...).
+    - ``uint8`` tensors pass as they are. Other integer tensors are taken to hold 16-bit levels
+      in ``[0, 65535]`` (``uint16``, or ``int32`` as older decoders return 16-bit PNGs) and are
+      scaled to 8 bits the same way; values outside that range are refused. Boolean tensors are
+      refused.
+    - Float tensors pass as they are (torchvision's convention: ``[0, 1]``).
+    - One channel becomes three.
+    """
     if isinstance(image, Image.Image):
-        return cast(Tensor, TF.to_image(image.convert("RGB")))
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            what = f"a PIL image of mode {image.mode!r}"
+            if image.mode == "F":
+                levels = torch.from_numpy(np.asarray(image).astype(np.float64))
+                image = _scaled_to_uint8(levels, 1.0, what).unsqueeze(0)
+            else:
+                levels = torch.from_numpy(np.asarray(image).astype(np.int64))
+                image = _scaled_to_uint8(levels, _SIXTEEN_BIT, what).unsqueeze(0)
+        else:
+            return cast(Tensor, TF.to_image(image.convert("RGB")))
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(
                 f"image must be a (3, H, W) or (1, H, W) tensor or a PIL image, got a tensor of "
                 f"shape {tuple(image.shape)}"
             )
-        if image.shape[0] == 1:  # grayscale, as PIL's convert("RGB") would make it
-            image = image.expand(3, -1, -1)
         if min(image.shape[-2:]) < 1:
             raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
+        if image.dtype == torch.bool:
+            raise TypeError(
+                "image must hold pixel levels (uint8, 16-bit integers or floats in [0, 1]), got "
+                "a bool tensor: convert a mask to uint8 levels first"
+            )
+        if not image.is_floating_point() and image.dtype != torch.uint8:
+            levels = image.as_subclass(Tensor).to(torch.int64)
+            image = _scaled_to_uint8(levels, _SIXTEEN_BIT, f"a {image.dtype} tensor")
+        if image.shape[0] == 1:  # grayscale, as PIL's convert("RGB") would make it
+            image = image.expand(3, -1, -1)
         return (
             image if isinstance(image, tv_tensors.Image) else cast(Tensor, tv_tensors.Image(image))
         )
     raise TypeError(f"image must be a PIL image or a (C, H, W) tensor, got {type(image).__name__}")
+
+
+def _scaled_to_uint8(levels: Tensor, top: float, what: str) -> Tensor:
+    """``levels`` (int64 or float64) in ``[0, top]`` as 8-bit levels ``round(v * 255 / top)``."""
+    if levels.numel() and not bool(torch.isfinite(levels).all()):
+        raise ValueError(f"image is {what} with non-finite values (NaN or inf)")
+    low, high = (float(levels.min()), float(levels.max())) if levels.numel() else (0.0, 0.0)
+    if low < 0 or high > top:
+        expected = "[0, 1]" if top == 1.0 else f"16-bit levels in [0, {int(top)}]"
+        raise ValueError(
+            f"image is {what} with values in [{low:g}, {high:g}]: expected {expected}, which are "
+            "scaled to 8 bits. Bring the image to that range (or to uint8) before the transform"
+        )
+    return (levels.to(torch.float64) * (255.0 / top)).round().to(torch.uint8)
 
 
 class MultiCropTransform:
