@@ -3,11 +3,19 @@
 A *case* is (setting, implementation, term). Every case of a setting sees the same tensors and
 the same head weights: the inputs come from a generator with a fixed seed, the heads from the
 library's modules built under a fixed seed, and the authors' route borrows those very modules.
+
+Implementations:
+
+- ``authors``: the route of the authors' code (``authors_route.py``), the baseline.
+- ``library``: ``sere_loss`` with its default backend (``"auto"``).
+- ``library:<backend>``: another backend, ``library:chunked`` (the memory-saving mode) or
+  ``library:reference`` (the materialised relations under autograd).
+- ``library@<n>``: the default backend on an ``n x n`` lattice between the global views instead
+  of the setting's: the lattice sweeps compare densities of one setting, round by round.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,22 +30,25 @@ from sere_loss import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
 __all__ = [
     "AUTHORS",
     "CORE",
+    "FULL",
     "LIBRARY",
+    "QUICK",
     "SETTINGS",
     "Case",
-    "Unavailable",
     "Inputs",
     "Setting",
-    "backend_support",
     "build_case",
     "compare_probes",
     "fingerprint",
     "make_inputs",
     "probe",
+    "resolve_impl",
 ]
 
 AUTHORS = "authors"
 LIBRARY = "library"
+CHUNKED = "library:chunked"
+REFERENCE = "library:reference"
 TERMS = ("spatial", "channel", "sere")
 # The spatial term with identity heads: the route alone (relation, sampling, loss), without the
 # BatchNorm and linear layers over every token that both routes share.
@@ -57,16 +68,13 @@ class Setting:
         global_side: token grid side of a global view (224 px / 16 = 14).
         num_local: local views ``L``.
         local_side: token grid side of a local view (96 px / 16 = 6).
-        global_lattice: lattice side between the two globals (13; the side of ``S``).
-        local_lattice: lattice side between a global and a local view (6).
-        dim: channels ``C`` (ViT-S: 384).
-        heads: relation heads ``M`` (6).
+        global_lattice: lattice side between the two globals; ``None`` for the library's default,
+            the global grid minus one (13 at 14 x 14 tokens).
+        dim: channels ``C`` (ViT-S 384, ViT-B 768, ViT-L 1024).
         terms: which of ``spatial``, ``channel``, ``sere`` and ``spatial_core`` (the spatial term
             with identity heads) to time.
-        impls: implementations compared: ``authors``, ``library`` (default backend) or
-            ``library:<backend>``.
-        rounds: timed samples per case where one step takes so long that the default number of
-            rounds would not fit the run's time (fewer repeats rather than fewer settings).
+        impls: implementations compared; the last one is the baseline of the ratios.
+        group: the table of the docs it belongs to (``targets``, ``sizes``, ``lattice``).
     """
 
     name: str
@@ -75,13 +83,31 @@ class Setting:
     global_side: int
     num_local: int = 0
     local_side: int = 6
-    global_lattice: int = 13
-    local_lattice: int = 6
+    global_lattice: int | None = None
     dim: int = 384
-    heads: int = 6
     terms: tuple[str, ...] = TERMS
-    impls: tuple[str, ...] = (LIBRARY, AUTHORS)
-    rounds: int | None = None
+    impls: tuple[str, ...] = (LIBRARY, CHUNKED, AUTHORS)
+    group: str = "sizes"
+
+    @property
+    def heads(self) -> int:
+        """Spatial heads ``M``: the library's default, one per 64 channels (6 for ViT-S)."""
+        return self.dim // 64
+
+    @property
+    def lattice(self) -> int:
+        """The lattice side between the two globals (the setting's, or the grid minus one)."""
+        return self.global_side - 1 if self.global_lattice is None else self.global_lattice
+
+    @property
+    def local_lattice(self) -> int:
+        """The lattice between a global and a local view: the local grid (6 at 96 px)."""
+        return self.local_side
+
+    @property
+    def baseline(self) -> str:
+        """The implementation the ratios are taken against."""
+        return self.impls[-1]
 
     def relation_bytes(self) -> int:
         """Bytes of one float32 ``(2B, M, N, N)`` full relation of the global views."""
@@ -89,109 +115,140 @@ class Setting:
         return 4 * 2 * self.batch * self.heads * n * n
 
 
-FUSED = "library:fused"  # resolved to the fused backend's name at run time
-REFERENCE = "library:reference"
+def _s(name: str, description: str, batch: int, global_side: int, **kw: Any) -> Setting:
+    return Setting(name, description, batch, global_side, **kw)
+
+
+DINO = dict(num_local=4, local_side=6)  # 2 x 224 px + 4 x 96 px, patch 16
+SWEEP = dict(terms=("spatial",), group="lattice")
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
-        Setting("dino_b32", "DINO: 2x224 + 4x96, batch 32", 32, 14, 4, terms=(*TERMS, CORE)),
-        Setting("ibot_b32", "iBOT crops: 2x224 + 10x96, batch 32", 32, 14, 10),
-        Setting("dino_b128", "DINO: 2x224 + 4x96, batch 128", 128, 14, 4),
-        Setting("ibot_b128", "iBOT crops: 2x224 + 10x96, batch 128", 128, 14, 10, rounds=2),
-        Setting(
-            "g448_b32",
-            "2x448 globals (28x28 tokens, S = 13x13), batch 32",
+        # The targets: DINO's crops at batch 32, ViT-S.
+        _s(
+            "dino_b32",
+            "ViT-S, DINO crops 2x224 + 4x96 px, batch 32",
+            32,
+            14,
+            **DINO,
+            terms=(*TERMS, CORE),
+            group="targets",
+        ),
+        _s("ibot_b32", "ViT-S, iBOT crops 2x224 + 10x96 px, batch 32", 32, 14, num_local=10),
+        _s("dino_b128", "ViT-S, DINO crops, batch 128", 128, 14, **DINO, terms=("sere",)),
+        # Widths: ViT-B and ViT-L on DINO's crops.
+        _s(
+            "vitb_dino_b32",
+            "ViT-B (768 channels, 12 heads), DINO crops, batch 32",
+            32,
+            14,
+            **DINO,
+            dim=768,
+            terms=("sere",),
+        ),
+        _s(
+            "vitl_dino_b32",
+            "ViT-L (1024 channels, 16 heads), DINO crops, batch 32",
+            32,
+            14,
+            **DINO,
+            dim=1024,
+            terms=("sere",),
+        ),
+        # High resolution, against the authors' route.
+        _s(
+            "g448_l13_b32",
+            "ViT-S, 2x448 px (28x28 tokens), lattice 13x13, batch 32",
             32,
             28,
-            terms=(*TERMS, CORE),
+            global_lattice=13,
+            terms=("spatial", "sere", CORE),
         ),
-        Setting(
-            "full518_b16",
-            "full-token spatial relation: 2x518 px, patch 14 (N = S = 1369), batch 16",
-            16,
+        _s(
+            "g448_b32",
+            "ViT-S, 2x448 px (28x28 tokens), default lattice 27x27, batch 32",
+            32,
+            28,
+            terms=("spatial", "sere"),
+        ),
+        _s(
+            "g518_b4",
+            "ViT-S/14, 2x518 px (37x37 tokens), default lattice 36x36, batch 4",
+            4,
             37,
-            global_lattice=37,
             terms=("spatial",),
-            impls=(FUSED, REFERENCE, AUTHORS),
-            rounds=2,
+            impls=(LIBRARY, REFERENCE, AUTHORS),
+        ),
+        # Lattice density at high resolution: cost against the 13 x 13 lattice, the library only.
+        _s(
+            "lattice448_b32",
+            "ViT-S, 2x448 px (28x28 tokens), lattices 13, 20, 27, batch 32",
+            32,
+            28,
+            impls=("library@20", "library@27", "library@13"),
+            **SWEEP,
+        ),
+        _s(
+            "lattice518_b8",
+            "ViT-S/14, 2x518 px (37x37 tokens), lattices 13, 24, 36, batch 8",
+            8,
+            37,
+            impls=("library@24", "library@36", "library@13"),
+            **SWEEP,
+        ),
+        _s(
+            "lattice518_vitl_b8",
+            "ViT-L/14 (1024 channels, 16 heads), 2x518 px, lattices 13, 24, 36, batch 8",
+            8,
+            37,
+            dim=1024,
+            impls=("library@24", "library@36", "library@13"),
+            **SWEEP,
         ),
         # Smoke settings for --quick: every code path, tiny sizes.
-        Setting(
+        _s(
             "quick",
-            "smoke: 2x7x7 + 2x3x3 tokens, C = 48, batch 4",
+            "smoke: 2x7x7 + 2x3x3 tokens, C = 64, batch 4",
             4,
             7,
-            2,
-            3,
-            5,
-            3,
-            48,
+            num_local=2,
+            local_side=3,
+            dim=64,
             terms=(*TERMS, CORE),
         ),
-        Setting(
-            "quick_full",
-            "smoke: full-token spatial relation, 2x9x9 tokens, C = 48, batch 2",
+        _s(
+            "quick_sweep",
+            "smoke: lattices 3 and 6 on 2x7x7 tokens, C = 64, batch 2",
             2,
-            9,
-            global_lattice=9,
-            dim=48,
-            terms=("spatial",),
-            impls=(FUSED, REFERENCE, AUTHORS),
+            7,
+            dim=64,
+            impls=("library@6", "library@3"),
+            **SWEEP,
         ),
     )
 }
-QUICK = ("quick", "quick_full")
+QUICK = ("quick", "quick_sweep")
 FULL = tuple(name for name in SETTINGS if name not in QUICK)
-
-
-def backend_support(device: torch.device | None = None) -> tuple[bool, str | None]:
-    """Whether the library's spatial loss takes ``backend=``, and its fused backend's name.
-
-    The fused backend is ``"triton"`` on CUDA when Triton is there, else ``"chunked"`` (or,
-    failing that, ``"auto"``), whichever the constructor accepts first.
-    """
-    if "backend" not in inspect.signature(SpatialSelfRelationLoss).parameters:
-        return False, None
-    names = ["chunked", "auto"]
-    if device is not None and device.type == "cuda":
-        try:
-            from sere_loss._fused import triton_available
-
-            if triton_available():
-                names.insert(0, "triton")
-        except ImportError:
-            pass
-    for name in names:
-        try:
-            SpatialSelfRelationLoss(12, 3, backend=name)  # type: ignore[call-arg]
-        except (ValueError, TypeError, RuntimeError):
-            continue
-        return True, name
-    return True, None
 
 
 class Unavailable(LookupError):
     """The library in this checkout lacks what an implementation id asks for."""
 
 
-def resolve_impl(impl: str, device: torch.device | None = None) -> tuple[str, str | None]:
-    """Map an implementation id to ``(label, backend)``; the backend ``None`` = the default.
+def resolve_impl(impl: str) -> tuple[str, str | None, int | None]:
+    """Map an implementation id to ``(kind, backend, lattice)``.
 
-    Raises:
-        Unavailable: the library has no ``backend=`` option (or no fused backend) yet.
+    ``kind`` is ``authors`` or ``library``; ``backend`` ``None`` means the default; ``lattice``
+    ``None`` means the setting's.
     """
-    if not impl.startswith(LIBRARY + ":"):
-        return impl, None
-    has_backend, fused = backend_support(device)
-    wanted = impl.split(":", 1)[1]
-    if not has_backend:
-        raise Unavailable("SpatialSelfRelationLoss has no backend= option in this checkout")
-    if wanted == "fused":
-        if fused is None:
-            raise Unavailable("no fused backend is accepted")
-        wanted = fused
-    return f"{LIBRARY}:{wanted}", wanted
+    if impl == AUTHORS:
+        return AUTHORS, None, None
+    base, _, lattice = impl.partition("@")
+    kind, _, backend = base.partition(":")
+    if kind != LIBRARY:
+        raise Unavailable(f"unknown implementation {impl!r}")
+    return LIBRARY, backend or None, int(lattice) if lattice else None
 
 
 @dataclass
@@ -250,23 +307,34 @@ def make_inputs(setting: Setting, device: torch.device) -> Inputs:
 
 
 def library_modules(
-    setting: Setting, backend: str | None, identity_heads: bool = False
+    setting: Setting,
+    backend: str | None,
+    lattice: int | None = None,
+    identity_heads: bool = False,
+    official: bool = True,
 ) -> tuple[SpatialSelfRelationLoss, ChannelSelfRelationLoss, SERELoss]:
-    """The library's losses under a fixed seed, in the authors' lattice and padding."""
+    """The library's losses under a fixed seed.
+
+    ``official`` puts the spatial term on the authors' lattice and padding, so that it computes
+    the authors' loss; the lattice sweeps use the library's defaults (cell centres, border).
+    """
     torch.manual_seed(WEIGHT_SEED)
-    extra: dict[str, object] = {} if backend is None else {"backend": backend}
+    options: dict[str, Any] = {"backend": "auto" if backend is None else backend}
+    heads: dict[str, Any] = {}
     if identity_heads:
-        extra.update(projection=nn.Identity(), prediction=nn.Identity())
+        heads = {"projection": nn.Identity(), "prediction": nn.Identity()}
+    if official:
+        options_spatial = {**options, "points": "official", "padding": "zeros"}
+    else:
+        options_spatial = dict(options)
     spatial = SpatialSelfRelationLoss(
         setting.dim,
-        setting.heads,
-        global_lattice=setting.global_lattice,
+        global_lattice=setting.lattice if lattice is None else lattice,
         local_lattice=setting.local_lattice,
-        points="official",
-        padding="zeros",
-        **extra,  # type: ignore[arg-type]
+        **options_spatial,
+        **heads,
     )
-    channel = ChannelSelfRelationLoss(setting.dim)
+    channel = ChannelSelfRelationLoss(setting.dim, **options)
     return spatial, channel, SERELoss(setting.dim, spatial=spatial, channel=channel)
 
 
@@ -294,27 +362,23 @@ def build_case(setting: Setting, impl: str, term: str, device: torch.device) -> 
 
     Args:
         setting: the configuration.
-        impl: ``authors``, ``library`` or ``library:<backend>`` (``library:fused`` for the fused
-            backend, whatever its name).
+        impl: ``authors``, ``library``, ``library:<backend>`` or ``library@<lattice>``.
         term: ``spatial``, ``channel``, ``sere`` or ``spatial_core``.
         device: where to run.
 
     Returns:
         The case; ``case.step()`` runs forward and backward.
     """
-    label, backend = resolve_impl(impl, device)
+    kind, backend, lattice = resolve_impl(impl)
     inputs = make_inputs(setting, device)
-    modules = library_modules(setting, backend, identity_heads=term == CORE)
+    official = not any("@" in i for i in setting.impls)
+    modules = library_modules(setting, backend, lattice, term == CORE, official)
     spatial, channel, sere = (m.to(device) for m in modules)
     sg, tg, sl = inputs.student_global, inputs.teacher_global, inputs.student_local
     module: nn.Module
-    if label == AUTHORS:
+    if kind == AUTHORS:
         grids = authors_grids(
-            inputs.boxes,
-            inputs.flips,
-            setting.num_local,
-            setting.global_lattice,
-            setting.local_lattice,
+            inputs.boxes, inputs.flips, setting.num_local, setting.lattice, setting.local_lattice
         )
         if term in ("spatial", CORE):
             module = AuthorsSpatial(spatial)
@@ -337,7 +401,7 @@ def build_case(setting: Setting, impl: str, term: str, device: torch.device) -> 
             module = sere
             call = lambda: module(sg, tg, boxes, flips, sl)  # noqa: E731
     params = [p for p in module.parameters() if p.requires_grad]
-    return Case(setting, label, term, call, inputs.leaves() + params)
+    return Case(setting, impl, term, call, inputs.leaves() + params)
 
 
 PROBE_POINTS = 64
@@ -366,6 +430,14 @@ def fingerprint(case: Case, loss: Tensor) -> dict[str, Any]:
 def probe(case: Case) -> dict[str, Any]:
     """One forward+backward of ``case``, then :func:`fingerprint`."""
     return fingerprint(case, case.step())
+
+
+def comparable(impls: list[str]) -> list[list[str]]:
+    """Groups of implementations that compute the same loss (same lattice): guard each group."""
+    groups: dict[int | None, list[str]] = {}
+    for impl in impls:
+        groups.setdefault(resolve_impl(impl)[2], []).append(impl)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def compare_probes(name: str, probes: dict[str, dict[str, Any]], rtol: float = 1e-4) -> None:

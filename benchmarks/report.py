@@ -1,92 +1,108 @@
-"""Turn a results dict into the targets, a markdown report and a plot."""
+"""Turn a results file into the targets, a markdown report, the docs' tables and a plot.
+
+    python benchmarks/report.py benchmarks/results/cpu.json            # .md and .png beside it
+    python benchmarks/report.py benchmarks/results/cpu.json --docs docs/performance.md
+
+``run.py`` calls the same functions at the end of a run.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cases import AUTHORS
-
 MIB = 2**20
+GROUPS = (
+    ("targets", "DINO crops at batch 32 (the targets)"),
+    ("sizes", "Other crops, batches, widths and resolutions"),
+    ("lattice", "Lattice density at high resolution (the library alone, against 13 x 13)"),
+)
 
 
 @dataclass(frozen=True)
 class Target:
-    """One goal of issue 5: a ratio between two implementations in one run.
+    """One goal of issue 14: a ratio of ``impl`` to the setting's baseline (the authors' route).
 
-    ``kind`` is ``speedup`` (baseline median / impl median, at least ``bound``) or ``memory``
-    (impl peak / baseline peak, at most ``bound``). ``impl`` and ``baseline`` are roles:
-    ``library``, ``fused``, ``reference`` or ``authors``.
+    ``kind`` is ``speedup`` (baseline time / impl time per round, median at least ``bound``) or
+    ``memory`` (impl peak / baseline peak, at most ``bound``).
     """
 
-    device: str
     setting: str
     term: str
     kind: str
     bound: float
     impl: str
-    baseline: str
     text: str
 
 
 TARGETS = (
-    Target("cpu", "dino_b32", "spatial", "speedup", 3.0, "library", "authors",
-           "CPU, DINO crops, batch 32: spatial term >= 3x faster than the authors' route"),
-    Target("cpu", "dino_b32", "sere", "speedup", 2.0, "library", "authors",
-           "CPU, DINO crops, batch 32: whole SERE loss >= 2x faster"),
-    Target("cpu", "dino_b32", "sere", "memory", 1 / 3, "library", "authors",
-           "CPU, DINO crops, batch 32: whole SERE loss peak memory <= 1/3"),
-    Target("cpu", "g448_b32", "spatial", "speedup", 10.0, "library", "authors",
-           "CPU, 2x448 globals, batch 32: spatial term >= 10x faster"),
-    Target("any", "full518_b16", "spatial", "memory", 0.1, "fused", "reference",
-           "518 px full-token relation, batch 16: fused peak memory <= 1/10 of the reference's"),
+    Target("dino_b32", "sere", "speedup", 2.0, "library",
+           "DINO crops, batch 32: whole SERE loss >= 2x faster than the authors' route"),
+    Target("dino_b32", "sere", "memory", 1 / 3, "library",
+           "DINO crops, batch 32: whole SERE loss peak memory <= 1/3 of the authors'"),
+    Target("dino_b32", "sere", "speedup", 2.0, "library:chunked",
+           "same, memory-saving mode (backend='chunked'): >= 2x faster"),
+    Target("dino_b32", "sere", "memory", 1 / 3, "library:chunked",
+           "same, memory-saving mode (backend='chunked'): peak memory <= 1/3"),
+    Target("dino_b32", "channel", "speedup", 1.3, "library",
+           "DINO crops, batch 32: channel term >= 1.3x faster"),
 )  # fmt: skip
-DINO_STEP_TEXT = "CUDA, DINO ViT-S/16 step, batch 64: SERE adds <= 3 %"
 
 
-def _role_label(setting: dict[str, Any], role: str) -> str | None:
-    labels: dict[str, str] = setting.get("roles", {})
-    return labels.get(role, role if role in (AUTHORS, "library") else None)
-
-
-def ratio(setting: dict[str, Any], term: str, kind: str, impl: str, baseline: str) -> float | None:
-    """``baseline / impl`` median time (speedup) or ``impl / baseline`` peak memory, or None."""
-    runs = setting.get("terms", {}).get(term, {}).get("impls", {})
-    a, b = runs.get(impl, {}), runs.get(baseline, {})
-    key = "median_s" if kind == "speedup" else "peak_bytes"
-    if a.get(key) is None or b.get(key) is None or not a[key] or not b[key]:
-        return None
-    return float(b[key] / a[key]) if kind == "speedup" else float(a[key] / b[key])
+def _run(setting: dict[str, Any], term: str, impl: str) -> dict[str, Any] | None:
+    run: dict[str, Any] | None = setting.get("terms", {}).get(term, {}).get("impls", {}).get(impl)
+    return run
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check every target that applies to this device against the run's numbers."""
-    device = results["device"]["type"]
+    """Check every target against the run's numbers (the median of the per-round ratios)."""
+    device = results["device"]["type"].upper()
     settings = {s["name"]: s for s in results["settings"]}
     out = []
     for t in TARGETS:
-        row: dict[str, Any] = {"target": t.text, "bound": t.bound, "kind": t.kind}
+        row: dict[str, Any] = {"target": f"{device}, {t.text}", "bound": t.bound, "kind": t.kind}
         setting = settings.get(t.setting)
-        if t.device not in ("any", device):
-            row.update(value=None, met=None, note=f"a {t.device} target; this run is on {device}")
-        elif setting is None:
-            row.update(value=None, met=None, note=f"setting {t.setting} not run")
-        else:
-            impl, base = _role_label(setting, t.impl), _role_label(setting, t.baseline)
-            value = (
-                None if impl is None or base is None else ratio(setting, t.term, t.kind, impl, base)
+        run = None if setting is None else _run(setting, t.term, t.impl)
+        if run is None:
+            row.update(value=None, met=None, note=f"{t.setting}/{t.term}/{t.impl} not measured")
+        elif t.kind == "speedup":
+            s = run["speedup"]
+            row.update(
+                value=s["median"],
+                iqr=(s["q25"], s["q75"]),
+                interval=(s["ci_low"], s["ci_high"], s["ci_coverage"]),
+                met=bool(s["median"] >= t.bound),
+                clears=bool(s["ci_low"] >= t.bound),
             )
-            if value is None:
-                row.update(value=None, met=None, note=f"{t.impl} or {t.baseline} not measured")
-            else:
-                met = value >= t.bound if t.kind == "speedup" else value <= t.bound
-                row.update(value=value, met=bool(met), impl=impl, baseline=base)
+            if "cpu_speedup" in run:
+                row["cpu"] = run["cpu_speedup"]["median"]
+        elif run["memory_ratio"] is None:
+            row.update(value=None, met=None, note="the baseline's peak read 0")
+        else:
+            value = run["memory_ratio"]
+            row.update(value=value, met=bool(value <= t.bound), clears=bool(value <= t.bound))
         out.append(row)
     dino = results.get("dino_step", {})
-    row = {"target": DINO_STEP_TEXT, "bound": 0.03, "kind": "overhead"}
+    batch = dino.get("batch", "?")
+    row = {
+        "target": f"{device}, DINO ViT-S/16 step, batch {batch}: SERE alone <= 3 % of the step",
+        "bound": 0.03,
+        "kind": "share",
+    }
     if dino.get("status") == "measured":
-        row.update(value=dino["overhead"], met=dino["met"])
+        s = dino["share"]
+        row.update(
+            value=s["median"],
+            iqr=(s["q25"], s["q75"]),
+            interval=(s["ci_low"], s["ci_high"], s["ci_coverage"]),
+            met=bool(s["median"] <= 0.03),
+            clears=bool(s["ci_high"] <= 0.03),
+        )
+        if "cpu_share" in dino:
+            row["cpu"] = dino["cpu_share"]["median"]
     else:
         row.update(value=None, met=None, note=dino.get("status", "not run"))
     out.append(row)
@@ -101,87 +117,184 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
-def _fmt_value(row: dict[str, Any]) -> str:
-    value = row.get("value")
-    if value is None:
-        return "-"
-    if row["kind"] == "speedup":
+def _fmt_ratio(value: float, kind: str) -> str:
+    if kind == "speedup":
         return f"{value:.2f}x"
-    if row["kind"] == "overhead":
-        return f"{100 * value:+.1f} %"
-    return f"{value:.3f} ({1 / value:.1f}x less)" if value else "0"
+    if kind == "share":
+        return f"{100 * value:.2f} %"
+    return f"{value:.3f}"
 
 
 def _fmt_bound(row: dict[str, Any]) -> str:
     if row["kind"] == "speedup":
         return f">= {row['bound']:g}x"
-    if row["kind"] == "overhead":
+    if row["kind"] == "share":
         return f"<= {100 * row['bound']:g} %"
     return f"<= {row['bound']:.3g}"
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
-    """Markdown table: target, bound, measured, met."""
-    lines = ["| target | bound | measured | met |", "|---|---|---|---|"]
+    """Markdown: target, bound, median, IQR, interval for the median, met."""
+    lines = [
+        "| target | bound | measured (median) | IQR | interval for the median | met | "
+        "in CPU time (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in targets:
-        met = {True: "yes", False: "**no**", None: "not measured"}[row.get("met")]
-        note = f" ({row['note']})" if row.get("note") else ""
-        lines.append(f"| {row['target']} | {_fmt_bound(row)} | {_fmt_value(row)}{note} | {met} |")
+        kind = row["kind"]
+        if row.get("value") is None:
+            lines.append(
+                f"| {row['target']} | {_fmt_bound(row)} | - ({row.get('note', '')}) | - | - | "
+                "not measured | - |"
+            )
+            continue
+        iqr = "-"
+        if "iqr" in row:
+            iqr = f"{_fmt_ratio(row['iqr'][0], kind)} - {_fmt_ratio(row['iqr'][1], kind)}"
+        interval = "- (one measurement)"
+        if "interval" in row:
+            low, high, cover = row["interval"]
+            interval = f"{_fmt_ratio(low, kind)} - {_fmt_ratio(high, kind)} ({100 * cover:.1f} %)"
+        met = "yes" if row["met"] else "**no**"
+        if row["met"] and not row.get("clears", True):
+            met = "yes (median; the interval reaches past the bound)"
+        cpu = _fmt_ratio(row["cpu"], kind) if "cpu" in row else "-"
+        lines.append(
+            f"| {row['target']} | {_fmt_bound(row)} | {_fmt_ratio(row['value'], kind)} | "
+            f"{iqr} | {interval} | {met} | {cpu} |"
+        )
     return "\n".join(lines)
 
 
 def results_table(setting: dict[str, Any]) -> str:
-    """Markdown table of one setting: every term and implementation, with ratios.
-
-    The ratios are against the authors' route, and against the library's materialised
-    reference backend where the setting has one.
-    """
-    bases = [AUTHORS]
-    if "reference" in setting.get("roles", {}):
-        bases.append(setting["roles"]["reference"])
-    head = "| term | implementation | median | IQR | runs | peak memory |"
-    rule = "|---|---|---|---|---|---|"
-    for base in bases:
-        head += f" speedup vs {base} | memory vs {base} |"
-        rule += "---|---|"
-    lines = [head, rule]
+    """Markdown table of one setting: every term and implementation, ratios to the baseline."""
+    base = setting.get("baseline", "authors")
+    lines = [
+        f"| term | implementation | per step (median) | IQR | peak memory | speedup vs {base} "
+        "(median, IQR) | interval | in CPU time | memory vs " + base + " |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for term, data in setting.get("terms", {}).items():
         for impl, r in data["impls"].items():
+            t = r["seconds"]
             peak = r.get("peak_bytes")
             mem = f"{peak / MIB:,.0f} MiB" if peak is not None else "-"
-            line = (
-                f"| {term} | {impl} | {_fmt_time(r.get('median_s'))} | "
-                f"{_fmt_time(r.get('iqr_s'))} | {r.get('runs', '-')} | {mem} |"
+            speed, interval, memr, cpu = "-", "-", "-", "-"
+            if "speedup" in r:
+                s = r["speedup"]
+                speed = f"{s['median']:.2f}x ({s['q25']:.2f}-{s['q75']:.2f})"
+                interval = f"{s['ci_low']:.2f}-{s['ci_high']:.2f}"
+                if "cpu_speedup" in r:
+                    cpu = f"{r['cpu_speedup']['median']:.2f}x"
+                if r["memory_ratio"] is not None:
+                    memr = f"{r['memory_ratio']:.3f}"
+            lines.append(
+                f"| {term} | {impl} | {_fmt_time(t['median'])} | {_fmt_time(t['iqr'])} | {mem} | "
+                f"{speed} | {interval} | {cpu} | {memr} |"
             )
-            for base in bases:
-                speed = ratio(setting, term, "speedup", impl, base) if impl != base else None
-                memr = ratio(setting, term, "memory", impl, base) if impl != base else None
-                line += f" {'-' if speed is None else f'{speed:.2f}x'} |"
-                line += f" {'-' if memr is None else f'{memr:.3f}'} |"
-            lines.append(line)
     return "\n".join(lines)
+
+
+def lattice_table(settings: list[dict[str, Any]]) -> list[str]:
+    """Cost of each lattice against the baseline lattice of its sweep: time per round, memory."""
+    import stats
+
+    lines = [
+        "| setting | lattice | points S | spatial term per step | time vs the smallest "
+        "(median, IQR) | peak memory | memory vs the smallest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for setting in settings:
+        data = setting.get("terms", {}).get("spatial")
+        if data is None:
+            continue
+        base = setting["baseline"]
+        runs = data["impls"]
+        order = sorted(runs, key=lambda impl: int(impl.partition("@")[2] or 0))
+        for impl in order:
+            side = int(impl.partition("@")[2])
+            r, b = runs[impl], runs[base]
+            cost = stats.ratio_summary(r["seconds"]["values"], b["seconds"]["values"])
+            mem = r["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else float("nan")
+            lines.append(
+                f"| {setting['name']} | {side} x {side} | {side * side} | "
+                f"{_fmt_time(r['seconds']['median'])} | {cost['median']:.2f}x "
+                f"({cost['q25']:.2f}-{cost['q75']:.2f}) | {r['peak_bytes'] / MIB:,.0f} MiB | "
+                f"{mem:.2f}x |"
+            )
+    return lines
+
+
+def dino_table(dino: dict[str, Any]) -> list[str]:
+    """The whole-step measurement, as markdown lines."""
+    if dino.get("status") != "measured":
+        return [f"{dino.get('status', 'not run')}."]
+    s, o = dino["share"], dino["step_ratio"]
+    rows = [
+        "| variant | per step (median) | IQR |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {_fmt_time(dino[key]['median'])} | {_fmt_time(dino[key]['iqr'])} |"
+            for key, label in (
+                ("dino", "DINO"),
+                ("dino_sere", "DINO + SERE"),
+                ("sere_alone", "SERE alone (forward + backward)"),
+            )
+        ),
+        "",
+        f"Batch {dino['batch']}, preset `{dino['preset']}`, {dino['precision']}, "
+        f"{dino['rounds']} rounds. Per round, SERE alone is {100 * s['median']:.2f} % of the "
+        f"step with SERE (IQR {100 * s['q25']:.2f}-{100 * s['q75']:.2f} %, interval "
+        f"{100 * s['ci_low']:.2f}-{100 * s['ci_high']:.2f} %), and the step with SERE takes "
+        f"{o['median']:.3f} times the step without (IQR {o['q25']:.3f}-{o['q75']:.3f}).",
+    ]
+    if "cpu_share" in dino:
+        c, co = dino["cpu_share"], dino["cpu_step_ratio"]
+        rows[-1] += (
+            f" In process CPU time: share {100 * c['median']:.2f} % (IQR "
+            f"{100 * c['q25']:.2f}-{100 * c['q75']:.2f} %), ratio {co['median']:.3f}."
+        )
+    return rows
+
+
+def _machine_lines(results: dict[str, Any]) -> list[str]:
+    dev, ver, thr = results["device"], results["versions"], results["threads"]
+    dirty = results.get("dirty", [])
+    tree = (
+        "clean tree"
+        if not dirty
+        else f"{len(dirty)} uncommitted path(s): "
+        + ", ".join(f"`{line}`" for line in dirty[:8])
+        + (" ..." if len(dirty) > 8 else "")
+    )
+    load = results["load_average"]
+    return [
+        f"- machine: {dev['name']} ({dev['type']}), {dev['memory_gib']} GiB; torch "
+        f"{thr['torch_intra_op']} intra-op / {thr['torch_inter_op']} inter-op threads "
+        f"(environment: {thr['env']})",
+        f"- torch {ver['torch']}, Python {ver['python']}, sere-loss {ver['sere_loss']}, "
+        f"{ver['platform']}",
+        f"- commit `{results['commit'][:12]}`, {tree}",
+        f"- {results['created']}, {results['wall_time_s'] / 60:.1f} min in all; load average "
+        f"(1, 5, 15 min) at the start {load['start']}, at the end {load['end']}",
+        f"- allocator: timing in the harness's process ({results['allocator']['libc']}, "
+        f"{results['allocator']['mallopt']}); memory in fresh processes "
+        f"({results['method']['memory'].get('memory_process', '')})",
+        f"- command: `{results['command']}`",
+    ]
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The whole report of one run."""
-    dev, ver = results["device"], results["versions"]
-    dirty = ""
-    if results["dirty"]:
-        dirty = f" with uncommitted changes in {', '.join(results['dirty'])}"
     out = [
-        f"# SERE loss benchmark: {dev['name']}",
+        f"# SERE loss benchmark: {results['device']['name']}",
         "",
-        f"- commit `{results['commit']}`{dirty}",
-        f"- device: {dev['name']} ({dev['type']}), {dev['threads']} torch threads",
-        f"- torch {ver['torch']}, Python {ver['python']}, sere-loss {ver['sere_loss']}",
-        f"- run on {results['created']}, {results['wall_time_s'] / 60:.1f} min in all; "
-        f"load average before/after: {results['load_average']['start']} / "
-        f"{results['load_average']['end']}",
-        f"- command: `{results['command']}`",
+        *_machine_lines(results),
         "",
-        "Times are the median and interquartile range of forward+backward steps "
-        "(torch.utils.benchmark, the implementations timed in alternation). Peak memory is the "
-        "extra over the inputs (" + results["method"]["memory"]["summary"] + ").",
+        "Times are the median and IQR of the per-step times over interleaved rounds; speedups are "
+        "the median, IQR and an order-statistic interval (its coverage in the targets table) of "
+        "the per-round ratios. " + results["method"]["timing"] + ". Peak memory is the extra "
+        "over the inputs (" + results["method"]["memory"]["summary"] + ").",
         "",
         "## Targets",
         "",
@@ -190,80 +303,90 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for setting in results["settings"]:
         out += [f"## {setting['name']}: {setting['description']}", ""]
-        if "error" in setting:
-            out += [f"Failed: `{setting['error']}`", ""]
-            continue
-        for note in setting.get("notes", []):
-            out += [f"- {note}"]
-        if setting.get("notes"):
-            out += [""]
-        out += [results_table(setting), ""]
-    dino = results.get("dino_step", {})
-    out += ["## Whole DINO ViT-S/16 training step", ""]
-    if dino.get("status") == "measured":
-        out += [
-            "| variant | median | IQR |",
-            "|---|---|---|",
-            f"| DINO | {_fmt_time(dino['dino']['median_s'])} | "
-            f"{_fmt_time(dino['dino']['iqr_s'])} |",
-            f"| DINO + SERE | {_fmt_time(dino['dino_sere']['median_s'])} | "
-            f"{_fmt_time(dino['dino_sere']['iqr_s'])} |",
-            "",
-            f"SERE adds {100 * dino['overhead']:+.1f} % (batch {dino['batch']}).",
-        ]
-    else:
-        out += [f"{dino.get('status', 'not run')}."]
+        out += _setting_lines(setting)
+    out += ["## Whole DINO ViT-S/16 training step", "", *dino_table(results.get("dino_step", {}))]
     return "\n".join(out) + "\n"
 
 
+def _setting_lines(setting: dict[str, Any]) -> list[str]:
+    if "error" in setting:
+        return [f"Failed: `{setting['error']}`", ""]
+    lines = [f"- {note}" for note in setting.get("notes", [])]
+    loads = [
+        f"{term}: {d['load_average']['before'][0]} -> {d['load_average']['after'][0]}"
+        for term, d in setting.get("terms", {}).items()
+        if d["load_average"]["before"] and d["load_average"]["after"]
+    ]
+    rounds = {d["rounds"] for d in setting.get("terms", {}).values()}
+    lines.append(
+        f"- {setting['batch']} images, {setting['channels']} channels, {setting['heads']} heads; "
+        f"lattice {setting['lattice']['global']} between the globals"
+        + (
+            f", {setting['lattice']['local']} with a local view ({setting['local_views']} local "
+            "views)"
+            if setting.get("local_views")
+            else ""
+        )
+        + f"; {', '.join(map(str, sorted(rounds)))} rounds; 1-min load during timing "
+        + "; ".join(loads)
+    )
+    return [*lines, "", results_table(setting), ""]
+
+
 def docs_block(results: dict[str, Any], stem: str) -> str:
-    """The generated part of ``docs/performance.md`` for one device: machine, tables, plot."""
-    dev = results["device"]
+    """The generated part of ``docs/performance.md`` for one device."""
     lines = [
-        f"Machine: {dev['name']} ({dev['type']}, {dev['threads']} torch threads), torch "
-        f"{results['versions']['torch']}, commit `{results['commit'][:10]}`"
-        + (" plus uncommitted changes" if results["dirty"] else "")
-        + f", {results['created']}, {results['wall_time_s'] / 60:.0f} min; load average "
-        f"{results['load_average']['start'].split()[0]} at the start. Full data: "
-        f"[`benchmarks/results/{stem}.json`](../benchmarks/results/{stem}.json).",
+        f"From [`benchmarks/results/{stem}.json`](../benchmarks/results/{stem}.json) "
+        f"(report: [`{stem}.md`](../benchmarks/results/{stem}.md)):",
+        "",
+        *_machine_lines(results),
+        "",
+        "#### Targets",
         "",
         targets_table(results["targets"]),
         "",
-        f"![speedup and memory vs the authors' route](../benchmarks/results/{stem}.png)",
+        f"![speedup and memory against the baseline](../benchmarks/results/{stem}.png)",
         "",
     ]
-    for setting in results["settings"]:
-        lines += [f"**{setting['name']}**: {setting['description']}", ""]
-        if "error" in setting:
-            lines += [f"Failed: `{setting['error']}`", ""]
+    for group, title in GROUPS:
+        members = [s for s in results["settings"] if s.get("group", "sizes") == group]
+        if not members:
             continue
-        lines += [f"- {note}" for note in setting.get("notes", [])]
-        if setting.get("notes"):
-            lines += [""]
-        lines += [results_table(setting), ""]
-    return "\n".join(lines)
+        lines += [f"#### {title}", ""]
+        if group == "lattice":
+            lines += [*lattice_table(members), ""]
+        for setting in members:
+            lines += [f"**{setting['name']}**: {setting['description']}", ""]
+            lines += _setting_lines(setting)
+    lines += [
+        "#### Whole DINO ViT-S/16 training step",
+        "",
+        *dino_table(results.get("dino_step", {})),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def update_docs(results: dict[str, Any], stem: str, path: Path) -> bool:
-    """Replace the block between ``<!-- benchmark:<stem>:start/end -->`` in ``path``.
+    """Replace the block between ``<!-- benchmark:<device>:start/end -->`` in ``path``.
 
     Returns:
         Whether the file had the markers (and was updated).
     """
     if not path.exists():
         return False
+    device = results["device"]["type"]
     text = path.read_text()
-    start, end = f"<!-- benchmark:{stem}:start -->", f"<!-- benchmark:{stem}:end -->"
+    start, end = f"<!-- benchmark:{device}:start -->", f"<!-- benchmark:{device}:end -->"
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{docs_block(results, stem)}\n{end}{tail}")
+    path.write_text(f"{head}{start}\n{docs_block(results, stem)}{end}{tail}")
     return True
 
 
 def plot(results: dict[str, Any], path: Path) -> str | None:
-    """Bar chart of speedup and memory ratio vs the authors' route; None, or why it was skipped."""
+    """Speedup (median, IQR whiskers) and memory ratio per case; None, or why it was skipped."""
     try:
         import matplotlib
 
@@ -275,37 +398,69 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     rows = []
     for setting in results["settings"]:
         for term, data in setting.get("terms", {}).items():
-            for impl in data["impls"]:
-                if impl == AUTHORS:
-                    continue
-                speed = ratio(setting, term, "speedup", impl, AUTHORS)
-                mem = ratio(setting, term, "memory", impl, AUTHORS)
-                if speed is not None or mem is not None:
-                    rows.append((f"{setting['name']} / {term} / {impl}", speed, mem))
+            for impl, r in data["impls"].items():
+                if "speedup" in r:
+                    s = r["speedup"]
+                    label = f"{setting['name']} / {term} / {impl} vs {setting['baseline']}"
+                    memr = r["memory_ratio"] if r["memory_ratio"] is not None else float("nan")
+                    rows.append((label, s["median"], s["q25"], s["q75"], memr))
     if not rows:
-        return "nothing to plot (no implementation measured beside the authors' route)"
-    labels = [r[0] for r in rows][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.6), sharey=True)
-    panels = (
-        (axes[0], [r[1] for r in rows][::-1], "speedup vs the authors' route (x, log)"),
-        (axes[1], [r[2] for r in rows][::-1], "peak memory / the authors' route (log)"),
-    )
-    for ax, values, title in panels:
-        ys = range(len(labels))
-        vals = [v if v is not None else float("nan") for v in values]
-        ax.barh(list(ys), vals, color="tab:blue")
+        return "nothing to plot (no implementation measured beside a baseline)"
+    rows = rows[::-1]
+    labels = [r[0] for r in rows]
+    ys = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) + 1.6), sharey=True)
+    ax = axes[0]
+    med = [r[1] for r in rows]
+    err = [[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]
+    ax.barh(ys, med, xerr=err, color="tab:blue", ecolor="black", capsize=2)
+    ax.set_title("speedup (median of per-round ratios, IQR whiskers; log)", fontsize=9)
+    axes[1].barh(ys, [r[4] for r in rows], color="tab:orange")
+    axes[1].set_title("peak memory / baseline (log)", fontsize=9)
+    for ax, values in ((axes[0], med), (axes[1], [r[4] for r in rows])):
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(title, fontsize=10)
-        for y, v in zip(ys, vals, strict=True):
+        for y, v in zip(ys, values, strict=True):
             if v == v:  # not NaN
-                ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
-    axes[0].set_yticks(list(range(len(labels))))
-    axes[0].set_yticklabels(labels, fontsize=7)
-    fig.suptitle(f"sere-loss vs the authors' route: {results['device']['name']}", fontsize=10)
+                ax.text(v, y, f" {v:.2f}", va="center", fontsize=6)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(labels, fontsize=6)
+    fig.suptitle(f"sere-loss benchmark: {results['device']['name']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def write(results: dict[str, Any], out: Path, stem: str) -> None:
+    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    skipped = plot(results, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json and .md" + ("" if skipped else " and .png"))
+    if skipped:
+        print(f"plot skipped: {skipped}")
+    print(targets_table(results["targets"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render a committed results file (and, with ``--docs``, the docs' tables)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="a results JSON written by run.py")
+    p.add_argument("--docs", type=Path, help="rewrite the tables between this file's markers")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    results["targets"] = evaluate_targets(results)
+    stem = args.results.stem
+    write(results, args.results.parent, stem)
+    if args.docs is not None:
+        if not update_docs(results, stem, args.docs):
+            raise SystemExit(f"{args.docs} has no benchmark:{results['device']['type']} markers")
+        print(f"updated the tables in {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -181,10 +181,10 @@ def train_command(tier: Tier, data: Path, out: Path, seed: int, arm: str) -> lis
 
 def _commit() -> str:
     """This checkout's commit, with ``+dirty`` when ``src/`` or ``examples/`` have changes."""
-    from run import _git
+    from record import git
 
-    dirty = _git("status", "--porcelain", "--", "src", "examples")
-    return _git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+    dirty = git("status", "--porcelain", "--", "src", "examples")
+    return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
 
 
 def finished(out: Path, tier: Tier, steps: int) -> bool:
@@ -694,7 +694,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, tier: Tier, name: str, work: Path, out: Path) -> dict[str, Any]:
     """Data, training, evaluation, results."""
+    from record import environment
+
     tic = time.perf_counter()
+    # The tree as the experiment starts (before it writes its results into it); the training
+    # threads per run are the tier's.
+    started_in = environment(torch.device(tier.device)) | {"run_threads": tier.threads}
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - tic:7.1f} s] {line}", flush=True)
@@ -718,8 +723,6 @@ def run(args: argparse.Namespace, tier: Tier, name: str, work: Path, out: Path) 
     )
     results = evaluate_all(tier, work / "runs", data, steps_per_epoch, log)
     rows = summarise(results, tier.seeds)
-    from run import environment
-
     meta = {
         "tier_name": name,
         "tier": dataclasses.asdict(tier),
@@ -727,7 +730,7 @@ def run(args: argparse.Namespace, tier: Tier, name: str, work: Path, out: Path) 
         "steps": steps,
         "wall_s": time.perf_counter() - tic,
         "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "environment": environment(torch.device(tier.device), tier.threads),
+        "environment": started_in,
         "knn_chance": results.get("knn_chance"),
         "trained_at": {
             run.name: (run / "commit.txt").read_text().strip()

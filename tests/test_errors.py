@@ -274,7 +274,10 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: RegionAlignedSampler(3, padding="edge"),
     ),
     # modules
-    ("dim vs heads", ValueError, r"dim=10 and num_heads=3", lambda: SpatialSelfRelationLoss(10, 3)),
+    ("dim vs heads", ValueError, r"dim=10 and num_heads=3; divisors of 10: \[1, 2, 5, 10\]", lambda: SpatialSelfRelationLoss(10, 3)),
+    ("default heads of a width not a multiple of 64", ValueError, r"num_heads=None takes one head per 64 channels .* dim=96 is not a multiple of 64: pass num_heads.* one of \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96\]", lambda: SpatialSelfRelationLoss(96)),
+    ("default heads through SERELoss", ValueError, r"dim=100 is not a multiple of 64", lambda: SERELoss(100)),
+    ("heads not an int", TypeError, r"num_heads must be an int", lambda: SERELoss(128, num_heads=2.0)),
     (
         "module temperature",
         ValueError,

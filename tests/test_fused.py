@@ -140,16 +140,18 @@ def test_reference_backend_is_the_functional_reference(gen: torch.Generator) -> 
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("chunk_size", [None, 1, 7])
-def test_chunked_matches_reference_in_float64(
-    gen: torch.Generator, shape: tuple[int, int, int, int], chunk_size: int | None
+@pytest.mark.parametrize(
+    ("backend", "chunk_size"), [("chunked", None), ("chunked", 1), ("chunked", 7), ("dense", None)]
+)
+def test_blocked_backends_match_reference_in_float64(
+    gen: torch.Generator, shape: tuple[int, int, int, int], backend: str, chunk_size: int | None
 ) -> None:
     x, y, w = _rows(shape, gen), _rows(shape, gen), _rows(shape[:1], gen)
     scale = shape[-1] ** -0.5
     value64, grad64 = _oracle(x, y, w, scale=scale, student_temp=0.7, teacher_temp=0.3)
     value, grad = _value_and_grad(
         lambda a: _fused.gram_relation_cross_entropy(
-            a, y, scale, *TEMPS, backend="chunked", chunk_size=chunk_size
+            a, y, scale, *TEMPS, backend=backend, chunk_size=chunk_size
         ),
         x,
         w,
@@ -159,26 +161,40 @@ def test_chunked_matches_reference_in_float64(
     assert_close(grad, grad64)
 
 
-def test_chunk_sized_from_the_budget(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocks_sized_from_the_budget(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = torch.device("cpu")
+    # Whole items while they fit: 37 x 37 float64 logits are 10,952 bytes, 3 items a block.
+    monkeypatch.setattr(_fused, "CPU_BLOCK_BYTES", 3 * 37 * 37 * 8)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=False) == (3, 37)
+    # Rows in chunks when one item exceeds the block: 5 rows of 37, one item at a time.
+    monkeypatch.setattr(_fused, "CPU_BLOCK_BYTES", 5 * 37 * 8)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=False) == (1, 5)
+    assert _fused._block_plan(6, 37, 8, cpu, None, whole=True) == (1, 37)  # dense: whole items
+    assert _fused._block_plan(6, 37, 8, cpu, 2, whole=False) == (2, 2)  # chunk_size wins
+    assert _fused._block_plan(6, 37, 8, torch.device("meta"), None, whole=False) == (6, 37)
     shape = (2, 3, 37, 13)
     x, y, w = _rows(shape, gen), _rows(shape, gen), _rows(shape[:1], gen)
-    monkeypatch.setattr(_fused, "CHUNK_BUDGET_BYTES", 6 * 37 * 8 * 4 * 5)  # 5 rows per chunk
-    assert _fused._chunk_rows(6, 37, 8, None) == 5
     value64, grad64 = _oracle(x, y, w, scale=0.3, student_temp=0.7, teacher_temp=0.3)
-    value, grad = _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend="chunked"), x, w
-    )
-    assert_close(value, value64)
-    assert_close(grad, grad64)
+    for backend in ("chunked", "dense"):
+        value, grad = _value_and_grad(
+            lambda a, b=backend: _fused.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend=b),
+            x,
+            w,
+        )
+        assert_close(value, value64)
+        assert_close(grad, grad64)
 
 
-def test_chunked_teacher_of_other_width(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("backend", ["chunked", "dense"])
+def test_teacher_of_other_width(gen: torch.Generator, backend: str) -> None:
     # The channel term of a local view: the teacher's rows have more features (tokens).
     x, y, w = _rows((2, 1, 9, 16), gen), _rows((2, 1, 9, 49), gen), _rows((2,), gen)
     kw = dict(scale=1 / 16, teacher_scale=1 / 49, student_temp=1.0, teacher_temp=0.1)
     value64, grad64 = _oracle(x, y, w, **kw)
     value, grad = _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(a, y, backend="chunked", chunk_size=4, **kw),
+        lambda a: _fused.gram_relation_cross_entropy(a, y, backend=backend, chunk_size=4, **kw),
         x,
         w,
     )
@@ -186,11 +202,12 @@ def test_chunked_teacher_of_other_width(gen: torch.Generator) -> None:
     assert_close(grad, grad64)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_chunked_tolerance_rule(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_blocked_tolerance_rule(gen: torch.Generator, dtype: torch.dtype, backend: str) -> None:
     shape = (2, 3, 37, 64)
     x, y, w = _rows(shape, gen, dtype), _rows(shape, gen, dtype), _rows(shape[:1], gen)
-    _check_rule("chunked", x, y, w, scale=0.125, student_temp=0.7, teacher_temp=0.3)
+    _check_rule(backend, x, y, w, scale=0.125, student_temp=0.7, teacher_temp=0.3)
 
 
 @pytest.mark.gradcheck
@@ -258,6 +275,15 @@ def test_chunked_saves_linear_in_rows_not_quadratic(gen: torch.Generator) -> Non
     assert saved["chunked", 256] * 10 < saved["reference", 256]
 
 
+def test_dense_saves_the_inputs_and_one_factor(gen: torch.Generator) -> None:
+    rows = 50
+    x = _rows((2, 3, rows, 16), gen, torch.float32).requires_grad_()
+    y = _rows((2, 3, rows, 16), gen, torch.float32)
+    saved = _saved_bytes(lambda: _fused.gram_relation_cross_entropy(x, y, 0.25, backend="dense"))
+    # The student (R x 16 per item and head) and G + G^T (R x R), nothing else.
+    assert saved == 2 * 3 * (rows * 16 + rows * rows) * 4
+
+
 def test_chunked_never_builds_an_r_by_r_tensor(gen: torch.Generator) -> None:
     batch, heads, rows, dim, chunk = 2, 3, 200, 8, 8
     x = _rows((batch, heads, rows, dim), gen, torch.float32).requires_grad_()
@@ -276,7 +302,7 @@ def test_chunked_never_builds_an_r_by_r_tensor(gen: torch.Generator) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "dense", "chunked", "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_spatial_entry_equals_the_reference_kernels(
     gen: torch.Generator, backend: str, reduction: str
@@ -296,7 +322,7 @@ def test_spatial_entry_equals_the_reference_kernels(
     assert g_got[1].abs().max() == 0  # the masked item gets no gradient
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "dense", "chunked", "auto"])
 def test_channel_entry_equals_the_reference_kernels(gen: torch.Generator, backend: str) -> None:
     s, t = _rows((3, 16, 10), gen).requires_grad_(), _rows((3, 49, 10), gen)
     mask = torch.tensor([True, True, False])
@@ -308,7 +334,7 @@ def test_channel_entry_equals_the_reference_kernels(gen: torch.Generator, backen
     assert_close(g_got, g_want)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "dense", "chunked"])
 def test_nothing_kept_is_a_connected_zero(gen: torch.Generator, backend: str) -> None:
     s, t = _rows((2, 9, 6), gen).requires_grad_(), _rows((2, 9, 6), gen)
     loss = spatial_relation_cross_entropy(
@@ -319,7 +345,7 @@ def test_nothing_kept_is_a_connected_zero(gen: torch.Generator, backend: str) ->
     assert grad.abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "dense", "chunked"])
 def test_teacher_gets_no_gradient(gen: torch.Generator, backend: str) -> None:
     s = _rows((2, 9, 6), gen).requires_grad_()
     t = _rows((2, 9, 6), gen).requires_grad_()
@@ -341,17 +367,18 @@ def test_float32_under_autocast(gen: torch.Generator) -> None:
 
 def test_auto_rule() -> None:
     small = torch.empty(512, 6, 169, 64, device="meta")  # 13 x 13 lattice, any batch
-    assert _fused.resolve_backend("auto", small) == "reference"
+    assert _fused.resolve_backend("auto", small) == "dense"
     channel = torch.empty(512, 1, 384, 196, device="meta")  # ViT-S channel relation
-    assert _fused.resolve_backend("auto", channel) == "reference"
+    assert _fused.resolve_backend("auto", channel) == "dense"
+    assert _fused.resolve_backend("auto", torch.empty(1, 1, 1024, 1, device="meta")) == "dense"
     full = torch.empty(2, 6, 1369, 64, device="meta")  # every token of 518 px views
     assert _fused.resolve_backend("auto", full) == "chunked"
-    rows = math.isqrt(_fused.REFERENCE_BUDGET_BYTES // 4)  # one item at the budget's edge
-    assert _fused.resolve_backend("auto", torch.empty(3, 1, rows, 8, device="meta")) == (
-        "reference"
-    )
+    rows = math.isqrt(_fused.DENSE_BUDGET_BYTES // 4)  # one item at the budget's edge
+    assert _fused.resolve_backend("auto", torch.empty(3, 1, rows, 8, device="meta")) == "dense"
     edge64 = torch.empty(3, 1, rows, 8, device="meta", dtype=torch.float64)
     assert _fused.resolve_backend("auto", edge64) == "chunked"  # float64 counts double
+    for name in ("reference", "dense", "chunked"):
+        assert _fused.resolve_backend(name, small) == name
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +565,13 @@ class _TritonInterpretedChecks:
         for a, b in zip(grads_t, grads_r, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
+    def test_no_second_derivative(self, gen: torch.Generator) -> None:
+        x = _rows((1, 1, 20, 16), gen, torch.float32).requires_grad_()
+        y = _rows((1, 1, 20, 16), gen, torch.float32)
+        out = _fused.gram_relation_cross_entropy(x, y, 0.25, backend="triton").sum()
+        with pytest.raises(RuntimeError, match="'triton' relation kernels have no second"):
+            torch.autograd.grad(out, x, create_graph=True)
+
 
 if INTERPRETED and HAS_TRITON:
 
@@ -545,7 +579,7 @@ if INTERPRETED and HAS_TRITON:
         pass
 
 
-_NUM_INTERPRETED = 7  # the tests of _TritonInterpretedChecks, parametrisations included
+_NUM_INTERPRETED = 8  # the tests of _TritonInterpretedChecks, parametrisations included
 
 
 @needs_triton

@@ -143,6 +143,26 @@ class TestSpatialMatchesAuthorsRoute:
         expected = _reference_spatial(sg + sl, tg, boxes, flips, points=points, padding=padding)
         assert_close(loss, expected, atol=1e-9, rtol=1e-9)
 
+    def test_three_global_views_some_apart(self, gen: torch.Generator) -> None:
+        # Each global view has two global partners on each side and each local view three
+        # teachers, so every view's lattices are read together; some pairs do not overlap.
+        sg, tg, sl = _views(gen, 3, 49), _views(gen, 3, 49), _views(gen, L, 16)
+        boxes = random_boxes(B, 3 + L, min_size=0.15, generator=gen)
+        boxes[0, 4] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
+        boxes[0, :3] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
+        flips = random_flips(B, 3 + L, gen)
+        module = _identity_spatial(num_global_views=3, points="official", padding="zeros")
+        loss = module.double()(sg, tg, boxes, flips, sl)
+        lattices = ((6, 6), (4, 4))  # global grid 7 x 7 minus one; local grid 4 x 4
+        expected = _reference_spatial(
+            sg + sl, tg, boxes, flips, points="official", padding="zeros", lattices=lattices
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+        channel = ChannelSelfRelationLoss(
+            DIM, num_global_views=3, projection=nn.Identity(), prediction=nn.Identity()
+        )
+        assert_close(channel.double()(sg, tg, sl), _reference_channel(sg + sl, tg))
+
     def test_non_overlapping_terms_are_masked_out_of_the_mean(self, gen: torch.Generator) -> None:
         sg, tg, sl = _views(gen, G, 196), _views(gen, G, 196), _views(gen, L, 16)
         boxes = random_boxes(B, G + L, min_size=0.1, generator=gen)
@@ -537,7 +557,7 @@ class TestCombined:
     ) -> None:
         torch.manual_seed(0)
         boxes, flips = _overlapping_geometry(gen, G + L)
-        sere = SERELoss(48)
+        sere = SERELoss(48, num_heads=6)
         sg = torch.randn(G * B, 196, 48, requires_grad=True)
         tg, sl = torch.randn(G * B, 196, 48), torch.randn(L * B, 36, 48, requires_grad=True)
         ref = sere(sg, tg, boxes.float(), flips, sl)
@@ -588,3 +608,47 @@ class TestGradcheck:
         tg = torch.randn(G * B, 9, 6, dtype=torch.float64)
         assert torch.autograd.gradcheck(lambda a, b: spatial(a, tg, boxes, flips, b), (sg, sl))
         assert torch.autograd.gradcheck(lambda a, b: channel.double()(a, tg, b), (sg, sl))
+
+
+class TestDefaultHeads:
+    """``num_heads=None``: one spatial head per 64 channels, the head count of ViT-S, B and L."""
+
+    @pytest.mark.parametrize(("dim", "heads"), [(64, 1), (384, 6), (768, 12), (1024, 16)])
+    def test_one_head_per_64_channels(self, dim: int, heads: int) -> None:
+        assert SpatialSelfRelationLoss(dim).num_heads == heads
+        sere = SERELoss(dim)
+        assert sere.spatial is not None
+        assert sere.spatial.num_heads == heads
+
+    def test_vit_large_width_runs_and_splits_sixteen_ways(self, gen: torch.Generator) -> None:
+        # ViT-L: 1024 channels did not divide by the former default of 6 heads.
+        torch.manual_seed(0)
+        tokens = torch.randn(2 * 2, 16, 1024, generator=gen, dtype=torch.float64)
+        boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]], dtype=torch.float64)
+        boxes = boxes.expand(2, 2, 4)
+        flips = torch.zeros(2, 2, dtype=torch.bool)
+        spatial = _identity_spatial_of(1024)
+        loss = spatial.double()(tokens, tokens, boxes, flips)
+        expected = _reference_spatial(
+            list(tokens.split(2)),
+            list(tokens.split(2)),
+            boxes,
+            flips,
+            points="center",
+            padding="border",
+            heads=16,
+            lattices=((3, 3), (3, 3)),
+        )
+        assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+
+    def test_other_widths_need_the_heads_given(self) -> None:
+        with pytest.raises(ValueError, match=r"dim=96 is not a multiple of 64: pass num_heads"):
+            SERELoss(96)
+        assert SERELoss(96, num_heads=3).spatial.num_heads == 3  # type: ignore[union-attr]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alpha=0 warns about the channel term alone
+            assert SERELoss(96, alpha=0.0).spatial is None  # no spatial term, no heads needed
+
+
+def _identity_spatial_of(dim: int) -> SpatialSelfRelationLoss:
+    return SpatialSelfRelationLoss(dim, projection=nn.Identity(), prediction=nn.Identity())

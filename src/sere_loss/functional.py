@@ -9,6 +9,7 @@ it). Notation: ``B`` batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -34,9 +35,12 @@ __all__ = [
     "channel_relation",
     "channel_relation_cross_entropy",
     "overlap_grids",
+    "paired_channel_relation_cross_entropy",
     "paired_relation_cross_entropy",
     "relation_cross_entropy",
+    "bilinear_taps",
     "sample_region",
+    "sample_tokens",
     "spatial_relation",
     "spatial_relation_cross_entropy",
     "view_pairs",
@@ -234,17 +238,134 @@ def paired_relation_cross_entropy(
     rows = student_logits[0, 0, ..., 0].numel()
     with _no_autocast(student_logits.device):
         target = F.softmax(_scaled(_upcast(teacher_logits.detach()), teacher_temp), dim=-1)
-        # Each student view's log-softmax once; each pair's rows from one batched dot product,
-        # so no (B, ..., R, K) temporary per pair.
-        rows_t = target.flatten(2)  # (G, B, R * K)
-        out: list[Tensor] = []
-        cache: dict[int, Tensor] = {}
-        for i, v in pairs:
-            if v not in cache:
-                cache[v] = F.log_softmax(_scaled(_upcast(student_logits[v]), student_temp), -1)
-            log_pred = cache[v].flatten(1)  # (B, R * K)
-            out.append(-torch.einsum("bx,bx->b", rows_t[i], log_pred) / rows)
+        log_pred = F.log_softmax(_scaled(_upcast(student_logits), student_temp), dim=-1)
+        # Each view's softmax once; each pair's rows from one batched dot product, so no
+        # (B, ..., R, K) temporary per pair. The views come from unbind, whose backward stacks
+        # their gradients once (indexing a view would fill a zero tensor of all V views per view).
+        targets = target.flatten(2).unbind(0)  # G x (B, R * K)
+        preds = log_pred.flatten(2).unbind(0)  # V x (B, R * K)
+        out = [-torch.einsum("bx,bx->b", targets[i], preds[v]) / rows for i, v in pairs]
         return torch.stack(out)
+
+
+def paired_channel_relation_cross_entropy(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    pairs: list[tuple[int, int]],
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Channel self-relation cross-entropy of many (teacher view, student view) pairs (Eq. 4-5).
+
+    For pair ``(i, v)`` and item ``b`` the value is ``channel_relation_cross_entropy(student[v],
+    teacher[i], student_temp, teacher_temp, reduction="none")[b]``: logits ``x^T x / N`` per
+    view, row cross-entropy over the ``C`` rows, averaged. Views may have different token counts
+    (globals and locals); the relation ``(C, C)`` does not depend on it. Each view's relation and
+    softmax are formed once, however many pairs it is in: the channel term's multi-crop pairing
+    (SPEC 5) at the cost of its views.
+
+    Backends: ``"reference"`` (:func:`channel_relation` of every view, then
+    :func:`paired_relation_cross_entropy`, under autograd), ``"dense"`` (the same values from one
+    pass over each view's relation, keeping each view's softmax for a backward of one batched
+    matmul per view), ``"chunked"`` (the same, keeping two numbers per row and recomputing the
+    relations in the backward: the memory-saving mode), ``"triton"`` (the Triton kernel of
+    :func:`channel_relation_cross_entropy`, pair by pair), or ``"auto"``: the size rule of
+    :func:`channel_relation_cross_entropy` (dense while one item's ``C x C`` float32 logits fit
+    in 8 MiB).
+
+    Args:
+        student: ``V`` tensors ``(B, N_v, C)``, the student's projected tokens of each view.
+        teacher: ``G`` tensors ``(B, N_i, C)``, the teacher's; detached, no gradient reaches them.
+        pairs: ``(i, v)`` index pairs into ``teacher`` and ``student``, as :func:`view_pairs`
+            gives them.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
+
+    Returns:
+        ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
+
+    Example:
+        >>> views = [torch.randn(2, 49, 8), torch.randn(2, 49, 8), torch.randn(2, 9, 8)]
+        >>> pairs = view_pairs(2, 1)
+        >>> out = paired_channel_relation_cross_entropy(views, views[:2], pairs, 1.0, 0.1)
+        >>> one = channel_relation_cross_entropy(views[2], views[1], 1.0, 0.1, reduction="none")
+        >>> out.shape, bool(torch.allclose(out[3], one, atol=1e-6))
+        (torch.Size([4, 2]), True)
+    """
+    students = _check_views(student, "student")
+    teachers = _check_views(teacher, "teacher")
+    batch, channels = students[0].shape[0], students[0].shape[2]
+    for name, views in (("student", students), ("teacher", teachers)):
+        for k, x in enumerate(views):
+            if x.shape[0] != batch or x.shape[2] != channels or x.shape[1] == 0:
+                raise ValueError(
+                    f"every view must be (B, N, C) with B={batch}, C={channels} and N >= 1 as "
+                    f"student[0]; got {name}[{k}] of shape {tuple(x.shape)}"
+                )
+            if x.device != students[0].device:
+                raise ValueError(
+                    f"every view must be on {students[0].device} as student[0], got {name}[{k}] "
+                    f"on {x.device}"
+                )
+    if (
+        not pairs
+        or not all(isinstance(pair, tuple) and len(pair) == 2 for pair in pairs)
+        or not all(0 <= i < len(teachers) and 0 <= v < len(students) for i, v in pairs)
+    ):
+        raise ValueError(
+            f"pairs must be a non-empty list of (i, v) with i < {len(teachers)} and "
+            f"v < {len(students)}, got {pairs!r}"
+        )
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    widest = max(students + teachers, key=lambda x: x.shape[1])
+    backend = _fused.resolve_backend(backend, widest.transpose(1, 2).unsqueeze(1))
+    if backend == "reference":
+        with _no_autocast(students[0].device):  # the relations in float32, as above
+            student_logits = torch.stack([channel_relation(_upcast(x)) for x in students])
+            teacher_logits = torch.stack([channel_relation(_upcast(y)) for y in teachers])
+        return paired_relation_cross_entropy(
+            student_logits,
+            teacher_logits,
+            pairs,
+            student_temp,
+            teacher_temp,
+        )
+    if backend in ("dense", "chunked"):
+        return _fused.paired_channel_cross_entropy(
+            students, teachers, pairs, student_temp, teacher_temp, save=backend == "dense"
+        )
+    return torch.stack(
+        [
+            channel_relation_cross_entropy(
+                students[v],
+                teachers[i],
+                student_temp,
+                teacher_temp,
+                reduction="none",
+                backend=backend,
+            )
+            for i, v in pairs
+        ]
+    )
+
+
+def _check_views(views: object, name: str) -> list[Tensor]:
+    """Check a non-empty sequence of floating ``(B, N, C)`` tensors."""
+    if isinstance(views, Tensor) or not isinstance(views, Sequence) or not views:
+        raise TypeError(
+            f"{name} must be a non-empty list of (B, N, C) tensors, one per view, got "
+            f"{type(views).__name__}"
+        )
+    out = []
+    for k, x in enumerate(views):
+        checked = check_ndim(x, 3, f"{name}[{k}]", "(B, N, C)")
+        check_floating(checked, f"{name}[{k}]")
+        out.append(checked)
+    return out
 
 
 def _scaled(logits: Tensor, temp: float) -> Tensor:
@@ -309,14 +430,18 @@ def spatial_relation_cross_entropy(
     spatial_relation(teacher, M), student_temp, teacher_temp, mask, reduction=reduction)``: per
     head ``m`` the logits ``A_m = X_m X_m^T / sqrt(D)``, ``D = C / M``, and per row ``i``
     ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``, averaged over heads and
-    rows, then over the kept items. Backends other than ``"reference"`` never hold the
+    rows, then over the kept items. The chunked and Triton backends never hold the
     ``(B, M, S, S)`` logits: they stream them in blocks and recompute them in the backward, so
     memory grows with ``S``, not ``S^2`` (``sere_loss._fused`` has the maths of the gradient).
 
-    Backends: ``"reference"`` (the materialised kernels above), ``"chunked"`` (PyTorch, rows in
-    chunks, any device), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: the
-    reference while one item's ``M * S * S`` float32 logits fit in 8 MiB, beyond that Triton on
-    CUDA when it imports, else chunked.
+    Backends: ``"reference"`` (the materialised kernels above, under autograd), ``"dense"``
+    (PyTorch, any device: the logits in cache-sized blocks of items, keeping ``G + G^T``,
+    ``G = q - p``, for a backward of one batched matmul), ``"chunked"`` (PyTorch, any device:
+    the same blocks, keeping ``O(S)`` per row and recomputing the logits in the backward, the
+    memory-saving mode), ``"triton"`` (CUDA, optional ``triton`` package), or ``"auto"``: dense
+    while one item's ``M * S * S`` float32 logits fit in 8 MiB, beyond that Triton on CUDA when
+    it imports, else chunked. The fused backends (all but the reference) have no second
+    derivative: ``create_graph=True`` raises there.
 
     Args:
         student: sampled student features ``(B, S, C)``.
@@ -326,7 +451,7 @@ def spatial_relation_cross_entropy(
         teacher_temp: ``t_t > 0``.
         mask: optional ``(B,)`` bool, the items to keep, as in :func:`relation_cross_entropy`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`relation_cross_entropy`.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64), also under
@@ -403,7 +528,7 @@ def channel_relation_cross_entropy(
         teacher_temp: ``t_t > 0``.
         mask: optional ``(B,)`` bool, the items to keep.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
@@ -610,6 +735,116 @@ def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Te
         align_corners=False,
     )
     return rearrange(sampled, "b c h w -> b (h w) c")
+
+
+def bilinear_taps(
+    grid: Tensor, hw: tuple[int, int], padding: str = "border"
+) -> tuple[Tensor, Tensor]:
+    r"""The four taps of :func:`sample_region`'s bilinear interpolation, as indices and weights.
+
+    ``grid_sample`` with ``align_corners=False`` reads a point ``(x, y)`` of the grid at pixel
+    coordinates ``u = ((x + 1) W - 1) / 2`` and ``v = ((y + 1) H - 1) / 2`` (``padding="border"``
+    first clamps them to ``[0, W - 1]`` and ``[0, H - 1]``), and blends the four pixels around
+    them: ``(u0, v0)`` with weight ``(1 - a)(1 - b)``, ``(u0 + 1, v0)`` with ``a (1 - b)``,
+    ``(u0, v0 + 1)`` with ``(1 - a) b`` and ``(u0 + 1, v0 + 1)`` with ``a b``, where
+    ``u0 = floor(u)``, ``a = u - u0`` and likewise for ``v``. A pixel outside the map weighs 0
+    (with ``"border"`` only a tap of weight 0 can fall outside). The pixels are numbered
+    row-major, ``v * W + u``: the order of the patch tokens of a ``(H, W)`` grid.
+
+    Args:
+        grid: ``(..., 2)`` points in ``grid_sample``'s convention (x, then y, in ``[-1, 1]``
+            inside the map).
+        hw: ``(H, W)`` of the map.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so always
+        valid) and ``(..., 4)`` weights in the grid's dtype.
+
+    Example:
+        >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
+        >>> index.tolist(), weight.tolist()  # the centre: all four pixels, a quarter each
+        ([[0, 1, 2, 3]], [[0.25, 0.25, 0.25, 0.25]])
+    """
+    height, width = hw
+    padding = check_choice(padding, "padding", _PADDINGS)
+    u = ((grid[..., 0] + 1) * width - 1) / 2
+    v = ((grid[..., 1] + 1) * height - 1) / 2
+    if padding == "border":
+        u = u.clamp(0, width - 1)
+        v = v.clamp(0, height - 1)
+    u0, v0 = u.floor(), v.floor()
+    a, b = u - u0, v - v0
+    indices, weights = [], []
+    for dv, wv in ((0, 1 - b), (1, b)):
+        for du, wu in ((0, 1 - a), (1, a)):
+            uu, vv = u0 + du, v0 + dv
+            inside = (uu >= 0) & (uu <= width - 1) & (vv >= 0) & (vv <= height - 1)
+            indices.append((vv.clamp(0, height - 1) * width + uu.clamp(0, width - 1)).long())
+            weights.append(torch.where(inside, wu * wv, torch.zeros_like(wu)))
+    return torch.stack(indices, dim=-1), torch.stack(weights, dim=-1)
+
+
+def sample_tokens(
+    tokens: Tensor, hw: tuple[int, int], grid: Tensor, padding: str = "border"
+) -> Tensor:
+    r""":func:`sample_region` of patch tokens laid on their grid, as a weighted gather of tokens.
+
+    The value of ``sample_region(tokens viewed as (B, C, H, W) maps, grid, padding)``: each
+    point is the :func:`bilinear_taps` blend of four tokens. Reading token rows ``(B * N, C)``
+    directly (``embedding_bag`` with the taps' weights) takes no layout change of the tokens and
+    returns ``(B, S, C)`` rows; its gradient reaches the tokens in their own layout.
+
+    Args:
+        tokens: ``(B, H * W, C)`` patch tokens, row-major on the grid.
+        hw: ``(H, W)``.
+        grid: ``(B, Hs, Ws, 2)`` from :func:`overlap_grids`.
+        padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        Sampled features ``(B, Hs * Ws, C)``, row-major over the lattice.
+
+    Example:
+        >>> tokens = torch.arange(4.0).view(1, 4, 1)  # a 2 x 2 grid of one channel
+        >>> sample_tokens(tokens, (2, 2), torch.zeros(1, 1, 1, 2)).tolist()  # the centre
+        [[[1.5]]]
+    """
+    tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
+    check_floating(tokens, "tokens")
+    height, width = check_size(hw, "hw")
+    if tokens.shape[1] != height * width:
+        raise ValueError(
+            f"tokens must hold the H * W = {height * width} tokens of the grid {(height, width)}, "
+            f"got shape {tuple(tokens.shape)}"
+        )
+    grid = check_ndim(grid, 4, "grid", "(B, Hs, Ws, 2)")
+    if grid.shape[-1] != 2 or grid.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"grid must have shape (B, Hs, Ws, 2) with B={tokens.shape[0]} as in tokens "
+            f"{tuple(tokens.shape)}, got {tuple(grid.shape)}"
+        )
+    padding = check_choice(padding, "padding", _PADDINGS)
+    items = torch.arange(tokens.shape[0], device=tokens.device)
+    return _gather_taps(tokens.flatten(0, 1), items, (height, width), grid, padding)
+
+
+def _gather_taps(
+    table: Tensor, items: Tensor, hw: tuple[int, int], grid: Tensor, padding: str
+) -> Tensor:
+    """Bilinear reads of many maps stored as token rows, without checks.
+
+    ``table`` ``(R, C)`` holds maps of ``H * W`` tokens one after the other; grid ``k``
+    ``(K, Hs, Ws, 2)`` reads map ``items[k]``. Returns ``(K, Hs * Ws, C)``.
+    """
+    index, weight = bilinear_taps(grid.to(table.device), hw, padding)
+    first = (items.to(table.device) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
+    rows = F.embedding_bag(
+        (index + first).view(-1, 4),
+        table,
+        per_sample_weights=weight.view(-1, 4).to(table.dtype),
+        mode="sum",
+    )
+    return rows.view(grid.shape[0], grid.shape[1] * grid.shape[2], table.shape[-1])
 
 
 def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:

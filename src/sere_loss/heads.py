@@ -30,17 +30,45 @@ class _TokenBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:  # tokens already flattened to (B * N, C) by a _TokenHead
+            return self.bn(x)  # type: ignore[no-any-return]
         batch, tokens, channels = x.shape
-        if self.training and batch * tokens < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
-            raise ValueError(
-                "the heads' BatchNorm takes its statistics over all B * N tokens and needs more "
-                f"than one in training, got {batch} view(s) of {tokens} token(s): pass more "
-                "images or larger views, or heads without BatchNorm"
-            )
+        _check_batch_statistics(self, batch, tokens)
         return self.bn(x.reshape(batch * tokens, channels)).reshape(batch, tokens, channels)  # type: ignore[no-any-return]
 
 
-class ProjectionHead(nn.Sequential):
+def _check_batch_statistics(module: nn.Module, batch: int, tokens: int) -> None:
+    """Refuse a single token in training: BatchNorm cannot take statistics over one sample."""
+    norms = [m for m in module.modules() if isinstance(m, _TokenBatchNorm)]
+    plain = any(not isinstance(m.bn, nn.SyncBatchNorm) for m in norms)
+    if module.training and batch * tokens < 2 and plain:
+        raise ValueError(
+            "the heads' BatchNorm takes its statistics over all B * N tokens and needs more "
+            f"than one in training, got {batch} view(s) of {tokens} token(s): pass more "
+            "images or larger views, or heads without BatchNorm"
+        )
+
+
+class _TokenHead(nn.Sequential):
+    """A head over tokens ``(B, N, C)`` whose layers run on the flattened ``(B * N, C)``.
+
+    Every token is a sample of the BatchNorm either way; flattening once up front means that
+    each layer's output is a tensor of its own, not a reshaped view of one, so the in-place
+    ReLU that follows each BatchNorm (as in the authors' heads) is a plain in-place op, and
+    autograd needs no copy of the whole tensor to undo a view in the backward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_ndim(x, 3, "tokens", "(B, N, C)")
+        batch, tokens, channels = x.shape
+        _check_batch_statistics(self, batch, tokens)
+        out = x.reshape(batch * tokens, channels)
+        for layer in self:
+            out = layer(out)
+        return out.view(batch, tokens, out.shape[-1])
+
+
+class ProjectionHead(_TokenHead):
     """SERE projection ``h`` (paper Sec. 3.2): BatchNorm over channels, then ReLU.
 
     Args:
@@ -53,10 +81,10 @@ class ProjectionHead(nn.Sequential):
 
     def __init__(self, dim: int) -> None:
         dim = check_positive_int(dim, "dim")
-        super().__init__(_TokenBatchNorm(dim), nn.ReLU())
+        super().__init__(_TokenBatchNorm(dim), nn.ReLU(inplace=True))
 
 
-class PredictionHead(nn.Sequential):
+class PredictionHead(_TokenHead):
     """SERE prediction ``g`` (student only): bias-free linear ``C -> C``, BatchNorm, ReLU.
 
     The linear layer is the authors' 1x1 convolution and keeps PyTorch's default initialisation,
@@ -73,7 +101,9 @@ class PredictionHead(nn.Sequential):
 
     def __init__(self, dim: int) -> None:
         dim = check_positive_int(dim, "dim")
-        super().__init__(nn.Linear(dim, dim, bias=False), _TokenBatchNorm(dim), nn.ReLU())
+        super().__init__(
+            nn.Linear(dim, dim, bias=False), _TokenBatchNorm(dim), nn.ReLU(inplace=True)
+        )
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:

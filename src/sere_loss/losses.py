@@ -14,7 +14,6 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from . import _fused
 from ._checks import (
     check_boxes,
     check_choice,
@@ -29,12 +28,9 @@ from ._fused import BACKENDS
 from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _check_lattice,
-    _no_autocast,
+    _gather_taps,
     _overlap_grids_unchecked,
-    _upcast,
-    channel_relation,
-    channel_relation_cross_entropy,
-    paired_relation_cross_entropy,
+    paired_channel_relation_cross_entropy,
     sample_region,
     spatial_relation_cross_entropy,
     view_pairs,
@@ -73,6 +69,106 @@ def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]
         )
     flips_t = check_flips(flips_t.reshape(-1), flips_t.numel(), "flips").view(flips_t.shape)
     return boxes_t, flips_t
+
+
+def _sample_pairs(
+    teacher: Tensor,
+    teacher_hw: tuple[int, int],
+    student: Tensor,
+    student_hw: tuple[int, int],
+    first: int,
+    pairs: list[tuple[int, int]],
+    boxes: Tensor,
+    flips: Tensor,
+    lattice: tuple[int, int],
+    points: str,
+    padding: str,
+    gather: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both sides' features of a group of pairs at their lattices: one gather per side.
+
+    Every pair ``(i, v)`` of the group reads teacher view ``i`` and student view ``v`` (numbered
+    from ``first`` in ``student``) at the ``Hs x Ws`` lattice over their overlap: what
+    :func:`~sere_loss.functional.sample_region` gives pair by pair, read straight from the
+    token rows (:func:`~sere_loss.functional.sample_tokens`) in the pairs' order, with no call,
+    layout change or full-size gradient buffer per pair.
+
+    Args:
+        teacher: ``(G * B, N, C)`` teacher features of the global views, on grid ``teacher_hw``.
+        teacher_hw: ``(H, W)`` of the teacher's tokens.
+        student: ``(V_k * B, n, C)`` student features of the group's views.
+        student_hw: ``(h, w)`` of the student's tokens.
+        first: index of ``student``'s first view among all views.
+        pairs: the group's ``(i, v)`` pairs.
+        boxes: ``(B, V, 4)`` crop boxes of all views (checked).
+        flips: ``(B, V)`` flips of all views.
+        lattice: ``(Hs, Ws)``.
+        points: ``"center"`` or ``"official"``.
+        padding: ``"border"`` or ``"zeros"``.
+        gather: read token rows (the fast path); ``False`` reads each pair's maps with
+            :func:`~sere_loss.functional.sample_region` (``grid_sample``), the reference, which
+            autograd differentiates twice (``embedding_bag`` has no second derivative).
+
+    Returns:
+        ``(teacher, student, valid)``: features ``(P * B, Hs * Ws, C)`` twice and ``(P * B,)``,
+        pair-major in the order of ``pairs``.
+    """
+    batch = boxes.shape[0]
+    t_idx, s_idx = [i for i, _ in pairs], [v for _, v in pairs]
+    # The group's grids stacked pair-major, (P * B, Hs, Ws, 2). The geometry was checked once by
+    # the caller, so no per-pair check syncs with the host here.
+    grid_t, grid_s, valid = _overlap_grids_unchecked(
+        boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
+        flips[:, t_idx].transpose(0, 1).reshape(-1),
+        boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
+        flips[:, s_idx].transpose(0, 1).reshape(-1),
+        lattice,
+        points,
+    )
+    if not gather:
+        t_maps = torch.split(to_maps(teacher, teacher_hw), batch)
+        s_maps = torch.split(to_maps(student, student_hw), batch)
+        t_grids, s_grids = torch.split(grid_t, batch), torch.split(grid_s, batch)
+        t_feats = torch.cat(
+            [sample_region(t_maps[i], g, padding) for i, g in zip(t_idx, t_grids, strict=True)]
+        )
+        s_feats = torch.cat(
+            [
+                sample_region(s_maps[v - first], g, padding)
+                for v, g in zip(s_idx, s_grids, strict=True)
+            ]
+        )
+        return t_feats, s_feats, valid
+    items = torch.arange(batch, device=student.device)
+    # Pair p, image b reads teacher map i_p * B + b and student map (v_p - first) * B + b.
+    t_items = (torch.tensor(t_idx, device=items.device)[:, None] * batch + items).flatten()
+    s_items = (torch.tensor(s_idx, device=items.device) - first)[:, None] * batch + items
+    with torch.no_grad():
+        t_feats = _gather_taps(teacher.flatten(0, 1), t_items, teacher_hw, grid_t, padding)
+    s_feats = _gather_taps(student.flatten(0, 1), s_items.flatten(), student_hw, grid_s, padding)
+    return t_feats, s_feats, valid
+
+
+# One spatial head per this many channels by default: the head width of every standard ViT.
+HEAD_WIDTH = 64
+
+
+def _heads(dim: int, num_heads: object) -> int:
+    """``num_heads`` checked, or ``dim // 64`` for ``None`` (a clear error if not whole)."""
+    if num_heads is not None:
+        return check_positive_int(num_heads, "num_heads")
+    if dim % HEAD_WIDTH:
+        raise ValueError(
+            f"num_heads=None takes one head per {HEAD_WIDTH} channels (dim // {HEAD_WIDTH}, the "
+            f"head count of ViT-S, B and L), but dim={dim} is not a multiple of {HEAD_WIDTH}: "
+            f"pass num_heads, for instance the backbone's own head count; it must divide "
+            f"{dim}: one of {_divisors(dim)}"
+        )
+    return dim // HEAD_WIDTH
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -239,7 +335,10 @@ class SpatialSelfRelationLoss(nn.Module):
 
     Args:
         dim: channel count ``C`` of the backbone's tokens.
-        num_heads: ``M`` (6), independent of the backbone's heads; must divide the head output.
+        num_heads: ``M``, the heads of the relation; ``None`` (default) for one head per 64
+            channels, ``dim // 64``: 6, 12 and 16 for ViT-S, B and L, the backbone's own head
+            count for every standard ViT, which is what the authors use. A ``dim`` that is not a
+            multiple of 64 needs ``num_heads`` given, a divisor of the heads' output width.
         teacher_temp: ``t_t`` (0.5).
         student_temp: ``t_s`` (1.0).
         global_lattice: ``(Hs, Ws)`` or an int, the lattice between two global views; ``None``
@@ -277,7 +376,7 @@ class SpatialSelfRelationLoss(nn.Module):
     def __init__(
         self,
         dim: int,
-        num_heads: int = 6,
+        num_heads: int | None = None,
         *,
         teacher_temp: float = 0.5,
         student_temp: float = 1.0,
@@ -296,11 +395,12 @@ class SpatialSelfRelationLoss(nn.Module):
     ) -> None:
         super().__init__()
         dim = check_positive_int(dim, "dim")
-        self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.num_heads = _heads(dim, num_heads)
         self.empty_pairs = check_choice(empty_pairs, "empty_pairs", ("mask", "uniform"))
         if projection is None and prediction is None and dim % self.num_heads:
             raise ValueError(
-                f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}"
+                f"dim must divide by num_heads, got dim={dim} and num_heads={num_heads}; "
+                f"divisors of {dim}: {_divisors(dim)}"
             )
         self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
         self.student_temp = check_positive(student_temp, "student_temp")
@@ -378,45 +478,34 @@ class SpatialSelfRelationLoss(nn.Module):
         local_lattice = global_lattice  # unused without local views
         if local is not None:
             local_lattice = self._lattice("local_lattice", self.local_lattice, l_hw, 0)
-        t_maps = to_maps(self.heads.teacher(t_tokens), t_hw)
-        view_maps = list(torch.split(to_maps(self.heads.student(s_tokens), s_hw), batch))
+        t_feats_all = self.heads.teacher(t_tokens)
+        views = [(self.heads.student(s_tokens), s_hw)]
         if local is not None:
-            l_maps = to_maps(self.heads.student(l_tokens, local=True), l_hw)
-            view_maps += list(torch.split(l_maps, batch))
-        teacher_maps = torch.split(t_maps, batch)
+            views.append((self.heads.student(l_tokens, local=True), l_hw))
 
-        total = t_maps.new_zeros((), dtype=torch.float32)
-        count = t_maps.new_zeros((), dtype=torch.float32)
+        total = t_feats_all.new_zeros((), dtype=torch.float32)
+        count = t_feats_all.new_zeros((), dtype=torch.float32)
         groups = (
-            ([p for p in pairs if p[1] < g], global_lattice),
-            ([p for p in pairs if p[1] >= g], local_lattice),
+            ([p for p in pairs if p[1] < g], global_lattice, 0),
+            ([p for p in pairs if p[1] >= g], local_lattice, g),
         )
-        for group, lattice in groups:
+        for group, lattice, first in groups:
             if not group:
                 continue
-            t_idx, s_idx = [i for i, _ in group], [v for _, v in group]
-            # One grid computation per lattice size: the group's pairs stacked pair-major,
-            # (P * B, 4). The geometry and the lattices were checked once above, so no per-pair
-            # check syncs with the host here.
-            grid_t, grid_s, mask = _overlap_grids_unchecked(
-                boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
-                flips[:, t_idx].transpose(0, 1).reshape(-1),
-                boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
-                flips[:, s_idx].transpose(0, 1).reshape(-1),
+            feats, hw = views[0 if first == 0 else 1]
+            t_feats, s_feats, mask = _sample_pairs(
+                t_feats_all,
+                t_hw,
+                feats,
+                hw,
+                first,
+                group,
+                boxes,
+                flips,
                 lattice,
                 self.points,
-            )
-            t_feats = torch.cat(
-                [
-                    sample_region(teacher_maps[i], grid, self.padding)
-                    for i, grid in zip(t_idx, torch.split(grid_t, batch), strict=True)
-                ]
-            )
-            s_feats = torch.cat(
-                [
-                    sample_region(view_maps[v], grid, self.padding)
-                    for v, grid in zip(s_idx, torch.split(grid_s, batch), strict=True)
-                ]
+                self.padding,
+                gather=self.backend != "reference",
             )
             mask = mask.to(t_feats.device)
             total = total + spatial_relation_cross_entropy(
@@ -598,44 +687,13 @@ class ChannelSelfRelationLoss(nn.Module):
             raise ValueError(
                 "the channel term needs at least two views: got one global view and no local"
             )
-        rows = t_feats.transpose(1, 2).unsqueeze(1)  # (G * B, 1, C, N): shape for the dispatch
-        if _fused.resolve_backend(self.backend, rows) == "reference":
-            # Each view's C x C relation and softmax once, per group of student views (globals,
-            # locals); no pair copies its relations.
-            # The relations in float32, as the reference kernels promise (float16 overflows).
-            with _no_autocast(t_feats.device):
-                t_rel = channel_relation(_upcast(t_feats))
-            t_rel = t_rel.view(g, batch, dim := t_feats.shape[-1], dim)
-            total = t_feats.new_zeros((), dtype=torch.float32)
-            for first, feats in zip((0, g), s_feats, strict=False):
-                group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
-                if group:
-                    with _no_autocast(feats.device):
-                        s_rel = channel_relation(_upcast(feats))
-                    s_rel = s_rel.view(-1, batch, dim, dim)
-                    total = total + paired_relation_cross_entropy(s_rel, t_rel, group, ts, tt).sum()
-            loss = total / (len(pairs) * batch)
-            return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
-        # Fused backends: globals and locals have different token counts, so one call per group
-        # of pairs, each on the pairs' (P * B, N, C) features stacked pair-major.
-        teacher_views = t_feats.view(g, batch, *t_feats.shape[1:])
-        total = t_feats.new_zeros((), dtype=torch.float32)
-        for first, feats in zip((0, g), s_feats, strict=False):
-            group = [(i, v - first) for i, v in pairs if (v >= g) == (first == g)]
-            if not group:
-                continue
-            views = feats.view(-1, batch, *feats.shape[1:])
-            t_idx = torch.tensor([i for i, _ in group], device=feats.device)
-            s_idx = torch.tensor([v for _, v in group], device=feats.device)
-            total = total + channel_relation_cross_entropy(
-                views[s_idx].flatten(0, 1),
-                teacher_views[t_idx].flatten(0, 1),
-                ts,
-                tt,
-                reduction="sum",
-                backend=self.backend,
-            )
-        loss = total / (len(pairs) * batch)
+        # Every view's C x C relation once, every pair from it: one call for all pairs.
+        students = [v for feats in s_feats for v in feats.view(-1, batch, *feats.shape[1:])]
+        teachers = list(t_feats.view(g, batch, *t_feats.shape[1:]))
+        per_pair = paired_channel_relation_cross_entropy(
+            students, teachers, pairs, ts, tt, backend=self.backend
+        )
+        loss = per_pair.sum() / (len(pairs) * batch)
         return loss + _zero_touch(self.heads.student_parameters_unused(num_local > 0), loss)
 
     @torch.no_grad()
@@ -664,7 +722,8 @@ class SERELoss(nn.Module):
         dim: channel count ``C`` of the backbone's tokens.
         alpha: weight of the spatial term (1.0).
         beta: weight of the channel term (1.0).
-        num_heads: heads of the spatial relation (6).
+        num_heads: heads of the spatial relation; ``None`` (default) for ``dim // 64`` (6 for
+            ViT-S), see :class:`SpatialSelfRelationLoss`.
         num_global_views: ``G`` (2).
         num_prefix_tokens: leading tokens to drop (1 for a CLS token).
         local_heads: separate heads for local views.
@@ -706,7 +765,7 @@ class SERELoss(nn.Module):
         *,
         alpha: float = 1.0,
         beta: float = 1.0,
-        num_heads: int = 6,
+        num_heads: int | None = None,
         num_global_views: int = 2,
         num_prefix_tokens: int = 0,
         local_heads: bool = True,

@@ -1,0 +1,139 @@
+"""The benchmark harness: its statistics, its rounds and what it records (no timing claims)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import cases  # noqa: E402
+import record  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+import stats  # noqa: E402
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_quantile_is_numpys_linear_rule(q: float) -> None:
+    values = [3.0, 1.0, 7.0, 2.0, 9.5, 4.0, 4.5]
+    assert stats.quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+
+
+def test_median_interval_from_order_statistics() -> None:
+    seven = [5.0, 1.0, 4.0, 2.0, 7.0, 3.0, 6.0]
+    # With 7 values only the range reaches 95 %: 1 - 2 / 2**7 = 98.4375 %.
+    assert stats.median_interval(seven) == (1.0, 7.0, 1 - 2 / 2**7)
+    twenty = [float(x) for x in range(1, 21)]
+    # n = 20: P(Bin(20, 1/2) <= 5) = 21700 / 2**20, so the 6th smallest and 6th largest give
+    # 1 - 2 * 21700 / 2**20 = 95.86 %; the 7th would give 88.5 %.
+    low, high, cover = stats.median_interval(twenty)
+    assert (low, high) == (6.0, 15.0)
+    assert cover == pytest.approx(1 - 2 * 21700 / 2**20)
+    assert stats.median_interval([3.0]) == (3.0, 3.0, 0.0)  # one round claims no coverage
+
+
+def test_ratios_are_taken_within_rounds() -> None:
+    # Load moves both sides of a round together: the per-round ratios are 2 and 4, while a ratio
+    # of the medians (8 / 3) would describe no round at all.
+    baseline = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]
+    fast = [1.0, 1.0, 3.0, 2.0, 5.0, 3.0, 7.0]
+    s = stats.ratio_summary(baseline, fast)
+    assert s["values"] == pytest.approx([2.0, 4.0, 2.0, 4.0, 2.0, 4.0, 2.0])
+    assert s["median"] == pytest.approx(2.0)
+    assert (s["q25"], s["q75"]) == pytest.approx((2.0, 4.0))
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((2.0, 4.0))
+    with pytest.raises(ValueError, match="same rounds"):
+        stats.ratio_summary([1.0, 2.0], [1.0])
+
+
+def test_rounds_warm_up_every_case_and_rotate_the_order() -> None:
+    calls: list[str] = []
+
+    def case(name: str) -> cases.Case:
+        leaf = torch.zeros((), requires_grad=True)
+
+        def loss() -> torch.Tensor:
+            calls.append(name)
+            return leaf * 2
+
+        return cases.Case(cases.SETTINGS["quick"], name, "sere", loss, [leaf])
+
+    built = [case("a"), case("b"), case("c")]
+    times, numbers, cpu = run.time_rounds(built, 4, torch.device("cpu"), min_sample_s=0.0)
+    assert numbers == {"a": 1, "b": 1, "c": 1}
+    # Each case: an untimed warm-up step and a timed one that sizes its samples, then rounds.
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == [*"abc", *"bca", *"cab", *"abc"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert {name: len(t) for name, t in cpu.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_dirty_state_covers_the_whole_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.setattr(record, "ROOT", tmp_path)
+    assert record.dirty() == []
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "new.py").write_text("")
+    assert record.dirty() == [" M src/a.py", "?? benchmarks/new.py"]
+
+
+def test_record_names_the_machine_threads_and_allocator() -> None:
+    env = record.environment(torch.device("cpu"))
+    assert env["device"]["cores"]
+    assert env["device"]["cpu"]
+    assert env["threads"]["torch_intra_op"] == torch.get_num_threads()
+    assert "mallopt" in env["allocator"]
+    assert env["versions"]["torch"] == torch.__version__
+
+
+def _results(speedups: list[float], memory: float, share: float) -> dict[str, Any]:
+    base = [1.0] * len(speedups)
+    runs = {
+        "library": {
+            "speedup": stats.ratio_summary(speedups, base),
+            "memory_ratio": memory,
+        },
+        "library:chunked": {"speedup": stats.ratio_summary(speedups, base), "memory_ratio": 0.25},
+    }
+    terms = {term: {"impls": runs} for term in ("sere", "channel")}
+    shares = [share] * 7
+    return {
+        "device": {"type": "cpu"},
+        "settings": [{"name": "dino_b32", "terms": terms}],
+        "dino_step": {
+            "status": "measured",
+            "batch": 8,
+            "share": stats.ratio_summary(shares, [1.0] * 7),
+        },
+    }
+
+
+def test_targets_use_the_median_and_say_whether_the_interval_clears() -> None:
+    rows = report.evaluate_targets(_results([1.9, 2.05, 2.1, 2.1, 2.2, 2.3, 2.4], 0.4, 0.02))
+    speed, memory, _, memory_chunked, channel, share = rows
+    assert speed["met"] is True
+    assert speed["clears"] is False  # the interval (the range here) reaches down to 1.9
+    assert memory["met"] is False
+    assert memory_chunked["met"] is True
+    assert channel["met"] is True
+    assert share["met"] is True
+    assert share["clears"] is True
+    table = report.targets_table(rows)
+    assert "yes (median; the interval reaches past the bound)" in table
+    assert "**no**" in table
