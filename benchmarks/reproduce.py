@@ -1,6 +1,7 @@
 """Reproduce, small, what SERE is for: DINO against DINO + SERE, same seeds, evaluated alike.
 
-    python benchmarks/reproduce.py --tier cpu             # about an hour on 2 CPU cores
+    python benchmarks/reproduce.py --tier cpu             # 2,048 steps a run: ~4 h, 2 shared cores
+    python benchmarks/reproduce.py --tier cpu --epochs 4  # 512 steps a run: ~75 min (what ran)
     python benchmarks/reproduce.py --tier gpu             # one GPU, under 10 minutes (estimate)
     python benchmarks/reproduce.py --tier gpu --dry-run   # the GPU plan, run tiny on the CPU
     python benchmarks/reproduce.py --tier smoke           # the whole pipeline in ~40 s (a test)
@@ -83,7 +84,8 @@ class Tier:
 
 TIERS = {
     # 2,048 images, 16 epochs of 128 steps (32,768 images seen per run), 3 seeds x 2 arms, two
-    # trainings at a time on one thread each.
+    # trainings at a time on one thread each. On the shared 2-core machine a step took 1.8-2.5 s
+    # (two runs side by side, load ~5): about 4 h; --epochs 4 (what ran) about 75 min.
     "cpu": Tier(
         train_images=2048,
         val_images=512,
