@@ -249,6 +249,24 @@ def _maps_of(
     return to_maps(tokens, hw)
 
 
+def _two_views(
+    features1: Tensor,
+    features2: Tensor,
+    num_prefix_tokens: int,
+    grid1: int | tuple[int, int] | None,
+    grid2: int | tuple[int, int] | None,
+) -> tuple[Tensor, Tensor]:
+    """Both views as maps ``(B, C, H, W)``, checked to agree in ``B`` and ``C``."""
+    maps1 = _maps_of(features1, num_prefix_tokens, grid1, "features1")
+    maps2 = _maps_of(features2, num_prefix_tokens, grid2, "features2")
+    if maps1.shape[:2] != maps2.shape[:2]:
+        raise ValueError(
+            "features1 and features2 must agree in the batch B and channels C, got maps "
+            f"{tuple(maps1.shape)} and {tuple(maps2.shape)}"
+        )
+    return maps1, maps2
+
+
 def _default_lattice(hw1: tuple[int, int], hw2: tuple[int, int]) -> tuple[int, int]:
     """The losses' default lattice for two views of token grids ``hw1`` and ``hw2``.
 
@@ -341,13 +359,7 @@ def relation_invariance(
         >>> out.spatial_plain.shape, sorted(out.summary())[:3]
         (torch.Size([8]), ['channel_controlled', 'channel_entropy', 'channel_plain'])
     """
-    maps1 = _maps_of(features1, num_prefix_tokens, grid1, "features1")
-    maps2 = _maps_of(features2, num_prefix_tokens, grid2, "features2")
-    if maps1.shape[:2] != maps2.shape[:2]:
-        raise ValueError(
-            "features1 and features2 must agree in the batch B and channels C, got maps "
-            f"{tuple(maps1.shape)} and {tuple(maps2.shape)}"
-        )
+    maps1, maps2 = _two_views(features1, features2, num_prefix_tokens, grid1, grid2)
     batch = maps1.shape[0]
     if batch < 2:
         raise ValueError(
@@ -505,13 +517,7 @@ def relation_maps(
         >>> maps.view1.shape, maps.overlap1.shape, round(float(maps.view1.sum()), 6)
         (torch.Size([5, 5]), torch.Size([4, 4]), 1.0)
     """
-    maps1 = _maps_of(features1, num_prefix_tokens, grid1, "features1")
-    maps2 = _maps_of(features2, num_prefix_tokens, grid2, "features2")
-    if maps1.shape[:2] != maps2.shape[:2]:
-        raise ValueError(
-            "features1 and features2 must agree in the batch B and channels C, got maps "
-            f"{tuple(maps1.shape)} and {tuple(maps2.shape)}"
-        )
+    maps1, maps2 = _two_views(features1, features2, num_prefix_tokens, grid1, grid2)
     batch = maps1.shape[0]
     index = check_int(item, "item", 0)
     if index >= batch:
