@@ -3,7 +3,7 @@
 SERE (Li, Gao, Cheng, TPAMI 2023) adds two terms to DINO, iBOT or MoCo v3 style objectives: the
 spatial self-relation of the patches of a view, compared across views on their overlap, and the
 channel self-relation of a view. ``SERELoss`` computes both for a multi-crop batch; the kernels
-are in :mod:`sere_loss.functional`. ``TokenTap`` takes the patch tokens out of a backbone, and
+are in ``sere_loss.functional``. ``TokenTap`` takes the patch tokens out of a backbone, and
 ``update_teacher`` moves the teacher heads of every SERE loss inside a model.
 """
 

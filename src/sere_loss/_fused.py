@@ -33,7 +33,7 @@ Triton backward reads both terms off each block and needs no atomics.
 Backends:
 
 - ``"reference"``: materialises the logits and calls
-  :func:`sere_loss.functional.relation_cross_entropy`, the oracle of the tests.
+  ``sere_loss.functional.relation_cross_entropy``, the oracle of the tests.
 - ``"dense"``: PyTorch on any device. Items go in blocks of about ``CPU_BLOCK_BYTES`` of logits
   (cache-sized on the CPU, so each elementwise pass reads the cache, not memory), every row of
   an item at once; the forward keeps ``G + G^T`` for a backward of one batched matmul.
@@ -43,10 +43,10 @@ Backends:
 - ``"triton"``: Triton kernels (optional dependency) with an online softmax over column blocks,
   the flash-attention idea; CUDA tensors, or CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1`` set before triton is first imported; slow, for tests).
-- ``"auto"``: see :func:`resolve_backend`.
+- ``"auto"``: see ``resolve_backend``.
 
 Neither fused path has a second derivative: a backward with ``create_graph=True`` raises
-(:func:`refuse_second_derivative`) rather than return a gradient whose graph lacks it.
+(``refuse_second_derivative``) rather than return a gradient whose graph lacks it.
 ``"reference"`` is plain autograd and differentiates twice. ``retain_graph=True`` works on all:
 no backward changes what the forward saved.
 """
@@ -167,7 +167,7 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
     on).
 
     Args:
-        backend: one of :data:`BACKENDS`.
+        backend: one of ``BACKENDS``.
         student: the student's row features ``(B, M, R, D)``; only shape, dtype and device are
             read.
         teacher: the teacher's, ``(B, M, R, D_t)``, when its ``D_t`` differs.
@@ -230,14 +230,14 @@ def gram_relation_cross_entropy(
         teacher_temp: ``t_t > 0``.
         teacher_scale: the factor of the teacher's logits; ``None`` for ``scale``.
         backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``
-            (:func:`resolve_backend`).
+            (``resolve_backend``).
         chunk_size: rows per chunk of the chunked backend; ``None`` sizes chunks from the block
             budget (``CPU_BLOCK_BYTES`` on the CPU, ``CHUNK_BUDGET_BYTES`` elsewhere).
 
     Returns:
         Per-item losses ``(B,)``, float32 (float64 for float64 input), also under autocast.
 
-    Example:
+    Examples:
         >>> x, y = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
         >>> ref = gram_relation_cross_entropy(x, y, 0.5, backend="reference")
         >>> fused = gram_relation_cross_entropy(x, y, 0.5, backend="chunked", chunk_size=3)
@@ -319,7 +319,7 @@ def _block_plan(
 ) -> tuple[int, int]:
     """``(items per block, rows per chunk)`` for ``(items, rows, rows)`` logits.
 
-    A block holds ``items x chunk x rows`` logits in about :func:`_block_budget` bytes: cache
+    A block holds ``items x chunk x rows`` logits in about ``_block_budget`` bytes: cache
     sized on the CPU, where every elementwise pass then stays in cache, and larger on a GPU,
     where each launch should carry enough work. ``whole`` keeps every row of an item in one
     chunk (the dense path's ``G + G^T`` needs the whole item).
@@ -514,7 +514,7 @@ def _channel_logits(x: Tensor, factor: float, out: Tensor | None = None) -> Tens
 
 
 class _PairedChannelCE(torch.autograd.Function):
-    """:func:`paired_channel_cross_entropy`; inputs ``(meta, *students, *teachers)``."""
+    """``paired_channel_cross_entropy``; inputs ``(meta, *students, *teachers)``."""
 
     @staticmethod
     def forward(ctx: Any, meta: Any, *tensors: Tensor) -> Tensor:
@@ -836,7 +836,7 @@ def _kernels() -> tuple[Any, Any, bool]:
     ``triton.jit`` reads ``TRITON_INTERPRET`` when it wraps a function, so the kernels are
     wrapped here, on first use, and cached per mode. Triton's own library functions are wrapped
     when ``triton.language`` is imported, though: the interpreter needs the variable set before
-    that import (:func:`_check_interpreter_mode` says so when it was not).
+    that import (``_check_interpreter_mode`` says so when it was not).
     """
     global tl
     triton = importlib.import_module("triton")

@@ -3,12 +3,12 @@ r"""Diagnostics: how much a backbone's self-relations change between two views (
 SERE's claim (paper Sec. 4.4) is that it makes self-relations *invariant* to augmentation: two
 views of one image relate their patches (spatial) and their channels (channel) the same way.
 This module measures that on any backbone's tokens or feature maps (a ViT's pre-norm patch
-tokens from :class:`sere_loss.TokenTap`, say), given the views' crop boxes and flips. The maths
+tokens from ``sere_loss.TokenTap``, say), given the views' crop boxes and flips. The maths
 of a relation is not restated here: the spatial relation is
-:func:`~sere_loss.functional.spatial_relation` of the features that
-:func:`~sere_loss.functional.overlap_grids` and :func:`~sere_loss.functional.sample_region` read
+``spatial_relation`` of the features that
+``overlap_grids`` and ``sample_region`` read
 at the same points of the two views' overlap, and the channel relation is
-:func:`~sere_loss.functional.channel_relation` of each whole view.
+``channel_relation`` of each whole view.
 
 Two readings of "how different":
 
@@ -21,14 +21,14 @@ Two readings of "how different":
 - **controlled** (recommended): every row of both views is first brought to the same entropy,
   ``entropy * log K`` for ``K`` entries per row (default half the maximum: the row spreads over
   about ``sqrt(K)`` entries), by a per-row temperature found by bisection
-  (:func:`match_entropy`). The distance between the views of the same image is then divided by
+  (``match_entropy``). The distance between the views of the same image is then divided by
   the same distance between a view of this image and a view of *another* image (at the same
   lattice points, or the same channels). 0 means the two views relate the same way; 1 means no
   more alike than two different images. Scaling the features, or any per-row temperature,
   leaves it unchanged, and structure that every image shares (the position embedding, say)
   counts as much in the denominator as in the numerator.
 
-Example:
+Examples:
     >>> feats = torch.randn(4, 16, 6, 6)
     >>> boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4)
     >>> flips = torch.zeros(4, dtype=torch.bool)
@@ -109,7 +109,7 @@ def match_entropy(logits: Tensor, entropy: float = 0.5) -> Tensor:
     Returns:
         The rescaled logits ``(..., K)``, float64.
 
-    Example:
+    Examples:
         >>> rows = match_entropy(torch.randn(3, 10) * 50.0, entropy=0.5)
         >>> h = -(rows.softmax(-1) * rows.log_softmax(-1)).sum(-1)
         >>> torch.allclose(h, torch.full((3,), 0.5 * math.log(10), dtype=torch.float64))
@@ -174,12 +174,12 @@ def _check_fraction(value: object, name: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class RelationInvariance:
-    """Per-image distances between two views' self-relations, from :func:`relation_invariance`.
+    """Per-image distances between two views' self-relations, from ``relation_invariance``.
 
     Every field is ``(B,)`` float64, one value per image (per pair of views). Distances are
     total-variation distances between softmax rows, averaged over rows (and heads): in
     ``[0, 1]``. Spatial fields are NaN where the two views do not overlap (``valid`` False);
-    :meth:`summary` leaves those images out.
+    ``summary`` leaves those images out.
 
     Attributes:
         valid: ``(B,)`` bool, the views overlap (the spatial fields are defined).
@@ -312,11 +312,11 @@ def relation_invariance(
     r"""How differently two views of each image relate their patches and their channels (Fig. 6).
 
     Spatial: both views' features are read at the same ``Hs x Ws`` lattice of their overlap
-    (:func:`~sere_loss.functional.overlap_grids`, :func:`~sere_loss.functional.sample_region`),
-    related per head (:func:`~sere_loss.functional.spatial_relation`) and divided by
-    ``temperature``; channel: :func:`~sere_loss.functional.channel_relation` of each whole view,
+    (``overlap_grids``, ``sample_region``),
+    related per head (``spatial_relation``) and divided by
+    ``temperature``; channel: ``channel_relation`` of each whole view,
     divided by ``temperature``. Each row's softmax in view 1 is compared with the same row in
-    view 2 (total variation), plainly and after :func:`match_entropy`; for the controlled
+    view 2 (total variation), plainly and after ``match_entropy``; for the controlled
     measure, view 1 of image ``b`` is also compared with view 2 of the next image (the next
     overlapping one, for the spatial term), cyclically. See the module's docstring for which
     reading to trust.
@@ -343,14 +343,14 @@ def relation_invariance(
         grid2: view 2's token grid.
 
     Returns:
-        Per-image distances; :meth:`RelationInvariance.summary` gives the means and the
+        Per-image distances; ``RelationInvariance.summary`` gives the means and the
         controlled measures.
 
     Raises:
         ValueError: bad shapes or options, a batch of fewer than 2 images, or fewer than 2
             overlapping pairs (the controlled measure needs another image to compare with).
 
-    Example:
+    Examples:
         >>> f1, f2 = torch.randn(8, 32, 8, 8), torch.randn(8, 32, 8, 8)
         >>> boxes1 = torch.tensor([[0.0, 0.0, 0.7, 0.7]]).expand(8, 4)
         >>> boxes2 = torch.tensor([[0.2, 0.3, 1.0, 1.0]]).expand(8, 4)
@@ -479,8 +479,8 @@ def relation_maps(
     r"""The relation of one overlap point to the rest, in each of two views (paper Fig. 5).
 
     The point is lattice point ``point = (row, col)`` of the overlap of image ``item``'s views,
-    read in each view as :func:`relation_invariance` reads it. Its relation to the view's own
-    tokens (:func:`~sere_loss.functional.spatial_relation` of the point's feature with every
+    read in each view as ``relation_invariance`` reads it. Its relation to the view's own
+    tokens (``spatial_relation`` of the point's feature with every
     token) gives the full maps; its row of the overlap's relation gives the maps on the
     lattice, and their difference.
 
@@ -493,7 +493,7 @@ def relation_maps(
         flips2: ``(B,)``.
         point: ``(row, col)`` inside the lattice.
         item: which image of the batch.
-        lattice: as in :func:`relation_invariance`.
+        lattice: as in ``relation_invariance``.
         num_heads: channel groups of the relation.
         head: one head's relation, or ``None`` for the mean over heads.
         temperature: divides the logits, ``> 0``.
@@ -509,7 +509,7 @@ def relation_maps(
     Raises:
         ValueError: bad shapes or options, or views of image ``item`` that do not overlap.
 
-    Example:
+    Examples:
         >>> feats = torch.randn(1, 8, 5, 5)
         >>> box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
         >>> flip = torch.tensor([False])
@@ -593,14 +593,14 @@ def plot_relation_maps(
     *,
     title: str | None = None,
 ) -> Figure:
-    """Draw :func:`relation_maps` as the paper's Fig. 5 does: views, relations, difference.
+    """Draw ``relation_maps`` as the paper's Fig. 5 does: views, relations, difference.
 
     Needs matplotlib (``pip install "sere-loss[plot]"``). Panels: each view (when ``images``
     are given) with the overlap boxed and the point marked, each view's relation map with the
     same marks, and the difference on the overlap lattice (a diverging colour map centred at 0).
 
     Args:
-        maps: from :func:`relation_maps`.
+        maps: from ``relation_maps``.
         images: optional pair of images of the two views, each ``(3, H, W)`` or ``(H, W, 3)``
             (tensor or array, values in [0, 1] or uint8).
         title: figure title.

@@ -1,6 +1,6 @@
 """Reference kernels of SERE: the maths of every term, in one place.
 
-The modules in :mod:`sere_loss.losses` only arrange views and heads around these functions. Each
+The modules in ``sere_loss.losses`` only arrange views and heads around these functions. Each
 function states its semantics in its docstring with the shapes of every tensor, and follows
 ``SPEC.md`` (the paper where it is right, the authors' code where the paper's numbers came from
 it). Notation: ``B`` batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`` heads,
@@ -66,7 +66,7 @@ def spatial_relation(x: Tensor, num_heads: int) -> Tensor:
     Returns:
         Logits ``(B, M, S, S)``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 9, 12)
         >>> spatial_relation(x, num_heads=3).shape
         torch.Size([2, 3, 9, 9])
@@ -99,7 +99,7 @@ def channel_relation(x: Tensor) -> Tensor:
     Returns:
         Logits ``(B, C, C)``.
 
-    Example:
+    Examples:
         >>> channel_relation(torch.randn(2, 49, 8)).shape
         torch.Size([2, 8, 8])
     """
@@ -153,7 +153,7 @@ def relation_cross_entropy(
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
 
-    Example:
+    Examples:
         >>> s, t = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
         >>> relation_cross_entropy(s, t, teacher_temp=0.5).shape
         torch.Size([])
@@ -193,7 +193,7 @@ def paired_relation_cross_entropy(
     student_temp: float = 1.0,
     teacher_temp: float = 1.0,
 ) -> Tensor:
-    r""":func:`relation_cross_entropy` of many (teacher view, student view) pairs at once.
+    r"""``relation_cross_entropy`` of many (teacher view, student view) pairs at once.
 
     For pair ``(i, v)`` and item ``b`` the value is ``relation_cross_entropy(student_logits[v],
     teacher_logits[i], reduction="none")[b]``. Each view's softmax is taken once, however many
@@ -205,14 +205,14 @@ def paired_relation_cross_entropy(
     Args:
         student_logits: ``(V, B, ..., R, K)`` the student's relation logits, view-major.
         teacher_logits: ``(G, B, ..., R, K)`` the teacher's; detached here.
-        pairs: ``(i, v)`` index pairs, as :func:`view_pairs` gives them.
+        pairs: ``(i, v)`` index pairs, as ``view_pairs`` gives them.
         student_temp: ``t_s > 0``.
         teacher_temp: ``t_t > 0``.
 
     Returns:
         ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
 
-    Example:
+    Examples:
         >>> s, t = torch.randn(3, 2, 4, 4), torch.randn(2, 2, 4, 4)
         >>> paired_relation_cross_entropy(s, t, view_pairs(2, 1)).shape
         torch.Size([4, 2])
@@ -266,19 +266,19 @@ def paired_channel_relation_cross_entropy(
     softmax are formed once, however many pairs it is in: the channel term's multi-crop pairing
     (SPEC 5) at the cost of its views.
 
-    Backends: ``"reference"`` (:func:`channel_relation` of every view, then
-    :func:`paired_relation_cross_entropy`, under autograd), ``"dense"`` (the same values from one
+    Backends: ``"reference"`` (``channel_relation`` of every view, then
+    ``paired_relation_cross_entropy``, under autograd), ``"dense"`` (the same values from one
     pass over each view's relation, keeping each view's softmax for a backward of one batched
     matmul per view), ``"chunked"`` (the same, keeping two numbers per row and recomputing the
     relations in the backward: the memory-saving mode), ``"triton"`` (the Triton kernel of
-    :func:`channel_relation_cross_entropy`, pair by pair), or ``"auto"``: the size rule of
-    :func:`channel_relation_cross_entropy` (dense while one item's ``C x C`` float32 logits fit
+    ``channel_relation_cross_entropy``, pair by pair), or ``"auto"``: the size rule of
+    ``channel_relation_cross_entropy`` (dense while one item's ``C x C`` float32 logits fit
     in 8 MiB).
 
     Args:
         student: ``V`` tensors ``(B, N_v, C)``, the student's projected tokens of each view.
         teacher: ``G`` tensors ``(B, N_i, C)``, the teacher's; detached, no gradient reaches them.
-        pairs: ``(i, v)`` index pairs into ``teacher`` and ``student``, as :func:`view_pairs`
+        pairs: ``(i, v)`` index pairs into ``teacher`` and ``student``, as ``view_pairs``
             gives them.
         student_temp: ``t_s > 0``.
         teacher_temp: ``t_t > 0``.
@@ -287,7 +287,7 @@ def paired_channel_relation_cross_entropy(
     Returns:
         ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
 
-    Example:
+    Examples:
         >>> views = [torch.randn(2, 49, 8), torch.randn(2, 49, 8), torch.randn(2, 9, 8)]
         >>> pairs = view_pairs(2, 1)
         >>> out = paired_channel_relation_cross_entropy(views, views[:2], pairs, 1.0, 0.1)
@@ -388,7 +388,7 @@ def _check_mask(mask: object, batch: int, what: str) -> Tensor | None:
 
 
 def _reduce(per_item: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
-    """Masked reduction of per-item losses ``(B,)``, as :func:`relation_cross_entropy` states."""
+    """Masked reduction of per-item losses ``(B,)``, as ``relation_cross_entropy`` states."""
     with _no_autocast(per_item.device):
         if mask is None:
             kept = per_item
@@ -449,15 +449,15 @@ def spatial_relation_cross_entropy(
         num_heads: ``M``, must divide ``C``.
         student_temp: ``t_s > 0``.
         teacher_temp: ``t_t > 0``.
-        mask: optional ``(B,)`` bool, the items to keep, as in :func:`relation_cross_entropy`.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`relation_cross_entropy`.
+        mask: optional ``(B,)`` bool, the items to keep, as in ``relation_cross_entropy``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in ``relation_cross_entropy``.
         backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64), also under
         autocast.
 
-    Example:
+    Examples:
         >>> s, t = torch.randn(2, 20, 12), torch.randn(2, 20, 12)
         >>> fused = spatial_relation_cross_entropy(s, t, 3, backend="chunked")
         >>> ref = relation_cross_entropy(spatial_relation(s, 3), spatial_relation(t, 3))
@@ -518,7 +518,7 @@ def channel_relation_cross_entropy(
     student_temp, teacher_temp, mask, reduction=reduction)``: logits ``x^T x / N`` ``(C, C)`` per
     view, the row cross-entropy over the ``C`` rows, averaged, then over the kept items. The
     student and the teacher may have different token counts (a local view against a global
-    one). It is the Gram form of :func:`spatial_relation_cross_entropy` with one head, rows the
+    one). It is the Gram form of ``spatial_relation_cross_entropy`` with one head, rows the
     ``C`` channels and features the ``N`` tokens, scaled by ``1 / N``; the backends are the same.
 
     Args:
@@ -533,7 +533,7 @@ def channel_relation_cross_entropy(
     Returns:
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
 
-    Example:
+    Examples:
         >>> s, t = torch.randn(2, 36, 8), torch.randn(2, 49, 8)
         >>> fused = channel_relation_cross_entropy(s, t, teacher_temp=0.1, backend="chunked")
         >>> ref = relation_cross_entropy(channel_relation(s), channel_relation(t), 1.0, 0.1)
@@ -616,7 +616,7 @@ def overlap_grids(
         ``(grid1, grid2, valid)``: grids ``(B, Hs, Ws, 2)`` in the boxes' dtype, and ``valid``
         ``(B,)`` bool.
 
-    Example:
+    Examples:
         >>> b1 = torch.tensor([[0.0, 0.0, 0.5, 1.0]])
         >>> b2 = torch.tensor([[0.25, 0.0, 1.0, 1.0]])
         >>> f = torch.tensor([False])
@@ -662,10 +662,10 @@ def _overlap_grids_unchecked(
     lattice: tuple[int, int],
     points: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`overlap_grids` without its input checks, for callers that checked already.
+    """``overlap_grids`` without its input checks, for callers that checked already.
 
     Boxes ``(B, 4)`` valid and flips ``(B,)`` bool are assumed, and ``lattice``/``points`` as
-    :func:`_check_lattice` returns them. Checking boxes costs a host sync on an accelerator, so
+    ``_check_lattice`` returns them. Checking boxes costs a host sync on an accelerator, so
     the losses check once per step and call this.
     """
     hs, ws = lattice
@@ -707,13 +707,13 @@ def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Te
 
     Args:
         features: feature maps ``(B, C, H, W)``.
-        grid: ``(B, Hs, Ws, 2)`` from :func:`overlap_grids`.
+        grid: ``(B, Hs, Ws, 2)`` from ``overlap_grids``.
         padding: ``"border"`` or ``"zeros"``.
 
     Returns:
         Sampled features ``(B, Hs * Ws, C)``, row-major over the lattice.
 
-    Example:
+    Examples:
         >>> feats = torch.arange(4.0).view(1, 1, 2, 2)
         >>> sample_region(feats, torch.zeros(1, 1, 1, 2)).tolist()  # the centre
         [[[1.5]]]
@@ -740,7 +740,7 @@ def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Te
 def bilinear_taps(
     grid: Tensor, hw: tuple[int, int], padding: str = "border"
 ) -> tuple[Tensor, Tensor]:
-    r"""The four taps of :func:`sample_region`'s bilinear interpolation, as indices and weights.
+    r"""The four taps of ``sample_region``'s bilinear interpolation, as indices and weights.
 
     ``grid_sample`` with ``align_corners=False`` reads a point ``(x, y)`` of the grid at pixel
     coordinates ``u = ((x + 1) W - 1) / 2`` and ``v = ((y + 1) H - 1) / 2`` (``padding="border"``
@@ -761,7 +761,7 @@ def bilinear_taps(
         ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so always
         valid) and ``(..., 4)`` weights in the grid's dtype.
 
-    Example:
+    Examples:
         >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
         >>> index.tolist(), weight.tolist()  # the centre: all four pixels, a quarter each
         ([[0, 1, 2, 3]], [[0.25, 0.25, 0.25, 0.25]])
@@ -788,23 +788,23 @@ def bilinear_taps(
 def sample_tokens(
     tokens: Tensor, hw: tuple[int, int], grid: Tensor, padding: str = "border"
 ) -> Tensor:
-    r""":func:`sample_region` of patch tokens laid on their grid, as a weighted gather of tokens.
+    r"""``sample_region`` of patch tokens laid on their grid, as a weighted gather of tokens.
 
     The value of ``sample_region(tokens viewed as (B, C, H, W) maps, grid, padding)``: each
-    point is the :func:`bilinear_taps` blend of four tokens. Reading token rows ``(B * N, C)``
+    point is the ``bilinear_taps`` blend of four tokens. Reading token rows ``(B * N, C)``
     directly (``embedding_bag`` with the taps' weights) takes no layout change of the tokens and
     returns ``(B, S, C)`` rows; its gradient reaches the tokens in their own layout.
 
     Args:
         tokens: ``(B, H * W, C)`` patch tokens, row-major on the grid.
         hw: ``(H, W)``.
-        grid: ``(B, Hs, Ws, 2)`` from :func:`overlap_grids`.
+        grid: ``(B, Hs, Ws, 2)`` from ``overlap_grids``.
         padding: ``"border"`` or ``"zeros"``.
 
     Returns:
         Sampled features ``(B, Hs * Ws, C)``, row-major over the lattice.
 
-    Example:
+    Examples:
         >>> tokens = torch.arange(4.0).view(1, 4, 1)  # a 2 x 2 grid of one channel
         >>> sample_tokens(tokens, (2, 2), torch.zeros(1, 1, 1, 2)).tolist()  # the centre
         [[[1.5]]]
@@ -862,7 +862,7 @@ def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:
     Returns:
         Global-global pairs first (teacher-major), then global-local pairs (teacher-major).
 
-    Example:
+    Examples:
         >>> view_pairs(2, 2)
         [(0, 1), (1, 0), (0, 2), (0, 3), (1, 2), (1, 3)]
     """

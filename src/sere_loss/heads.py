@@ -136,14 +136,14 @@ class RelationHeads(nn.Module):
       modules are: copies of the global heads with their parameters re-initialised
       (``reset_parameters`` of every submodule that has one).
     - ``teacher_projection``: a frozen copy of ``projection`` that follows it by exponential
-      moving average through :meth:`update_teacher`. The teacher has no prediction head and sees
+      moving average through ``update_teacher``. The teacher has no prediction head and sees
       global views only. Its BatchNorm runs in the same mode as this module (batch statistics
       in training) and keeps its own running buffers; they are not averaged.
 
     Args:
         dim: channel count ``C`` of the backbone's tokens.
-        projection: the student's projection; ``None`` for :class:`ProjectionHead`.
-        prediction: the student's prediction; ``None`` for :class:`PredictionHead`
+        projection: the student's projection; ``None`` for ``ProjectionHead``.
+        prediction: the student's prediction; ``None`` for ``PredictionHead``
             (``nn.Identity()`` when ``symmetric``).
         local_heads: give local views their own pair of heads (of the same structure as the
             global ones, independently initialised).

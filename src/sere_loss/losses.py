@@ -1,6 +1,6 @@
 """SERE losses as modules: views, heads and pairing around the kernels of ``functional``.
 
-The maths of each term is in :mod:`sere_loss.functional`; these modules own the heads, split the
+The maths of each term is in ``sere_loss.functional``; these modules own the heads, split the
 multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the kernels.
 """
 
@@ -89,8 +89,8 @@ def _sample_pairs(
 
     Every pair ``(i, v)`` of the group reads teacher view ``i`` and student view ``v`` (numbered
     from ``first`` in ``student``) at the ``Hs x Ws`` lattice over their overlap: what
-    :func:`~sere_loss.functional.sample_region` gives pair by pair, read straight from the
-    token rows (:func:`~sere_loss.functional.sample_tokens`) in the pairs' order, with no call,
+    ``sample_region`` gives pair by pair, read straight from the
+    token rows (``sample_tokens``) in the pairs' order, with no call,
     layout change or full-size gradient buffer per pair.
 
     Args:
@@ -106,7 +106,7 @@ def _sample_pairs(
         points: ``"center"`` or ``"official"``.
         padding: ``"border"`` or ``"zeros"``.
         gather: read token rows (the fast path); ``False`` reads each pair's maps with
-            :func:`~sere_loss.functional.sample_region` (``grid_sample``), the reference, which
+            ``sample_region`` (``grid_sample``), the reference, which
             autograd differentiates twice (``embedding_bag`` has no second derivative).
 
     Returns:
@@ -351,7 +351,7 @@ class SpatialSelfRelationLoss(nn.Module):
         num_prefix_tokens: leading tokens to drop from ViT tokens (1 for a CLS token, more with
             registers); ignored for CNN maps.
         projection: the student's projection ``h``; ``None`` for the default, ``nn.Identity()``
-            for none. The teacher's is a frozen copy that follows by EMA (:meth:`update_teacher`).
+            for none. The teacher's is a frozen copy that follows by EMA (``update_teacher``).
         prediction: the student's prediction ``g``; ``None`` for the default, which takes ``dim``
             channels: with a projection of another width, pass a prediction that takes it.
         local_heads: separate heads for local views (the authors' default).
@@ -360,7 +360,7 @@ class SpatialSelfRelationLoss(nn.Module):
             mean; ``"uniform"`` counts each as ``log(Hs * Ws)``, as the authors' code does.
         backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
             ``"chunked"`` or ``"triton"``: see
-            :func:`~sere_loss.functional.spatial_relation_cross_entropy`. All give the same
+            ``spatial_relation_cross_entropy``. All give the same
             loss up to rounding; the fused ones keep memory linear in the lattice size.
 
     Shape:
@@ -590,7 +590,7 @@ class ChannelSelfRelationLoss(nn.Module):
 
     The paper (Sec. 4.3) finds that ``L_c`` without an image-level loss ``L_I`` can collapse
     (every channel encoding the same feature): add it to a DINO, iBOT or MoCo v3 objective.
-    Inputs are checked as in :class:`SpatialSelfRelationLoss`, by token counts.
+    Inputs are checked as in ``SpatialSelfRelationLoss``, by token counts.
 
     Temperatures: teacher 0.1 and student 1.0 are the authors' code (the paper's text swaps
     them).
@@ -606,7 +606,7 @@ class ChannelSelfRelationLoss(nn.Module):
         local_heads: separate heads for local views.
         symmetric: no prediction head.
         backend: ``"auto"`` (default), ``"reference"``, ``"chunked"`` or ``"triton"``: see
-            :func:`~sere_loss.functional.channel_relation_cross_entropy`.
+            ``channel_relation_cross_entropy``.
 
     Shape:
         - student_global, teacher_global: ``(G * B, T, C)``, ``(G * B, C, H, W)`` or a list of
@@ -723,7 +723,7 @@ class SERELoss(nn.Module):
         alpha: weight of the spatial term (1.0).
         beta: weight of the channel term (1.0).
         num_heads: heads of the spatial relation; ``None`` (default) for ``dim // 64`` (6 for
-            ViT-S), see :class:`SpatialSelfRelationLoss`.
+            ViT-S), see ``SpatialSelfRelationLoss``.
         num_global_views: ``G`` (2).
         num_prefix_tokens: leading tokens to drop (1 for a CLS token).
         local_heads: separate heads for local views.
@@ -732,24 +732,24 @@ class SERELoss(nn.Module):
         padding: ``"border"`` or ``"zeros"``.
         global_lattice: spatial lattice between global views; ``None`` (default) for the global
             token grid minus one per side, 13 x 13 at 224 px for ViT-S/16 (see
-            :class:`SpatialSelfRelationLoss` for why).
+            ``SpatialSelfRelationLoss`` for why).
         local_lattice: spatial lattice between a global and a local view; ``None`` (default)
             for the local token grid, 6 x 6 at 96 px.
         empty_pairs: ``"mask"`` or ``"uniform"`` (the authors'), see
-            :class:`SpatialSelfRelationLoss`.
-        spatial: a configured :class:`SpatialSelfRelationLoss` to use instead (the options above
+            ``SpatialSelfRelationLoss``.
+        spatial: a configured ``SpatialSelfRelationLoss`` to use instead (the options above
             then do not apply to it).
-        channel: a configured :class:`ChannelSelfRelationLoss` to use instead.
+        channel: a configured ``ChannelSelfRelationLoss`` to use instead.
         backend: how both terms run their relation cross-entropy, ``"auto"`` (default),
             ``"reference"``, ``"chunked"`` or ``"triton"`` (not applied to ``spatial`` or
             ``channel`` given ready-made).
 
     Shape:
-        As :class:`SpatialSelfRelationLoss`; output a scalar, or ``(loss, terms)`` with
+        As ``SpatialSelfRelationLoss``; output a scalar, or ``(loss, terms)`` with
         ``return_terms=True``, ``terms`` holding the unweighted, detached ``"spatial"`` and
         ``"channel"`` values for logging.
 
-    Example:
+    Examples:
         >>> sere = SERELoss(dim=48, num_heads=6)
         >>> tokens = torch.randn(2 * 4, 49, 48)  # 2 global views of a batch of 4, 7 x 7 tokens
         >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]).expand(4, 2, 4)
@@ -869,7 +869,7 @@ class SERELoss(nn.Module):
         local_grid: int | tuple[int, int] | None = None,
         return_terms: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Compute ``alpha * L_p + beta * L_c``; arguments as :class:`SpatialSelfRelationLoss`."""
+        """Compute ``alpha * L_p + beta * L_c``; arguments as ``SpatialSelfRelationLoss``."""
         terms: dict[str, Tensor] = {}
         loss: Tensor | None = None
         if self.spatial is not None:
@@ -912,9 +912,9 @@ class SERELoss(nn.Module):
 def update_teacher(module: nn.Module, momentum: float) -> int:
     """EMA step of every SERE teacher head in ``module``, wherever it sits.
 
-    Looks through ``module.modules()`` for the heads of every SERE term (a :class:`SERELoss`, a
-    :class:`SpatialSelfRelationLoss` or :class:`ChannelSelfRelationLoss`, or bare
-    :class:`~sere_loss.heads.RelationHeads`) and moves each teacher projection one step,
+    Looks through ``module.modules()`` for the heads of every SERE term (a ``SERELoss``, a
+    ``SpatialSelfRelationLoss`` or ``ChannelSelfRelationLoss``, or bare
+    ``RelationHeads``) and moves each teacher projection one step,
     ``teacher = m * teacher + (1 - m) * student``. So it reaches through
     ``DistributedDataParallel`` (no ``.module``), a LightningModule or any model that holds the
     loss. Call it right after the backbone's EMA step, with the same momentum.
@@ -924,13 +924,13 @@ def update_teacher(module: nn.Module, momentum: float) -> int:
         momentum: the teacher momentum of this iteration, in [0, 1].
 
     Returns:
-        How many sets of heads moved (2 for a :class:`SERELoss` with both terms).
+        How many sets of heads moved (2 for a ``SERELoss`` with both terms).
 
     Raises:
         ValueError: ``module`` holds no SERE heads (a wrong module would otherwise leave the
             teachers frozen without a word).
 
-    Example:
+    Examples:
         >>> model = nn.ModuleDict({"backbone": nn.Linear(4, 8), "sere": SERELoss(48, num_heads=6)})
         >>> update_teacher(model, 0.996)
         2

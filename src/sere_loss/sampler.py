@@ -13,8 +13,8 @@ __all__ = ["RegionAlignedSampler"]
 class RegionAlignedSampler(nn.Module):
     """Sample two views' features at the same points of their overlap in the original image.
 
-    A thin wrapper over :func:`~sere_loss.functional.overlap_grids` and
-    :func:`~sere_loss.functional.sample_region`; it has no parameters.
+    A thin wrapper over ``overlap_grids`` and
+    ``sample_region``; it has no parameters.
 
     Args:
         lattice: ``(Hs, Ws)`` points, or an int (13 between two 224 px views, 6 with a 96 px
@@ -29,7 +29,7 @@ class RegionAlignedSampler(nn.Module):
         - flips1, flips2: ``(B,)`` bool.
         - Output: ``(sampled1, sampled2, valid)``, ``(B, Hs * Ws, C)`` twice and ``(B,)`` bool.
 
-    Example:
+    Examples:
         >>> sampler = RegionAlignedSampler(lattice=6)
         >>> f1, f2 = torch.randn(2, 8, 14, 14), torch.randn(2, 8, 6, 6)
         >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.1, 0.1, 0.9, 0.7]])

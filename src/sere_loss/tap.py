@@ -1,7 +1,7 @@
 """Patch tokens out of a backbone without editing it: forward hooks on its last block.
 
 SERE reads the patch tokens of the backbone's last block, before the final norm (SPEC 1). Most
-models return only the pooled or CLS output, so :class:`TokenTap` hooks the last block of the
+models return only the pooled or CLS output, so ``TokenTap`` hooks the last block of the
 model and hands its output over as feature maps ``(B, C, H, W)``, which the losses take as they
 are. Families are recognised by their structure, without importing their libraries.
 """
@@ -275,7 +275,7 @@ class TokenTap:
 
     Registers a forward hook on the last transformer block (its output: the patch tokens before
     the final norm, as SERE uses them) and a forward pre-hook on the module that takes the
-    images (its input gives each forward's token grid). :meth:`pop` returns the outputs of every
+    images (its input gives each forward's token grid). ``pop`` returns the outputs of every
     forward since the last pop, in call order, each as a feature map ``(B, C, H, W)``: prefix
     tokens (CLS, registers) dropped by reading the model's own settings, the rest laid out on
     the grid ``image size // patch size``. CNN maps (a ResNet's ``layer4``) come as they are.
@@ -307,11 +307,11 @@ class TokenTap:
     without autograd; it works when the tapped layer ends a checkpointed segment (checkpointing
     per block, as timm and transformers do), because autograd then attaches the graph to the
     layer's output. A layer inside a longer segment gives tokens without gradient, and
-    :meth:`pop` warns once (as it does for a training block with trainable parameters run under
+    ``pop`` warns once (as it does for a training block with trainable parameters run under
     ``torch.no_grad``).
 
     Pop every step: captured outputs are held until then (a warning comes when 64 pile up). In
-    loops that need no tokens (evaluation), use ``with tap.paused():`` or :meth:`remove`.
+    loops that need no tokens (evaluation), use ``with tap.paused():`` or ``remove``.
 
     Args:
         model: the backbone, or a module (DDP, a wrapper) holding one.
@@ -329,7 +329,7 @@ class TokenTap:
         layer: the hooked module.
         family: what the model was recognised as.
 
-    Example:
+    Examples:
         >>> import torch.nn as nn
         >>> class ViT(nn.Module):  # the DINO style: patch_embed, cls_token, blocks, norm
         ...     def __init__(self) -> None:

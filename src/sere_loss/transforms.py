@@ -1,28 +1,29 @@
 """Multi-crop augmentation that records where every crop came from.
 
 The spatial term compares two views on their overlap, so it needs each view's crop box in the
-original image and whether the view was flipped (SPEC 4). :class:`MultiCropTransform` draws the
+original image and whether the view was flipped (SPEC 4). ``MultiCropTransform`` draws the
 crops with ``torchvision.transforms.v2`` (``RandomResizedCrop``'s sampling, ``resized_crop``,
 ``horizontal_flip`` and the colour transforms) and returns them with that geometry, in the layout
 the losses take once a ``DataLoader`` has batched them:
 
->>> transform = dino_sere_transform(num_local=2)
->>> crops = transform(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
->>> [tuple(v.shape) for v in crops.views]
-[(3, 224, 224), (3, 224, 224), (3, 96, 96), (3, 96, 96)]
->>> crops.boxes.shape, crops.flips.shape  # (V, 4) normalised (x0, y0, x1, y1), (V,) bool
-(torch.Size([4, 4]), torch.Size([4]))
+Examples:
+    >>> transform = dino_sere_transform(num_local=2)
+    >>> crops = transform(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
+    >>> [tuple(v.shape) for v in crops.views]
+    [(3, 224, 224), (3, 224, 224), (3, 96, 96), (3, 96, 96)]
+    >>> crops.boxes.shape, crops.flips.shape  # (V, 4) normalised (x0, y0, x1, y1), (V,) bool
+    (torch.Size([4, 4]), torch.Size([4]))
 
-``torch.utils.data.default_collate`` batches :class:`Crops` as they are (a list of ``V`` tensors
-``(B, 3, H, W)``, boxes ``(B, V, 4)``, flips ``(B, V)``); :func:`collate_crops` does the same for
+``torch.utils.data.default_collate`` batches ``Crops`` as they are (a list of ``V`` tensors
+``(B, 3, H, W)``, boxes ``(B, V, 4)``, flips ``(B, V)``); ``collate_crops`` does the same for
 a list of crops and names the result.
 
 Geometry is exact: a view's pixel ``k`` (of ``n``) covers the original span
 ``x0 + (x1 - x0) * [k, k + 1] / n``, counted from the right when the view is flipped, which is the
 convention of ``overlap_grids`` (``grid_sample`` with ``align_corners=False``). The presets follow
-the published recipes; their photometric parts can be replaced per crop (:class:`CropSpec`).
+the published recipes; their photometric parts can be replaced per crop (``CropSpec``).
 To keep a multi-crop pipeline you already have (torchvision v2 or v1, the official DINO
-repository's, lightly's ``DINOTransform``), wrap it in :class:`CropTracker`: same views, same
+repository's, lightly's ``DINOTransform``), wrap it in ``CropTracker``: same views, same
 random draws, and their geometry.
 
 This module needs torchvision; ``import sere_loss`` alone does not import it.
@@ -231,7 +232,7 @@ class MultiCropTransform:
     """Draw several views of an image and record their crop boxes and flips.
 
     Args:
-        crops: one :class:`CropSpec` per view, global views first.
+        crops: one ``CropSpec`` per view, global views first.
         num_global: how many of ``crops`` are global views (the teacher's), for the loss's
             ``num_global_views``. Defaults to the views with the largest area in pixels.
         min_overlap: redraw a view's crop until it covers enough of the global views: every
@@ -250,7 +251,7 @@ class MultiCropTransform:
     every view useful to the spatial term. The price is a different crop distribution: local
     views lean towards the global ones, which is what the option asks for.
 
-    Call it on a PIL image or a ``(C, H, W)`` tensor; it returns :class:`Crops`.
+    Call it on a PIL image or a ``(C, H, W)`` tensor; it returns ``Crops``.
     """
 
     def __init__(
@@ -578,7 +579,7 @@ class CropTracker:
     per-view pipelines) and swaps each ``RandomResizedCrop`` and ``RandomHorizontalFlip`` (v1
     or v2) in the copy for a twin that makes the same calls, so it draws the same random
     numbers and gives the same pixels, and records what it did. Calling the tracker on an image
-    returns :class:`Crops`: your views, their boxes and flips.
+    returns ``Crops``: your views, their boxes and flips.
 
     >>> from torchvision.transforms import v2
     >>> view = lambda px, scale: v2.Compose([
@@ -789,7 +790,7 @@ def _children(obj: Any) -> list[Any]:
 
 
 def collate_crops(batch: Sequence[Any]) -> Any:
-    """Batch :class:`Crops` (or ``(Crops, target)`` pairs, as from ``ImageFolder``).
+    """Batch ``Crops`` (or ``(Crops, target)`` pairs, as from ``ImageFolder``).
 
     It is ``default_collate``, which keeps the named tuple: views become a list of ``V`` tensors
     ``(B, 3, H, W)``, boxes ``(B, V, 4)``, flips ``(B, V)``.
@@ -860,7 +861,7 @@ def dino_sere_transform(
     Global view 1 is always blurred; global view 2 is blurred with p = 0.1 and solarised with
     p = 0.2; local views are blurred with p = 0.5. Every view: flip, colour jitter
     (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2, bicubic resizing. Sizes are
-    ``n`` or ``(height, width)`` in pixels; ``min_overlap`` as in :class:`MultiCropTransform`.
+    ``n`` or ``(height, width)`` in pixels; ``min_overlap`` as in ``MultiCropTransform``.
     """
     return _multicrop(
         global_size=global_size,
@@ -887,7 +888,7 @@ def ibot_sere_transform(
 ) -> MultiCropTransform:
     """The iBOT multi-crop with SERE's settings: 2 global (0.4, 1) and 10 local (0.05, 0.4).
 
-    The colour and blur recipe is DINO's (see :func:`dino_sere_transform`).
+    The colour and blur recipe is DINO's (see ``dino_sere_transform``).
     """
     return _multicrop(
         global_size=global_size,
