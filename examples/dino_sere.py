@@ -144,6 +144,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+# --8<-- [start:tokens]
 class MultiCropModel(nn.Module):
     """Backbone + DINO head. Views of one resolution go through the backbone together.
 
@@ -171,6 +172,7 @@ class MultiCropModel(nn.Module):
             tokens.append(patches)
             start = end
         return torch.cat(logits), tokens
+        # --8<-- [end:tokens]
 
 
 class DINOLoss(nn.Module):
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_views = 2 + preset.num_local
     dino_loss = DINOLoss(preset.out_dim, num_views).to(device)
 
+    # --8<-- [start:build]
     sere = None  # SERE
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = common.distribute(student, process)
     sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
+    # --8<-- [end:build]
 
     # Optimisation: per-iteration schedules over the whole run.
     optimizer = torch.optim.AdamW(common.param_groups(trained, decay_biases=recipe.decay_biases))
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.set_schedule(optimizer, now["lr"], now["wd"])
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
+        # --8<-- [start:step]
         with common.autocast(device, precision):
             s_logits, s_tokens = student_ddp(views)
             with torch.no_grad():
@@ -352,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
                 loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
+        # --8<-- [end:step]
 
         logged = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
         if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
@@ -360,9 +366,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.optimizer_step(
             loss, optimizer, scaler, step=step, clip_grad=args.clip_grad, freeze_last_layer=frozen
         )
+        # --8<-- [start:ema]
         common.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE
             sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
+        # --8<-- [end:ema]
         run.log(step, epoch, now, logged)
     return run.finish()
 

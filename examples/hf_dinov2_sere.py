@@ -37,6 +37,7 @@ from sere_loss.transforms import CropTracker  # SERE
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
+# --8<-- [start:multicrop]
 class MultiCrop:
     """DINO's multi-crop in torchvision v2: two global views, ``num_local`` local ones."""
 
@@ -59,6 +60,7 @@ class MultiCrop:
     def __call__(self, image: Any) -> list[Tensor]:
         """The views of one image, global views first."""
         return [view(image) for view in self.views]
+        # --8<-- [end:multicrop]
 
 
 def build_model(args: argparse.Namespace) -> Dinov2Model:
@@ -72,10 +74,12 @@ def build_model(args: argparse.Namespace) -> Dinov2Model:
     return Dinov2Model(config)
 
 
+# --8<-- [start:embed]
 def embed(model: Dinov2Model, head: nn.Module, views: list[Tensor]) -> Tensor:
     """Head logits of every view from the CLS token; one forward per view size."""
     groups = [views[:2], views[2:]] if len(views) > 2 else [views]
     return torch.cat([head(model(torch.cat(g)).pooler_output) for g in groups])
+    # --8<-- [end:embed]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    # --8<-- [start:tracker]
     transform = MultiCrop(args.global_px, args.local_px, args.num_local)
     transform = CropTracker(transform)  # SERE: the same views, with their boxes and flips
+    # --8<-- [end:tracker]
     if args.data == "synthetic":
         dataset: Any = SyntheticImages(64, size=96, transform=transform)
     else:
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         num_workers=args.workers,
     )  # fmt: skip
 
+    # --8<-- [start:setup]
     student = build_model(args).to(device).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # no dropout or drop path
     dim = student.config.hidden_size
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     taps = sere_loss.TokenTap(student), sere_loss.TokenTap(teacher)  # SERE: after the copy
     trained = [student, student_head, sere]  # SERE: its heads train with the student
     optimizer = torch.optim.AdamW(param_groups(trained), lr=args.lr, weight_decay=0.04)
+    # --8<-- [end:setup]
     lr = cosine_schedule(args.lr, 0.0, 1, args.steps, warmup_epochs=0.1)
     momentum = cosine_schedule(args.momentum, 1.0, 1, args.steps)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     for step, (crops, _) in zip(range(args.steps), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = lr[step]
+        # --8<-- [start:step]
         crops = crops.to(device, non_blocking=True)  # views, boxes (B, V, 4), flips (B, V)
         with autocast:
             with torch.no_grad():
@@ -151,14 +160,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         ema_update(teacher, student, momentum[step])
         ema_update(teacher_head, student_head, momentum[step])
         sere_loss.update_teacher(sere, momentum[step])  # SERE: its teacher heads, same EMA
+        # --8<-- [end:step]
         history.append({"loss": loss.item(), "dino": dino.item()})
         print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} (dino {dino.item():.4f})")
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    # --8<-- [start:save]
     student.save_pretrained(args.output_dir / "student")  # for Dinov2Model.from_pretrained
     state = {"teacher": teacher.state_dict(), "optimizer": optimizer.state_dict()}
     state["sere"] = sere.state_dict()  # SERE: its heads, the teacher's among them
     torch.save(state, args.output_dir / "checkpoint.pth")
+    # --8<-- [end:save]
     return history
 
 

@@ -31,6 +31,7 @@ import sere_loss  # SERE
 from sere_loss.transforms import CropTracker  # SERE
 
 
+# --8<-- [start:model]
 class DINO(nn.Module):
     """Student and teacher, each a ViT and a lightly DINO head; the teacher is not trained."""
 
@@ -51,6 +52,7 @@ class DINO(nn.Module):
     def forward_teacher(self, x: Tensor) -> Tensor:
         """The teacher's head output for one view."""
         return self.teacher_head(self.teacher_backbone(x))
+        # --8<-- [end:model]
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -70,22 +72,27 @@ def main(argv: list[str] | None = None) -> list[float]:
         dynamic_img_size=True,
     )  # fmt: skip
     model = DINO(backbone).to(device)
+    # --8<-- [start:data]
     # lightly's transforms take PIL images, as lightly's datasets give them.
     transform = DINOTransform(global_crop_size=64, local_crop_size=32)
     transform = v2.Compose([v2.ToPILImage(), transform])
     transform = CropTracker(transform)  # SERE: the same views, with their boxes and flips
+    # --8<-- [end:data]
     dataset = SyntheticImages(128, size=96, transform=transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=True, drop_last=True
     )
+    # --8<-- [start:build]
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=1).to(device)
     taps = [sere_loss.TokenTap(b) for b in (model.student_backbone, model.teacher_backbone)]  # SERE
     sere = sere_loss.SERELoss(taps[0].dim, num_heads=taps[0].num_heads).to(device)  # SERE
     params = [*model.parameters(), *sere.parameters()]  # SERE: its heads train too
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
+    # --8<-- [end:build]
 
     losses: list[float] = []
     steps = args.epochs * len(loader)
+    # --8<-- [start:loop]
     for epoch in range(args.epochs):
         for crops, _ in loader:
             step = len(losses)
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> list[float]:
             optimizer.zero_grad()
             losses.append(loss.item())
             print(f"epoch {epoch} step {step} loss {loss.item():.4f}", flush=True)
+            # --8<-- [end:loop]
     return losses
 
 

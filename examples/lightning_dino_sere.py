@@ -46,6 +46,7 @@ from sere_loss.transforms import dino_sere_transform  # SERE: DINO's crops, with
 class DINO(pl.LightningModule):
     """Student, EMA teacher and DINO's loss; ``training_step`` returns the loss."""
 
+    # --8<-- [start:init]
     def __init__(self, backbone: nn.Module, args: argparse.Namespace, total_steps: int) -> None:
         super().__init__()
         dim = backbone.embed_dim
@@ -56,6 +57,7 @@ class DINO(pl.LightningModule):
         self.sere = sere_loss.SERELoss(dim, alpha=args.alpha, beta=args.beta)  # SERE
         self.taps = [sere_loss.TokenTap(m.backbone) for m in (self.student, self.teacher)]  # SERE
         self.args, self.total_steps = args, total_steps
+        # --8<-- [end:init]
 
     @staticmethod
     def embed(model: nn.ModuleDict, views: list[Tensor]) -> Tensor:
@@ -63,6 +65,7 @@ class DINO(pl.LightningModule):
         groups = [views[:2], views[2:]] if len(views) > 2 else [views]
         return torch.cat([model["head"](model["backbone"](torch.cat(g))) for g in groups])
 
+    # --8<-- [start:training-step]
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """DINO's loss, and SERE's on the patch tokens of the same forward passes."""
         crops, _ = batch  # Crops: views, boxes (B, V, 4), flips (B, V); on the device already
@@ -77,7 +80,9 @@ class DINO(pl.LightningModule):
         loss = loss + sere  # SERE
         self.log("loss", loss, prog_bar=True)
         return loss
+        # --8<-- [end:training-step]
 
+    # --8<-- [start:optimizers]
     def configure_optimizers(self) -> Any:
         """AdamW without weight decay on biases and norms; warm-up then cosine, per step."""
         optimizer = torch.optim.AdamW(param_groups([self]), weight_decay=0.04)
@@ -87,6 +92,7 @@ class DINO(pl.LightningModule):
         )  # fmt: skip
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+        # --8<-- [end:optimizers]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """DINO keeps its prototypes fixed for the first epoch."""
@@ -101,6 +107,7 @@ class DINO(pl.LightningModule):
         clip_gradients(self.parameters(), self.args.clip_grad)
 
 
+# --8<-- [start:callback]
 class TeacherEMA(pl.Callback):
     """After each optimizer step the teacher follows the student: momentum cosine from m0 to 1."""
 
@@ -115,6 +122,7 @@ class TeacherEMA(pl.Callback):
         m = 1 - (1 - self.momentum) * (1 + math.cos(math.pi * progress)) / 2
         ema_update(module.teacher, module.student, m)
         sere_loss.update_teacher(module, m)  # SERE: SERE's teacher heads, the same momentum
+        # --8<-- [end:callback]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,9 +158,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train; returns the last step's logged values."""
     args = parse_args(argv)
     pl.seed_everything(0)
+    # --8<-- [start:data]
     transform = dino_sere_transform(  # SERE: crops with their boxes and flips
         global_size=args.global_px, local_size=args.local_px, num_local=args.num_local
     )
+    # --8<-- [end:data]
     if args.data == "synthetic":
         dataset: Any = SyntheticImages(128, size=96, transform=transform)
     else:
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     steps = len(loader) * args.epochs
     total_steps = steps if args.max_steps < 0 else min(steps, args.max_steps)
+    # --8<-- [start:trainer]
     trainer = pl.Trainer(
         max_epochs=args.epochs, max_steps=args.max_steps, accelerator=args.accelerator,
         devices=args.devices, strategy=args.strategy, sync_batchnorm=args.sync_batchnorm,
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
     trainer.fit(DINO(backbone, args, total_steps), loader)
     trainer.save_checkpoint(args.output_dir / "last.ckpt")  # the module's state, SERE's included
+    # --8<-- [end:trainer]
     logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         values = ", ".join(f"{name} {value:.4f}" for name, value in logged.items())
