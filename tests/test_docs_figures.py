@@ -157,9 +157,40 @@ def _softmax(logits: np.ndarray, temp: float) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def _bilinear(tokens: np.ndarray, grid: np.ndarray, side: int) -> np.ndarray:
+    """Tokens (side * side, C), row-major, read at grid_sample points (Hs, Ws, 2), border padding.
+
+    A point at ``g`` in [-1, 1] sits at pixel ``((g + 1) * side - 1) / 2`` (pixel centres at
+    integers), clamped into the map, and blends its four neighbours by distance.
+    """
+    rows = []
+    for gx, gy in grid.reshape(-1, 2):
+        px = min(max(((gx + 1) * side - 1) / 2, 0), side - 1)
+        py = min(max(((gy + 1) * side - 1) / 2, 0), side - 1)
+        x0, y0 = min(int(np.floor(px)), side - 2), min(int(np.floor(py)), side - 2)
+        a, b = px - x0, py - y0
+        at = lambda x, y: tokens[y * side + x]  # noqa: E731
+        rows.append(
+            (1 - a) * (1 - b) * at(x0, y0)
+            + a * (1 - b) * at(x0 + 1, y0)
+            + (1 - a) * b * at(x0, y0 + 1)
+            + a * b * at(x0 + 1, y0 + 1)
+        )
+    return np.stack(rows)
+
+
 def test_relations_are_what_the_page_says(script: ModuleType, drawn: dict[str, Any]) -> None:
     data = script.relation_data(drawn["crops"])
     heads = data["num_heads"]
+    # The spatial features are each view's projected tokens read at its own lattice grid:
+    # the teacher's (view 1) at grid 1, the student's (view 2, flipped) at grid 2.
+    grids = drawn["points"]["grids"].numpy()
+    for k, side in enumerate(("teacher", "student")):
+        tokens = data["channel_features"][side][0].double().numpy()
+        read = _bilinear(tokens, grids[k], script.GRID)
+        np.testing.assert_allclose(
+            data["spatial_features"][side][0].double().numpy(), read, rtol=1e-4, atol=1e-5
+        )
     assert heads == script.DIM // 64 == 3
     temps = {"teacher": {"spatial": 0.5, "channel": 0.1}, "student": {"spatial": 1, "channel": 1}}
     spatial, channel = {}, {}
