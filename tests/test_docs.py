@@ -209,7 +209,11 @@ def test_site_builds_strict(tmp_path: Path) -> None:
 def test_readme_links_are_absolute_and_reach_pages() -> None:
     """The README is PyPI's page too: links are absolute, site links reach existing pages."""
     text = (ROOT / "README.md").read_text()
-    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)  # inline links
+    links += re.findall(r"^\[[^\]]+\]:\s*(\S+)", text, flags=re.MULTILINE)  # reference links
+    used = set(re.findall(r"\]\[([^\]]+)\]", text))
+    defined = set(re.findall(r"^\[([^\]]+)\]:", text, flags=re.MULTILINE))
+    assert used <= defined, f"reference links without a target: {sorted(used - defined)}"
     relative = [t for t in links if "://" not in t and not t.startswith(("#", "mailto:"))]
     assert not relative, f"relative links in README.md break on PyPI: {relative}"
     site_links = [t.split("#")[0] for t in links if t.startswith(SITE)]
