@@ -261,7 +261,7 @@ def test_the_collector_sees_every_kind_of_site() -> None:
     assert len(found) > 150, f"only {len(found)} messages found: is the collector broken?"
     codes = " ".join(site.code for site in found)
     for kind in ("raise ValueError(", "raise SystemExit(", "warnings.warn(", "self._warn_once(",
-                 "p.error(", "print(f\"warning:", "raise ImportError(_PLOT_EXTRA)"):  # fmt: skip
+                 "p.error(", "print(f'warning:", "raise ImportError(_PLOT_EXTRA)"):  # fmt: skip
         assert kind in codes, f"no {kind!r} found"
 
 
