@@ -512,3 +512,22 @@ def test_paused_and_piling_up() -> None:
         with pytest.warns(UserWarning, match="TokenTap holds 64 captured outputs"):
             model(x)
         assert len(tap.pop()) == 64
+
+
+def test_an_image_not_a_multiple_of_the_patch_warns_once() -> None:
+    # 14 px rows with 4 px patches: the patch embedding keeps 3 rows of tokens (12 px), but a
+    # crop box spans all 14 px, so the lattice would read up to 2/14 of the view off.
+    vit = TinyViT().eval()
+    with TokenTap(vit) as tap:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vit(_images(12, 20))
+            (exact,) = tap.pop()  # a multiple of the patch: silent
+        with pytest.warns(UserWarning, match=r"covers only 12 x 20 px .* up to 14% of the view"):
+            vit(_images(14, 20))
+            (cut,) = tap.pop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vit(_images(14, 20))
+            tap.pop()  # once per image size
+    assert exact.shape[-2:] == cut.shape[-2:] == (3, 5)

@@ -529,6 +529,7 @@ class TokenTap:
                 "lay the tokens on their grid; tap the module that takes the images"
             )
         grid = self._grid(hw, count, what)
+        self._check_cover(hw, grid)
         if grid[0] * grid[1] != count:
             raise ValueError(
                 f"{what} has {count} patch tokens ({tokens.shape[1]} minus {prefix} prefix), but "
@@ -537,6 +538,25 @@ class TokenTap:
                 "model's"
             )
         return rearrange(patches, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+
+    def _check_cover(self, hw: tuple[int, int], grid: tuple[int, int]) -> None:
+        """Warn once when the tokens do not cover the whole image (a size not a multiple of
+        the patch): the crop boxes cover the whole view, so the lattice would be misplaced."""
+        if self.patch_size is None:
+            return
+        covered = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
+        if covered == hw:
+            return
+        worst = max(1 - c / n for c, n in zip(covered, hw, strict=True))
+        self._warn_once(
+            f"cover{hw}",
+            f"TokenTap: images of {hw[0]} x {hw[1]} px with patches of {self.patch_size[0]} x "
+            f"{self.patch_size[1]} px make a {grid[0]} x {grid[1]} grid that covers only "
+            f"{covered[0]} x {covered[1]} px (the patch embedding drops the rest), while the crop "
+            f"boxes cover the whole view: the spatial term reads points up to {worst:.0%} of the "
+            "view off. Use view sizes that are multiples of the patch (98 or 112 px for patch 14)",
+            stacklevel=3,
+        )
 
     def _grid(self, hw: tuple[int, int], count: int, what: str) -> tuple[int, int]:
         if self._backbone.grid is not None:
