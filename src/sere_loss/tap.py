@@ -540,8 +540,11 @@ class TokenTap:
         return rearrange(patches, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
     def _check_cover(self, hw: tuple[int, int], grid: tuple[int, int]) -> None:
-        """Warn once when the tokens do not cover the whole image (a size not a multiple of
-        the patch): the crop boxes cover the whole view, so the lattice would be misplaced."""
+        """Warn once per image size when the tokens do not cover the whole image.
+
+        A size that is not a multiple of the patch leaves pixels without a token, while the crop
+        boxes cover the whole view, so the lattice would be misplaced.
+        """
         if self.patch_size is None:
             return
         covered = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
