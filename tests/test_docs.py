@@ -37,6 +37,18 @@ def _name(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter with ``args``, in ``cwd``, with extra environment variables."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def blocks(path: Path) -> list[tuple[str, int, str, str | None]]:
     """The fenced blocks of a Markdown file: ``(info, first line, text, not-run reason)``."""
     lines = path.read_text().splitlines()
@@ -80,15 +92,7 @@ def test_python_snippets_run(page: Path, tmp_path: Path) -> None:
         ran += 1
     if not ran:
         pytest.skip("every Python block of this page is an excerpt or marked not run")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg"}
-    out = subprocess.run(
-        [sys.executable, "-c", "\n".join(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _run(["-c", "\n".join(script)], tmp_path, PYTHONPATH=str(ROOT / "src"), MPLBACKEND="Agg")
     assert out.returncode == 0, f"a snippet failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
 
 
@@ -176,15 +180,7 @@ def test_shell_commands_parse() -> None:
     missing = [f"{w}: {s}" for w, s, _ in found if "<" not in s and not (ROOT / s).is_file()]
     assert not missing, f"commands name scripts that do not exist: {missing}"
     runnable = [(w, s, a) for w, s, a in found if "<" not in s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run(
-        [sys.executable, "-c", CHECK, json.dumps(runnable)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _run(["-c", CHECK, json.dumps(runnable)], ROOT, PYTHONPATH=str(ROOT / "src"))
     assert out.returncode == 0, out.stderr[-4000:]
     failures = json.loads(out.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures) + "\n" + out.stderr[-4000:]
@@ -193,15 +189,8 @@ def test_shell_commands_parse() -> None:
 def test_site_builds_strict(tmp_path: Path) -> None:
     """``mkdocs build --strict``: broken links, anchors and API references fail the build."""
     pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    build = ["-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    out = _run(build, ROOT, NO_MKDOCS_2_WARNING="1")
     assert out.returncode == 0, out.stderr[-6000:]
     assert (tmp_path / "api" / "index.html").is_file()
 
