@@ -1,10 +1,11 @@
 """Reference kernels of SERE: the maths of every term, in one place.
 
 The modules in ``sere_loss.losses`` only arrange views and heads around these functions. Each
-function states its semantics in its docstring with the shapes of every tensor, and follows
-``SPEC.md`` (the paper where it is right, the authors' code where the paper's numbers came from
-it). Notation: ``B`` batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`` heads,
-``S = Hs * Ws`` sampled points.
+function states its semantics in its docstring with the shapes of every tensor, and follows the
+paper where it is right and the authors' code where the paper's numbers came from it (the
+documentation's page "The paper and the authors' code" lists each choice). Notation: ``B``
+batch, ``N = H * W`` tokens of a view, ``C`` channels, ``M`` heads, ``S = Hs * Ws`` sampled
+points.
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def paired_channel_relation_cross_entropy(
     view, row cross-entropy over the ``C`` rows, averaged. Views may have different token counts
     (globals and locals); the relation ``(C, C)`` does not depend on it. Each view's relation and
     softmax are formed once, however many pairs it is in: the channel term's multi-crop pairing
-    (SPEC 5) at the cost of its views.
+    (``view_pairs``) at the cost of its views.
 
     Backends: ``"reference"`` (``channel_relation`` of every view, then
     ``paired_relation_cross_entropy``, under autograd), ``"dense"`` (the same values from one
@@ -848,7 +849,7 @@ def _gather_taps(
 
 
 def view_pairs(num_global: int, num_local: int = 0) -> list[tuple[int, int]]:
-    """The (teacher view, student view) pairs of multi-crop SERE (SPEC 5).
+    """The (teacher view, student view) pairs of multi-crop SERE (paper Sec. 3.4).
 
     The teacher sees the global views ``0 .. G-1`` only; the student sees all views, globals
     first, then locals ``G .. G+L-1``. Pairs: teacher global ``i`` with every student global

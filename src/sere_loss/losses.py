@@ -1,7 +1,8 @@
 """SERE losses as modules: views, heads and pairing around the kernels of ``functional``.
 
 The maths of each term is in ``sere_loss.functional``; these modules own the heads, split the
-multi-crop batch into (teacher view, student view) pairs (SPEC 5) and call the kernels.
+multi-crop batch into (teacher view, student view) pairs (``functional.view_pairs``) and call
+the kernels.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def _temps(
 
 
 class SpatialSelfRelationLoss(nn.Module):
-    r"""Spatial self-relation loss ``L_p`` over a multi-crop batch (paper Eq. 2-3, SPEC 2, 4, 5).
+    r"""Spatial self-relation loss ``L_p`` over a multi-crop batch (paper Eq. 2-3).
 
     Both branches project every token of a view (``h``: BatchNorm + ReLU), the student then
     predicts (``g``: linear, BatchNorm, ReLU). For each (teacher global ``i``, student view ``v``)
@@ -308,7 +309,7 @@ class SpatialSelfRelationLoss(nn.Module):
     overlap are masked out (``empty_pairs="mask"``); the result is the mean over every kept
     (image, pair) term, and a zero still connected to every head parameter when nothing overlaps.
 
-    ``empty_pairs="uniform"`` reproduces the authors' code instead (SPEC 4): there such a pair
+    ``empty_pairs="uniform"`` reproduces the authors' code instead: there such a pair
     reads zeros at every point (its grid lies outside both views, zero padding), so both
     relations are uniform and the term is the constant ``log(Hs * Ws)``; it stays in the mean.
     The value then carries that constant and the spatial gradient is scaled by
@@ -581,12 +582,12 @@ class SpatialSelfRelationLoss(nn.Module):
 
 
 class ChannelSelfRelationLoss(nn.Module):
-    r"""Channel self-relation loss ``L_c`` over a multi-crop batch (paper Eq. 4-5, SPEC 3, 5).
+    r"""Channel self-relation loss ``L_c`` over a multi-crop batch (paper Eq. 4-5).
 
     Each view's tokens are projected (and, on the student, predicted) as in the spatial term,
     then turned into ``C x C`` logits ``c^T c / N`` over the whole view (no sampling, no heads),
-    so views of different resolutions compare directly. Pairs as in SPEC 5; the result is the
-    mean over every (image, pair) term.
+    so views of different resolutions compare directly. Pairs as in ``functional.view_pairs``;
+    the result is the mean over every (image, pair) term.
 
     The paper (Sec. 4.3) finds that ``L_c`` without an image-level loss ``L_I`` can collapse
     (every channel encoding the same feature): add it to a DINO, iBOT or MoCo v3 objective.

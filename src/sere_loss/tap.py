@@ -1,9 +1,10 @@
 """Patch tokens out of a backbone without editing it: forward hooks on its last block.
 
-SERE reads the patch tokens of the backbone's last block, before the final norm (SPEC 1). Most
-models return only the pooled or CLS output, so ``TokenTap`` hooks the last block of the
-model and hands its output over as feature maps ``(B, C, H, W)``, which the losses take as they
-are. Families are recognised by their structure, without importing their libraries.
+SERE reads the patch tokens of the backbone's last block, before the final norm, as the
+authors' code does. Most models return only the pooled or CLS output, so ``TokenTap`` hooks the
+last block of the model and hands its output over as feature maps ``(B, C, H, W)``, which the
+losses take as they are. Families are recognised by their structure, without importing their
+libraries.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multi-crop augmentation that records where every crop came from.
 
 The spatial term compares two views on their overlap, so it needs each view's crop box in the
-original image and whether the view was flipped (SPEC 4). ``MultiCropTransform`` draws the
+original image and whether the view was flipped (paper Sec. 3.2). ``MultiCropTransform`` draws the
 crops with ``torchvision.transforms.v2`` (``RandomResizedCrop``'s sampling, ``resized_crop``,
 ``horizontal_flip`` and the colour transforms) and returns them with that geometry, in the layout
 the losses take once a ``DataLoader`` has batched them:
@@ -798,7 +798,7 @@ def collate_crops(batch: Sequence[Any]) -> Any:
     return default_collate(list(batch))
 
 
-# Published recipes (DINO / iBOT / MoCo v3 augmentations; SPEC 6 for SERE's crop scales).
+# Published recipes (DINO / iBOT / MoCo v3 augmentations; SERE's crop scales: paper Sec. 4.1).
 
 
 def _photometric(
