@@ -291,6 +291,13 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: SERELoss(12, alpha=-1.0),
     ),
     (
+        "alpha as a string",
+        TypeError,
+        r"beta must be a number >= 0, got str '1'",
+        lambda: SERELoss(12, beta="1"),
+    ),
+    ("alpha NaN", ValueError, r"alpha must be a number >= 0, got nan", lambda: SERELoss(12, alpha=float("nan"))),
+    (
         "prefix tokens",
         ValueError,
         r"num_prefix_tokens must be >= 0",

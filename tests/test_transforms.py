@@ -521,7 +521,7 @@ class TestBadInput:
     @pytest.mark.parametrize(
         ("crops", "num_global", "error", "match"),
         [
-            ([], None, TypeError, "crops"),
+            ([], None, ValueError, "crops is empty"),
             ([_spec(), "crop"], None, TypeError, "crops"),
             ([_spec(), _spec()], 3, ValueError, "num_global"),
             ([_spec(), _spec()], 0, ValueError, "num_global"),

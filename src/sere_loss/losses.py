@@ -782,7 +782,11 @@ class SERELoss(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("alpha", alpha), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{name} must be a number >= 0, got {type(value).__name__} {value!r}"
+                )
+            if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if alpha == 0 and beta == 0:
             raise ValueError("alpha and beta are both 0: SERE would add nothing")

@@ -262,8 +262,10 @@ class MultiCropTransform:
         min_overlap: float = 0.0,
         max_tries: int = 10,
     ) -> None:
-        if not isinstance(crops, Sequence) or not crops:
+        if not isinstance(crops, Sequence):
             raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
+        if not crops:
+            raise ValueError("crops is empty: give one CropSpec per view, global views first")
         crops = list(crops)
         if not all(isinstance(c, CropSpec) for c in crops):
             raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
