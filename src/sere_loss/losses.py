@@ -360,7 +360,7 @@ class SpatialSelfRelationLoss(nn.Module):
         empty_pairs: ``"mask"`` (default) leaves non-overlapping (image, pair) terms out of the
             mean; ``"uniform"`` counts each as ``log(Hs * Ws)``, as the authors' code does.
         backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
-            ``"chunked"`` or ``"triton"``: see
+            ``"dense"``, ``"chunked"`` or ``"triton"``: see
             ``spatial_relation_cross_entropy``. All give the same
             loss up to rounding; the fused ones keep memory linear in the lattice size.
 
@@ -606,8 +606,8 @@ class ChannelSelfRelationLoss(nn.Module):
         prediction: the student's prediction; ``None`` for the default.
         local_heads: separate heads for local views.
         symmetric: no prediction head.
-        backend: ``"auto"`` (default), ``"reference"``, ``"chunked"`` or ``"triton"``: see
-            ``channel_relation_cross_entropy``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``:
+            see ``channel_relation_cross_entropy``.
 
     Shape:
         - student_global, teacher_global: ``(G * B, T, C)``, ``(G * B, C, H, W)`` or a list of
@@ -742,8 +742,8 @@ class SERELoss(nn.Module):
             then do not apply to it).
         channel: a configured ``ChannelSelfRelationLoss`` to use instead.
         backend: how both terms run their relation cross-entropy, ``"auto"`` (default),
-            ``"reference"``, ``"chunked"`` or ``"triton"`` (not applied to ``spatial`` or
-            ``channel`` given ready-made).
+            ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"`` (not applied to
+            ``spatial`` or ``channel`` given ready-made).
 
     Shape:
         As ``SpatialSelfRelationLoss``; output a scalar, or ``(loss, terms)`` with
