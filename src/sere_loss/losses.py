@@ -360,9 +360,9 @@ class SpatialSelfRelationLoss(nn.Module):
         empty_pairs: ``"mask"`` (default) leaves non-overlapping (image, pair) terms out of the
             mean; ``"uniform"`` counts each as ``log(Hs * Ws)``, as the authors' code does.
         backend: how the relation cross-entropy runs, ``"auto"`` (default), ``"reference"``,
-            ``"dense"``, ``"chunked"`` or ``"triton"``: see
-            ``spatial_relation_cross_entropy``. All give the same
-            loss up to rounding; the fused ones keep memory linear in the lattice size.
+            ``"dense"``, ``"chunked"`` or ``"triton"``: see ``spatial_relation_cross_entropy``.
+            All give the same loss up to rounding; the chunked and Triton ones keep memory
+            linear in the lattice size.
 
     Shape:
         - student_global, teacher_global: ``(G * B, T, C)`` tokens, ``(G * B, C, H, W)`` maps, or
