@@ -133,8 +133,8 @@ def build_steps(
     tokens = [t.detach() for t in (s_tokens[0], t_tokens[0], s_tokens[1])]
 
     def sere_alone() -> None:
-        student_global = tokens[0].clone().requires_grad_()
-        student_local = tokens[2].clone().requires_grad_()
+        student_global = tokens[0].detach().requires_grad_()  # a new leaf, no copy
+        student_local = tokens[2].detach().requires_grad_()
         with common.autocast(device, precision):
             loss = sere(student_global, tokens[1], boxes, flips, student_local)
         loss.backward()

@@ -513,6 +513,19 @@ def _channel_logits(x: Tensor, factor: float, out: Tensor | None = None) -> Tens
     return torch.baddbmm(out, x.transpose(1, 2), x, beta=0.0, alpha=factor, out=out)
 
 
+def _inner(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out[n] = sum_rj a_nrj b_nrj`` for ``(n, C, C)`` blocks ``a`` and ``b``.
+
+    On the CPU one BLAS dot per item reads both operands once and writes nothing else, where
+    ``(a * b).sum()`` writes and rereads a product of the operands' size.
+    """
+    if a.device.type != "cpu":
+        return torch.sum(a * b, dim=(-2, -1), out=out)
+    for j in range(a.shape[0]):
+        torch.dot(a[j].view(-1), b[j].view(-1), out=out[j])
+    return out
+
+
 class _PairedChannelCE(torch.autograd.Function):
     """``paired_channel_cross_entropy``; inputs ``(meta, *students, *teachers)``."""
 
@@ -528,7 +541,7 @@ class _PairedChannelCE(torch.autograd.Function):
             ys = [y.to(dtype=dtype, device=device) for y in teachers]
             itemsize = torch.finfo(dtype).bits // 8
             block = max(1, _block_budget(device) // (channels * channels * itemsize))
-            ce = xs[0].new_empty(len(pairs), batch, channels)
+            ce = xs[0].new_empty(len(pairs), batch)  # sum over the rows r of CE_r
             by_view = [[(k, i) for k, (i, v) in enumerate(pairs) if v == w] for w in range(len(xs))]
             if save:
                 q_saved = [x.new_empty(batch, channels, channels) for x in xs]
@@ -547,8 +560,8 @@ class _PairedChannelCE(torch.autograd.Function):
                             continue
                         a = _channel_logits(x[items], 1.0 / (x.shape[1] * ts))
                         log_q = torch.log_softmax(a, dim=-1, out=q_saved[v][items])
-                        for k, i in by_view[v]:  # CE_r = -sum_j p_rj log q_rj
-                            torch.sum(ps[i] * log_q, dim=-1, out=ce[k, items]).neg_()
+                        for k, i in by_view[v]:  # sum_r CE_r = -sum_rj p_rj log q_rj
+                            _inner(ps[i], log_q, out=ce[k, items]).neg_()
                         log_q.exp_()  # q, in q_saved[v]
                     continue
                 for i, y in enumerate(ys):
@@ -566,11 +579,12 @@ class _PairedChannelCE(torch.autograd.Function):
                     a_max = a.amax(dim=-1, keepdim=True)
                     a.sub_(a_max)  # A / t_s - m
                     log_z = a.exp().sum(dim=-1, keepdim=True).log_()
+                    total_log_z = log_z.sum(dim=(-2, -1))
                     for k, i in by_view[v]:  # CE_r = log z_r - sum_j p_rj (A_rj / t_s - m_r)
-                        ce[k, items] = log_z.squeeze(-1) - (ps[i] * a).sum(dim=-1)
+                        _inner(ps[i], a, out=ce[k, items]).neg_().add_(total_log_z)
                     stats[v, 0, items] = a_max.squeeze(-1)
                     stats[v, 1, items] = log_z.squeeze(-1)
-            per_pair = ce.mean(dim=-1)
+            per_pair = ce.div_(channels)
         if save:
             ctx.save_for_backward(*students, *q_saved, *p_saved)
         else:
