@@ -137,3 +137,42 @@ def test_targets_use_the_median_and_say_whether_the_interval_clears() -> None:
     table = report.targets_table(rows)
     assert "yes (median; the interval reaches past the bound)" in table
     assert "**no**" in table
+
+
+def test_sere_profile_counts_product_work_by_hand() -> None:
+    import sere_profile
+
+    assert sere_profile._flops("aten::mm", [[6, 4], [4, 5]]) == 2 * 6 * 4 * 5
+    # baddbmm(input, batch1, batch2): the products are the second and third inputs
+    assert (
+        sere_profile._flops("aten::baddbmm", [[3, 6, 5], [3, 6, 4], [3, 4, 5]]) == 2 * 3 * 6 * 4 * 5
+    )
+    assert sere_profile._flops("aten::bmm", [[3, 6, 4], [3, 4, 5]]) == 2 * 3 * 6 * 4 * 5
+    assert sere_profile._flops("aten::dot", [[7], [7]]) == 14
+    assert sere_profile._flops("aten::add", [[7], [7]]) == 0
+    assert sere_profile._kind("aten::mm", "MmBackward0") == "heads: linear"
+    assert (
+        sere_profile._kind("aten::bmm", "_BlockedGramCEBackward") == "relations: batched products"
+    )
+    assert (
+        sere_profile._kind("aten::exp_", "_PairedChannelCE") == "relations: softmax and elementwise"
+    )
+    assert sere_profile._kind("aten::sort", "EmbeddingBagBackward0") == "sampling"
+
+
+def test_sere_profile_sums_every_op_once_and_counts_the_heads_products() -> None:
+    import sere_profile
+
+    rec = sere_profile.profile_sere(batch=2, rounds=1, preset="tiny")
+    kinds = rec["kinds"]
+    assert set(kinds) == set(sere_profile.KINDS)
+    assert sum(k["ms"] for k in kinds.values()) == pytest.approx(rec["profiled_aten_ms"])
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
+    for kind in sere_profile.KINDS:
+        assert kinds[kind]["ms"] > 0, kind
+    # The heads' linear maps, by hand: tiny preset, C = 96; batch 2 x (2 views of 8 x 8 tokens
+    # + 4 of 4 x 4); each term's prediction heads run one product forward and two backward.
+    rows, dim = 2 * (2 * 64 + 4 * 16), 96
+    assert rec["products"]["mm"]["gflop"] == pytest.approx(2 * 3 * 2 * rows * dim * dim / 1e9)
+    assert rec["mm_rate_shape"] == [2 * 2 * 64, dim, dim]
+    assert rec["mm_rate_gflops"] > 0
