@@ -904,7 +904,11 @@ class OutputDir:
                     f"--output-dir {self.path} is in use by a live run ({holder}): wait for it "
                     "to end, or choose another --output-dir"
                 ) from error
-            print(f"warning: cannot lock {lock_path} ({error}); nothing stops a second run there")
+            print(
+                f"warning: cannot lock {lock_path} ({error}); nothing stops a second run there",
+                file=sys.stderr,
+                flush=True,
+            )
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -104,7 +104,9 @@ def sincos_position_embedding(height: int, width: int, dim: int) -> Tensor:
     ``1 / 10000 ** (k / (dim / 4))``, then the same of the column index; zero for [CLS].
     """
     if dim % 4:
-        raise SystemExit(f"a 2-D sin-cos position embedding needs channels divisible by 4: {dim}")
+        raise ValueError(
+            f"dim: a 2-D sin-cos position embedding needs channels divisible by 4, got {dim}"
+        )
     rows, cols = torch.meshgrid(
         torch.arange(height, dtype=torch.float32),
         torch.arange(width, dtype=torch.float32),
@@ -124,6 +126,11 @@ def mocov3_vit(preset: Preset) -> VisionTransformer:
     (the "stop-grad conv1" trick that steadies training).
     """
     vit = common.build_vit(preset, preset.drop_path, num_heads=preset.num_heads)
+    if vit.embed_dim % 4:
+        raise SystemExit(
+            f"preset arch {preset.arch!r} is {vit.embed_dim} channels wide; MoCo v3's 2-D sin-cos "
+            "position embedding needs a width divisible by 4: choose another arch"
+        )
     height, width = vit.patch_embed.grid_size
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_position_embedding(height, width, vit.embed_dim))

@@ -176,6 +176,7 @@ class VOCSegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
                 f"{listing} not found: a VOC-style folder has JPEGImages/, SegmentationClass/ and "
                 "ImageSets/Segmentation/<split>.txt"
             )
+        self.listing = listing
         self.ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not self.ids:
             raise ValueError(f"{listing} lists no images")
@@ -187,14 +188,27 @@ class VOCSegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         name = self.ids[index]
         jpg = self.root / "JPEGImages" / f"{name}.jpg"
         path = jpg if jpg.is_file() else jpg.with_suffix(".png")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"image {name!r} of {self.listing} not found: neither {jpg} nor {path} exists"
+            )
+        masks = self.root / "SegmentationClass" / f"{name}.png"
+        if not masks.is_file():
+            raise FileNotFoundError(f"image {name!r} of {self.listing} has no mask {masks}")
         with Image.open(path) as img:
             image = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
-        with Image.open(self.root / "SegmentationClass" / f"{name}.png") as seg:
+        with Image.open(masks) as seg:
             if seg.mode not in ("P", "L"):
-                raise ValueError(f"{name}: expected a palette or grayscale PNG of class ids")
+                raise ValueError(
+                    f"{masks}: expected a palette (P) or grayscale (L) PNG of class ids, got mode "
+                    f"{seg.mode}"
+                )
             mask = torch.from_numpy(np.array(seg)).long()
         if mask.shape != image.shape[1:]:
-            raise ValueError(f"{name}: mask {tuple(mask.shape)} and image {tuple(image.shape)}")
+            raise ValueError(
+                f"{masks} is {mask.shape[1]} x {mask.shape[0]} px but its image {path} is "
+                f"{image.shape[2]} x {image.shape[1]} px: a mask must have its image's size"
+            )
         return image, mask
 
 
@@ -255,8 +269,13 @@ def write_image_folder(
 
 
 def split_sizes(text: str) -> Sequence[int]:
-    """``"2048,512"`` -> ``(2048, 512)``: train and val image counts."""
-    parts = [int(p) for p in text.split(",")]
+    """``"2048,512"`` -> ``(2048, 512)``: train and val image counts (``--images``)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 2 or min(parts) < 1:
-        raise ValueError(f"expected 'TRAIN,VAL' image counts, got {text!r}")
+        raise ValueError(
+            f"--images: expected 'TRAIN,VAL', two image counts >= 1 such as 1024,256, got {text!r}"
+        )
     return parts

@@ -453,3 +453,36 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
     reproduce.train_all(tier, data, runs, steps, lines.append)
     assert lines == []
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
+
+
+def test_voc_folder_errors_name_the_files(ev: SimpleNamespace, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = ev.seg.ShapesSegmentation(3, 32, seed=2)
+    root = ev.seg.write_voc(tmp_path, {"train": data})
+    split = ev.seg.VOCSegmentationFolder(root, "train")
+    # An RGB mask: the message names the mask's file and its mode.
+    Image.new("RGB", (32, 32)).save(root / "SegmentationClass/train_000000.png")
+    with pytest.raises(ValueError, match=r"SegmentationClass/train_000000\.png: .* got mode RGB"):
+        split[0]
+    # A mask of another size: both files and both sizes.
+    Image.new("L", (16, 32)).save(root / "SegmentationClass/train_000001.png")
+    with pytest.raises(
+        ValueError, match=r"train_000001\.png is 16 x 32 px but its image .*32 x 32"
+    ):
+        split[1]
+    # A listed image without files, and one without a mask.
+    (root / "SegmentationClass/train_000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"'train_000002' of .*train\.txt has no mask"):
+        split[2]
+    for ext in ("jpg", "png"):
+        (root / f"JPEGImages/train_000002.{ext}").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"'train_000002' of .* neither .*\.jpg nor"):
+        split[2]
+
+
+@pytest.mark.parametrize("text", ["1024", "1024,0", "a,b", "1,2,3"])
+def test_image_counts_name_the_option(ev: SimpleNamespace, text: str) -> None:
+    with pytest.raises(ValueError, match=r"--images: expected 'TRAIN,VAL'.* got '"):
+        ev.seg.split_sizes(text)
+    assert list(ev.seg.split_sizes("1024,256")) == [1024, 256]

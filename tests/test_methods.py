@@ -237,6 +237,23 @@ def test_sincos_position_embedding(examples: Any) -> None:
                 assert [float(x) for x in got] == pytest.approx(expected, abs=1e-6)
 
 
+def test_sincos_width_errors_name_the_preset(
+    examples: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ValueError, match=r"dim: .* divisible by 4, got 6"):
+        examples.mocov3_sere.sincos_position_embedding(2, 2, 6)
+
+    def narrow(*args: Any, **kwargs: Any) -> VisionTransformer:
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=90, depth=1, num_heads=3)
+
+    monkeypatch.setattr(examples.common, "build_vit", narrow)
+    preset = examples.mocov3_sere.PRESETS["tiny"]
+    with pytest.raises(SystemExit, match=r"preset arch 'tiny' is 90 channels wide.*divisible by 4"):
+        examples.mocov3_sere.mocov3_vit(preset)
+
+
 def test_mocov3_vit_and_heads(examples: Any) -> None:
     preset = examples.mocov3_sere.PRESETS["tiny"]
     vit = examples.mocov3_sere.mocov3_vit(preset)

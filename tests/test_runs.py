@@ -549,3 +549,29 @@ def test_a_hung_process_fails_the_run_after_dist_timeout(
     assert child.returncode != 0, out[-3000:]
     assert waited < 60, f"the run ended {waited:.0f} s after the hang; the timeout is 6 s"
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+
+
+def test_a_filesystem_without_locks_warns_on_stderr_and_runs(
+    examples: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(*args: Any) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    common = examples.common
+    output = common.OutputDir(
+        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    )
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.search(
+        r"warning: cannot lock .*run\.lock \(.*No locks available\); nothing stops", captured.err
+    )
+    assert (tmp_path / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert output.path == tmp_path
