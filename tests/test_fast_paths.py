@@ -296,6 +296,50 @@ def test_reference_backend_differentiates_twice(gen: torch.Generator) -> None:
     assert float(second.abs().max()) > 0
 
 
+def test_both_terms_share_one_dense_copy_of_strided_tokens(gen: torch.Generator) -> None:
+    """A ViT's patch tokens come sliced off its class token (strided): SERELoss makes them
+    contiguous once, and both terms' heads read that copy; nothing else changes."""
+    tokens, boxes, flips = _sere_inputs(gen)
+
+    def step(module: SERELoss, views: list, leaves: list) -> list[torch.Tensor]:
+        loss = module(views[0], views[1], boxes, flips, views[2])
+        params = [p for p in module.parameters() if p.requires_grad]
+        return [loss.detach(), *torch.autograd.grad(loss, [*params, *leaves])]
+
+    # The same values as strided views: each (V * B, N, C) slice skips a leading "class token".
+    wide = [torch.cat([t[:, :1], t], dim=1) for t in tokens]
+    for t in (wide[0], wide[2]):
+        t.requires_grad_()
+    strided = [t[:, 1:] for t in wide]
+    assert not any(t.is_contiguous() for t in strided)
+    module = _sere("dense", torch.float64)
+    seen: dict[str, list[torch.Tensor]] = {"spatial": [], "channel": []}
+    for name in seen:
+        heads = getattr(module, name).heads
+        for part in (heads.projection, heads.local_projection, heads.teacher_projection):
+            part.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args[0]))
+    got = step(module, strided, [wide[0], wide[2]])
+    assert len(seen["spatial"]) == len(seen["channel"]) == 3
+    for a, b in zip(seen["spatial"], seen["channel"], strict=True):
+        assert a.is_contiguous()
+        assert a.data_ptr() == b.data_ptr()  # one copy, read by both terms
+    # The same module on contiguous tokens: the same loss, parameter and token gradients.
+    dense = [t.detach().clone() for t in tokens]
+    for t in (dense[0], dense[2]):
+        t.requires_grad_()
+    want = step(_sere("dense", torch.float64), dense, [dense[0], dense[2]])
+    for a, b in zip(got[:-2], want[:-2], strict=True):
+        assert_close(a, b)
+    for g, w in zip(got[-2:], want[-2:], strict=True):
+        assert not g[:, 0].any()  # the class token gets no gradient
+        assert_close(g[:, 1:], w)
+    # Lists of views are joined once too, with the terms' own checks and messages.
+    listed = [list(t.detach().view(-1, B, *t.shape[1:])) for t in strided]
+    assert_close(step(_sere("dense", torch.float64), listed, [])[0], want[0])
+    with pytest.raises(ValueError, match=r"teacher_global must be a list of 2 views, got 1"):
+        _sere("dense", torch.float64)(listed[0], listed[1][:1], boxes, flips, listed[2])
+
+
 # --------------------------------------------------------------------------------------------
 # The default heads
 # --------------------------------------------------------------------------------------------

@@ -198,6 +198,11 @@ def _input_width(module: nn.Module) -> int | None:
     return None
 
 
+def _dense_tokens(x: Tensor) -> Tensor:
+    """Tokens ``(B, N, C)`` in one block of memory: the heads then flatten them without a copy."""
+    return x if x.ndim != 3 or x.is_contiguous() else x.contiguous()
+
+
 def _names(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -875,6 +880,9 @@ class SERELoss(nn.Module):
         return_terms: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Compute ``alpha * L_p + beta * L_c``; arguments as ``SpatialSelfRelationLoss``."""
+        student_global, teacher_global, student_local = self._joined(
+            student_global, teacher_global, student_local
+        )
         terms: dict[str, Tensor] = {}
         loss: Tensor | None = None
         if self.spatial is not None:
@@ -896,6 +904,30 @@ class SERELoss(nn.Module):
         if loss is None:  # pragma: no cover - the constructor forbids it
             raise RuntimeError("SERELoss has no term")
         return (loss, terms) if return_terms else loss
+
+    def _joined(
+        self, student_global: Views, teacher_global: Views, student_local: Views | None
+    ) -> tuple[Views, Views, Views | None]:
+        """The views joined once for both terms, with the checks and messages of the terms'.
+
+        Each term would otherwise concatenate a list of views on its own, and its heads copy
+        strided tokens (a ViT's patch tokens sliced off its class token) on their own.
+        """
+        spatial, channel = self.spatial, self.channel
+        if spatial is None or channel is None:
+            return student_global, teacher_global, student_local
+        g = spatial.num_global_views
+        if channel.num_global_views != g:
+            return student_global, teacher_global, student_local
+        teacher, _, batch = join_views(teacher_global, g, None, "teacher_global")
+        student, _, _ = join_views(student_global, g, batch, "student_global")
+        local = None
+        if student_local is not None:
+            local, _, _ = join_views(student_local, None, batch, "student_local")
+        if spatial.num_prefix_tokens == 0 and channel.num_prefix_tokens == 0:
+            teacher, student = _dense_tokens(teacher), _dense_tokens(student)
+            local = None if local is None else _dense_tokens(local)
+        return student, teacher, local
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
