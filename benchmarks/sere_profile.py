@@ -104,6 +104,7 @@ def _mm_rate(rows: int, dim: int) -> float:
 
 
 def _median_ms(fn: Any, repeats: int = 20) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn``, after 3 calls of warm-up."""
     for _ in range(3):
         fn()
     times = []
@@ -179,14 +180,7 @@ def profile_sere(batch: int = 8, rounds: int = 10, preset: str = "vit_small") ->
     device = torch.device("cpu")
     trainer = dino_step._load_trainer()
     sere_alone = dino_step.build_steps(trainer, preset, batch, device)["sere_alone"]
-    for _ in range(3):
-        sere_alone()
-    walls = []
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        sere_alone()
-        walls.append(time.perf_counter() - tic)
-    walls.sort()
+    wall_ms = _median_ms(sere_alone, repeats=rounds)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(rounds):
             sere_alone()
@@ -218,7 +212,7 @@ def profile_sere(batch: int = 8, rounds: int = 10, preset: str = "vit_small") ->
         "batch": batch,
         "preset": preset,
         "rounds": rounds,
-        "wall_ms": 1e3 * walls[len(walls) // 2],
+        "wall_ms": wall_ms,
         "profiled_aten_ms": total_us / rounds / 1e3,
         "kinds": {
             kind: {
