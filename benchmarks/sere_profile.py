@@ -83,7 +83,7 @@ def _flops(name: str, shapes: list[list[int]]) -> float:
         if name == "aten::mm":
             (m, k), (_, n) = shapes[0], shapes[1]
             return 2.0 * m * k * n
-        if name in ("aten::bmm",):
+        if name == "aten::bmm":
             (b, m, k), (_, _, n) = shapes[0], shapes[1]
             return 2.0 * b * m * k * n
         if name in ("aten::baddbmm", "aten::baddbmm_"):
@@ -94,13 +94,6 @@ def _flops(name: str, shapes: list[list[int]]) -> float:
     except (IndexError, ValueError):
         return 0.0
     return 0.0
-
-
-def _mm_rate(rows: int, dim: int) -> float:
-    """GFLOP/s of a plain ``(rows, dim) x (dim, dim)`` product in this process (median)."""
-    a, w = torch.randn(rows, dim), torch.randn(dim, dim)
-    out = torch.empty(rows, dim)
-    return 2.0 * rows * dim * dim / _median_ms(lambda: torch.mm(a, w, out=out)) / 1e6
 
 
 def _median_ms(fn: Any, repeats: int = 20) -> float:
@@ -114,6 +107,13 @@ def _median_ms(fn: Any, repeats: int = 20) -> float:
         times.append(time.perf_counter() - tic)
     times.sort()
     return 1e3 * times[len(times) // 2]
+
+
+def _mm_rate(rows: int, dim: int) -> float:
+    """GFLOP/s of a plain ``(rows, dim) x (dim, dim)`` product in this process (median)."""
+    a, w = torch.randn(rows, dim), torch.randn(dim, dim)
+    out = torch.empty(rows, dim)
+    return 2.0 * rows * dim * dim / _median_ms(lambda: torch.mm(a, w, out=out)) / 1e6
 
 
 def _batch_norm_relu(rows: int, dim: int) -> dict[str, float]:
