@@ -362,6 +362,9 @@ def machine() -> dict[str, Any]:
                 capture_output=True, text=True, timeout=30, check=False,
             ).stdout.strip()  # fmt: skip
     dirty = _git("status", "--porcelain")
+    commit = _git("rev-parse", "HEAD")
+    if commit == "unknown":  # a copy of the tree without .git (the GPU machine's): say so
+        commit = os.environ.get("SERE_COMMIT", "unknown") + " (from SERE_COMMIT; no .git here)"
     return {
         "host": platform.node(),
         "platform": platform.platform(),
@@ -370,7 +373,7 @@ def machine() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "driver": driver,
         "versions": versions,
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": commit,
         "uncommitted": dirty.splitlines() if dirty not in ("", "unknown") else [],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
