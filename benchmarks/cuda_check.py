@@ -18,6 +18,9 @@ The checks, each in a subprocess of its own with its own timeout, the whole run 
    SyncBatchNorm on the heads.
 5. ``dino_step``: SERE's share of a ViT-S/16 DINO training step at batch 64
    (``benchmarks/dino_step.py``).
+6. ``sere_profile``: where SERE's time goes on the GPU at batch 64: the kernels' busy time
+   against the wall time, launches, the places where the host waits for the device, and each
+   backend's time (``benchmarks/sere_profile.py``).
 
 It writes ``benchmarks/results/cuda.json`` and ``cuda.md``: the machine, the versions, the
 commit (and uncommitted files), and each check's status, time, details and output tail.
@@ -187,6 +190,7 @@ def build_checks(dry_run: bool, work: Path) -> list[Check]:
         )
     )  # fmt: skip
     checks.append(Check("dino_step", [*me, "--check", "dino_step", *dry], 240, _judge_json))
+    checks.append(Check("sere_profile", [*me, "--check", "sere_profile", *dry], 180, _judge_json))
     return checks
 
 
@@ -319,6 +323,38 @@ def check_dino_step(dry_run: bool) -> dict[str, Any]:
     return {"passed": measured, "note": note, **json.loads(json.dumps(result, default=str))}
 
 
+def check_sere_profile(dry_run: bool) -> dict[str, Any]:
+    """Where SERE's time goes on the GPU (``sere_profile.profile_sere_device``), at batch 64."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sere_profile = importlib.import_module("sere_profile")
+    if dry_run:
+        result = sere_profile.profile_sere_device(
+            torch.device("cpu"), batch=2, rounds=2, preset="tiny", backends=("auto", "triton")
+        )
+    else:
+        if not torch.cuda.is_available():
+            return {"passed": False, "note": "no CUDA device"}
+        result = sere_profile.profile_sere_device(torch.device("cuda"), batch=64)
+    waits = sum(result["sync_sites"].values())
+    note = (
+        f"SERE alone {result['wall_ms']:.1f} ms, kernels busy {result['kernel_ms']:.1f} ms, "
+        f"{result['kernels']:.0f} launches, {waits} host waits at {len(result['sync_sites'])} "
+        "sites; backends "
+        + ", ".join(
+            f"{k} {v:.1f} ms" if isinstance(v, float) else f"{k} fails"
+            for k, v in result["backends"].items()
+        )
+    )
+    for site, count in sorted(result["sync_sites"].items(), key=lambda kv: -kv[1]):
+        print(f"host waits {count:3d} x at {site}")
+    for key in ("top_device", "top_host"):
+        for row in result[key]:
+            print(f"{key}: {row['ms']:8.3f} ms {row['calls']:6.1f} calls  {row['name']}")
+    return {"passed": True, "note": note, **result}
+
+
 # The record -----------------------------------------------------------------------------------
 
 
@@ -420,6 +456,9 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+INNER = {"triton": check_triton, "dino_step": check_dino_step, "sere_profile": check_sere_profile}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the checks; write the record; exit 0 when every check passed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -427,10 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all the checks")
     p.add_argument("--only", nargs="+", metavar="CHECK", help="run these checks only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--check", choices=["triton", "dino_step"], help=argparse.SUPPRESS)
+    p.add_argument("--check", choices=list(INNER), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.check:  # inside a check's own subprocess
-        result = (check_triton if args.check == "triton" else check_dino_step)(args.dry_run)
+        result = INNER[args.check](args.dry_run)
         print(json.dumps(result, default=str), flush=True)
         return 0 if result["passed"] else 1
     tic = time.perf_counter()

@@ -50,7 +50,11 @@ def _load_trainer() -> Any:
 
 
 def build_steps(
-    trainer: Any, preset_name: str, batch: int, device: torch.device
+    trainer: Any,
+    preset_name: str,
+    batch: int,
+    device: torch.device,
+    sere_options: dict[str, Any] | None = None,
 ) -> dict[str, Callable[[], None]]:
     """The three timed closures: ``dino``, ``dino_sere`` and ``sere_alone``.
 
@@ -62,6 +66,8 @@ def build_steps(
         preset_name: a key of ``trainer.PRESETS`` (``"vit_small"`` for the target).
         batch: images per step.
         device: where to run.
+        sere_options: more keyword arguments for ``SERELoss`` (``backend="triton"``, say), for
+            profiles that compare its settings.
 
     Returns:
         ``{"dino": ..., "dino_sere": ..., "sere_alone": ...}``, each running once.
@@ -98,7 +104,8 @@ def build_steps(
         if with_sere:
             vit = student.backbone
             heads = vit.blocks[0].attn.num_heads  # the ViT's own, as the trainer passes
-            sere = SERELoss(vit.embed_dim, num_heads=heads).to(device)  # lattices from the grids
+            # The lattices follow from the token grids.
+            sere = SERELoss(vit.embed_dim, num_heads=heads, **(sere_options or {})).to(device)
         trained = [student] if sere is None else [student, sere]
         params = common.param_groups(trained)
         optimizer = torch.optim.AdamW(params, lr=1e-4)

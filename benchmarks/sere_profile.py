@@ -29,8 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
+import traceback
+import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,10 @@ import dino_step
 import record
 import torch
 from torch import Tensor
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = (
     "heads: linear",
@@ -235,6 +242,120 @@ def profile_sere(batch: int = 8, rounds: int = 10, preset: str = "vit_small") ->
         "mm_rate_shape": [rows, dim, dim],
         "batch_norm_relu": _batch_norm_relu(rows, dim) if rows else {},
     }
+
+
+def _sync_sites(fn: Callable[[], None]) -> dict[str, int]:
+    """Where ``fn`` makes the host wait for a CUDA device: ``{"file:line": count}``.
+
+    PyTorch's sync debug mode warns at each synchronising operation; each warning is traced to
+    the innermost frame of this project (``src/`` or ``examples/``). Empty on a CPU.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    sites: dict[str, int] = defaultdict(int)
+    ours = (str(ROOT / "src"), str(ROOT / "examples"))
+
+    def hook(*_args: Any, **_kwargs: Any) -> None:
+        stack = traceback.extract_stack()
+        frames = [f for f in stack if f.filename.startswith(ours)] or stack[-3:-2]
+        name = frames[-1].filename
+        if name.startswith(str(ROOT)):
+            name = str(Path(name).relative_to(ROOT))
+        sites[f"{name}:{frames[-1].lineno}"] += 1
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return dict(sites)
+
+
+def profile_sere_device(
+    device: torch.device,
+    batch: int = 64,
+    rounds: int = 10,
+    preset: str = "vit_small",
+    backends: tuple[str, ...] = ("auto", "dense", "chunked", "triton"),
+) -> dict[str, Any]:
+    """SERE alone on a GPU: kernel time against wall time, launches, host waits, backends.
+
+    On a GPU an eager loss is bound by one of three things: the kernels' own time, the host
+    launching them (many small kernels), or the host waiting for the device (a value read
+    back, such as an input check's ``bool(...)``). This profile tells them apart.
+
+    Returns:
+        ``wall_ms`` (median per call, synchronised), ``kernel_ms`` (the device's busy time per
+        call), ``kernels`` (launches per call), ``sync_sites`` (where the host waits, with
+        counts per call), ``top_device`` and ``top_host`` (the operations with the most
+        device and host self time per call) and ``backends`` (wall ms per call for each
+        ``SERELoss(backend=...)`` that runs here; an error message for one that does not).
+    """
+    trainer = dino_step._load_trainer()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn: Callable[[], None]) -> float:
+        fn()
+        fn()
+        sync()
+        times = []
+        for _ in range(rounds):
+            sync()
+            tic = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - tic)
+        return 1e3 * statistics.median(times)
+
+    sere_alone = dino_step.build_steps(trainer, preset, batch, device)["sere_alone"]
+    wall_ms = timed(sere_alone)
+    sites = _sync_sites(sere_alone)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(rounds):
+            sere_alone()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    averages = prof.key_averages()
+
+    def top(key: str) -> list[dict[str, Any]]:
+        rows = sorted(averages, key=lambda a: getattr(a, key), reverse=True)[:15]
+        return [
+            {"name": a.key[:80], "ms": getattr(a, key) / rounds / 1e3, "calls": a.count / rounds}
+            for a in rows
+            if getattr(a, key) > 0
+        ]
+
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch": batch,
+        "preset": preset,
+        "rounds": rounds,
+        "wall_ms": wall_ms,
+        "kernel_ms": sum(e.device_time_total for e in kernels) / rounds / 1e3,
+        "kernels": len(kernels) / rounds,
+        "sync_sites": sites,
+        "top_device": top("self_device_time_total"),
+        "top_host": top("self_cpu_time_total"),
+        "backends": {},
+    }
+    del sere_alone
+    for backend in backends:
+        try:
+            steps = dino_step.build_steps(
+                trainer, preset, batch, device, sere_options={"backend": backend}
+            )
+            result["backends"][backend] = timed(steps["sere_alone"])
+        except Exception as error:  # a backend this machine cannot run (triton on a CPU)
+            result["backends"][backend] = f"{type(error).__name__}: {error}"[:200]
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1505,8 +1505,8 @@ class Run:
 
     def _check_in_sync(self) -> None:
         names = [name for name, obj in self.state.items() if isinstance(obj, nn.Module)]
-        prints = [fingerprint(self.state[name]) for name in names]
-        local = torch.cat(prints).to(self.process.device)
+        prints = [fingerprint(self.state[name], self.process.device) for name in names]
+        local = torch.cat(prints)
         everyone = gather(local.unsqueeze(0))
         same = torch.isclose(everyone, local.expand_as(everyone), rtol=1e-6, atol=1e-9).all(dim=0)
         parts = same.split([len(p) for p in prints])
@@ -1549,16 +1549,18 @@ def _option(args: argparse.Namespace, name: str) -> str:
     return f"{name} (set by --preset)"
 
 
-def fingerprint(module: nn.Module) -> Tensor:
-    """The sum and the sum of squares of each parameter, in float64: ``(2 * P,)``."""
+def fingerprint(module: nn.Module, device: torch.device) -> Tensor:
+    """The sum and the sum of squares of each parameter, in float64 on ``device``: ``(2 * P,)``.
+
+    A module without parameters (DINO's loss, with its centre buffer) gives an empty tensor on
+    ``device`` too, so the fingerprints of all modules concatenate wherever they live.
+    """
     stats = [
         (p.detach().double().sum(), p.detach().double().square().sum()) for p in module.parameters()
     ]
-    return (
-        torch.stack([t for pair in stats for t in pair])
-        if stats
-        else torch.zeros(0, dtype=torch.float64)
-    )
+    if not stats:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack([t for pair in stats for t in pair]).to(device)
 
 
 # The columns --diagnostics-every adds to log.csv: sere_loss.diagnostics' controlled measures

@@ -25,6 +25,7 @@ EXPECTED = [
     "mocov3_sere_fp32",
     "torchrun_gloo",
     "dino_step",
+    "sere_profile",
 ]
 
 
@@ -54,3 +55,8 @@ def test_dry_run_passes_every_check(tmp_path: Path) -> None:
     assert triton.get("skipped") or len(triton["cases"]) == 6  # 2 cases x fp32, bf16, fp16
     page = (tmp_path / "cuda-dry-run.md").read_text()
     assert "| `dino_step` | passed |" in page
+    profile = checks["sere_profile"]["details"]
+    assert profile["wall_ms"] > 0
+    assert profile["top_host"]
+    assert isinstance(profile["backends"]["auto"], float)
+    assert isinstance(profile["backends"]["triton"], str)  # cannot run on a CPU: reported

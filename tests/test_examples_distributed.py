@@ -105,3 +105,20 @@ def test_ibot_and_mocov3_train_with_two_processes(name: str, tmp_path: Path) -> 
     for row in rows:
         assert float(row["spatial"]) > 0
         assert float(row["channel"]) > 0
+
+
+def test_fingerprints_of_all_modules_land_on_the_process_device(examples: Any) -> None:
+    # The sync check concatenates every module's fingerprint on the process's device. A module
+    # without parameters (DINO's loss and its centre) once gave a CPU tensor, and the first
+    # checkpoint of a CUDA run under torchrun failed in torch.cat (found by the CUDA check).
+    common = examples.common
+    meta = torch.device("meta")
+    with_params = common.fingerprint(torch.nn.Linear(3, 2), meta)
+    without = common.fingerprint(examples.dino_sere.DINOLoss(5, 2), meta)
+    assert with_params.device == meta
+    assert with_params.shape == (4,)
+    assert without.device == meta
+    assert without.shape == (0,)
+    assert torch.cat([with_params, without]).shape == (4,)
+    values = common.fingerprint(torch.nn.Linear(3, 2), torch.device("cpu"))
+    assert values.dtype == torch.float64
