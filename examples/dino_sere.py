@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if sere_ddp is not None:  # SERE: patch tokens of globals (student, teacher), locals
                 s_local = s_tokens[1] if len(s_tokens) > 1 else None  # SERE
                 tokens = s_tokens[0], t_tokens[0]  # SERE: student and teacher, global views
-                geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
+                geometry = crops.boxes, crops.flips  # SERE: as the loader gives them, on the CPU
                 loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
         # --8<-- [end:step]

@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             terms: dict[str, Tensor] = {}
             if sere_ddp is not None:  # SERE: student tokens from the masked global views
                 tokens = s_tokens, t_tokens  # SERE: student and teacher, global views
-                geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
+                geometry = crops.boxes, crops.flips  # SERE: as the loader gives them, on the CPU
                 loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
 

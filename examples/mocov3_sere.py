@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             terms: dict[str, Tensor] = {}
             if sere_ddp is not None:  # SERE: the patch tokens of both views
                 tokens = s_tokens, t_tokens  # SERE: student and teacher
-                geometry = crops.boxes.to(device), crops.flips.to(device)  # SERE
+                geometry = crops.boxes, crops.flips  # SERE: as the loader gives them, on the CPU
                 loss_sere, terms = sere_ddp(*tokens, *geometry, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
 

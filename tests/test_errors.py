@@ -148,6 +148,14 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         lambda: SF.overlap_grids(torch.tensor([[-0.1, 0.0, 0.8, 0.8]]), NO[:1], BOX[:1], NO[:1], 3),
     ),
     (
+        "boxes not finite",
+        ValueError,
+        r"boxes1 must be finite",
+        lambda: SF.overlap_grids(
+            torch.tensor([[0.0, 0.0, float("nan"), 0.8]]), NO[:1], BOX[:1], NO[:1], 3
+        ),
+    ),
+    (
         "boxes above one",
         ValueError,
         r"inside \[0, 1\]",

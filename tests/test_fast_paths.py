@@ -383,3 +383,29 @@ def test_default_heads_against_batchnorm_and_relu_written_out(gen: torch.Generat
         assert_close(bn.running_mean, mean)
         assert_close(bn.running_var, var)
     assert torch.equal(x.detach(), kept)  # the in-place ReLU never touches the input
+
+
+def _multicrop(batch: int, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(2 * batch, 49, 48, generator=gen).to(device).requires_grad_()
+    teacher = torch.randn(2 * batch, 49, 48, generator=gen).to(device)
+    local = torch.randn(4 * batch, 9, 48, generator=gen).to(device).requires_grad_()
+    lo = 0.3 * torch.rand(batch, 6, 2, generator=gen)
+    boxes = torch.cat([lo, lo + 0.6], dim=-1)
+    flips = torch.rand(batch, 6, generator=gen) < 0.5
+    return student, teacher, local, boxes, flips
+
+
+def test_boxes_on_the_cpu_read_nothing_back_from_the_tokens_device() -> None:
+    # Tokens on the meta device hold no values: any read of one (a check's bool(), .item(), a
+    # list of indices made on the device and read back) raises. With the crop geometry on the
+    # CPU, as a loader gives it, SERE must run forward and backward without one, so on a GPU
+    # it never makes the host wait.
+    student, teacher, local, boxes, flips = _multicrop(3, "meta")
+    sere = SERELoss(48, num_heads=4).to("meta")
+    loss = sere(student, teacher, boxes, flips, local)
+    loss.backward()
+    assert loss.device.type == "meta"
+    assert student.grad is not None
+    assert local.grad is not None
+    assert student.grad.shape == student.shape

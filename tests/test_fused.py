@@ -626,3 +626,47 @@ def test_triton_on_cuda(gen: torch.Generator, dtype: torch.dtype) -> None:
     w = _rows(shape[:1], gen).cuda()
     assert _fused.resolve_backend("auto", x) == "triton"
     _check_rule("triton", x, y, w, scale=0.125, student_temp=1.0, teacher_temp=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sere_on_cuda_makes_the_host_wait_once_at_most() -> None:
+    # Each host wait stalls the CPU until the GPU has run everything queued (the backbone's
+    # forward). With boxes and flips on the CPU, SERE waits for nothing; with them on the GPU,
+    # their checks read one small tensor back. Both give the same loss and gradients.
+    import warnings
+
+    gen = torch.Generator().manual_seed(0)
+    batch = 4
+    student = torch.randn(2 * batch, 196, 96, generator=gen).cuda()
+    teacher = torch.randn(2 * batch, 196, 96, generator=gen).cuda()
+    local = torch.randn(4 * batch, 36, 96, generator=gen).cuda()
+    lo = 0.3 * torch.rand(batch, 6, 2, generator=gen)
+    boxes, flips = torch.cat([lo, lo + 0.6], dim=-1), torch.rand(batch, 6, generator=gen) < 0.5
+    sere = SERELoss(96, num_heads=6).cuda()
+
+    def run(geometry: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        s, x = student.clone().requires_grad_(), local.clone().requires_grad_()
+        loss = sere(s, teacher, *geometry, x)
+        loss.backward()
+        return loss.detach(), s.grad, x.grad
+
+    run((boxes, flips))  # warm-up: the caching allocator's first allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_cpu = run((boxes, flips))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    geometry = boxes.cuda(), flips.cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            on_gpu = run(geometry)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, [f"{w.filename}:{w.lineno}" for w in waits]
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)

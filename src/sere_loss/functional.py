@@ -837,8 +837,10 @@ def _gather_taps(
     ``table`` ``(R, C)`` holds maps of ``H * W`` tokens one after the other; grid ``k``
     ``(K, Hs, Ws, 2)`` reads map ``items[k]``. Returns ``(K, Hs * Ws, C)``.
     """
-    index, weight = bilinear_taps(grid.to(table.device), hw, padding)
-    first = (items.to(table.device) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
+    # Grids made on the CPU (boxes as the loader gives them) move to the tokens' device without
+    # a host wait: a copy from pageable host memory is staged before the call returns.
+    index, weight = bilinear_taps(grid.to(table.device, non_blocking=True), hw, padding)
+    first = (items.to(table.device, non_blocking=True) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
     rows = F.embedding_bag(
         (index + first).view(-1, 4),
         table,

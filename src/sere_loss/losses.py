@@ -116,16 +116,17 @@ def _sample_pairs(
     """
     batch = boxes.shape[0]
     t_idx, s_idx = [i for i, _ in pairs], [v for _, v in pairs]
+
     # The group's grids stacked pair-major, (P * B, Hs, Ws, 2). The geometry was checked once by
-    # the caller, so no per-pair check syncs with the host here.
+    # the caller, so no per-pair check syncs with the host here; views are picked by integer
+    # indexing, as indexing with a list of ints copies the list to the device and waits for it.
+    def pick(values: Tensor, views: list[int]) -> Tensor:
+        return torch.stack([values[:, v] for v in views]).flatten(0, 1)
+
     grid_t, grid_s, valid = _overlap_grids_unchecked(
-        boxes[:, t_idx].transpose(0, 1).reshape(-1, 4),
-        flips[:, t_idx].transpose(0, 1).reshape(-1),
-        boxes[:, s_idx].transpose(0, 1).reshape(-1, 4),
-        flips[:, s_idx].transpose(0, 1).reshape(-1),
-        lattice,
-        points,
-    )
+        pick(boxes, t_idx), pick(flips, t_idx), pick(boxes, s_idx), pick(flips, s_idx),
+        lattice, points,
+    )  # fmt: skip
     if not gather:
         t_maps = torch.split(to_maps(teacher, teacher_hw), batch)
         s_maps = torch.split(to_maps(student, student_hw), batch)
@@ -140,13 +141,16 @@ def _sample_pairs(
             ]
         )
         return t_feats, s_feats, valid
-    items = torch.arange(batch, device=student.device)
-    # Pair p, image b reads teacher map i_p * B + b and student map (v_p - first) * B + b.
-    t_items = (torch.tensor(t_idx, device=items.device)[:, None] * batch + items).flatten()
-    s_items = (torch.tensor(s_idx, device=items.device) - first)[:, None] * batch + items
+
+    # Pair p, image b reads teacher map i_p * B + b and student map (v_p - first) * B + b. The
+    # numbers are made on the CPU and reach the tokens' device in one copy that does not wait.
+    def maps(views: list[int], offset: int) -> Tensor:
+        starts = torch.tensor([(v - offset) * batch for v in views])
+        return (starts[:, None] + torch.arange(batch)).flatten()
+
     with torch.no_grad():
-        t_feats = _gather_taps(teacher.flatten(0, 1), t_items, teacher_hw, grid_t, padding)
-    s_feats = _gather_taps(student.flatten(0, 1), s_items.flatten(), student_hw, grid_s, padding)
+        t_feats = _gather_taps(teacher.flatten(0, 1), maps(t_idx, 0), teacher_hw, grid_t, padding)
+    s_feats = _gather_taps(student.flatten(0, 1), maps(s_idx, first), student_hw, grid_s, padding)
     return t_feats, s_feats, valid
 
 
@@ -513,7 +517,7 @@ class SpatialSelfRelationLoss(nn.Module):
                 self.padding,
                 gather=self.backend != "reference",
             )
-            mask = mask.to(t_feats.device)
+            mask = mask.to(t_feats.device, non_blocking=True)  # from the boxes' device
             total = total + spatial_relation_cross_entropy(
                 s_feats,
                 t_feats,
