@@ -22,11 +22,12 @@ The checks, each in a subprocess of its own with its own timeout, the whole run 
    against the wall time, launches, the places where the host waits for the device, and each
    backend's time (``benchmarks/sere_profile.py``).
 
-It writes ``benchmarks/results/cuda.json`` and ``cuda.md``: the machine, the versions, the
-commit (and uncommitted files), and each check's status, time, details and output tail.
-``--dry-run`` runs every check on the CPU at toy sizes (tiny presets, gloo, Triton's
-interpreter) and writes ``cuda-dry-run.*``, so the script is known to run end to end before a GPU
-session spends its minutes on it. The script installs nothing and needs no more than the GPU
+It writes ``benchmarks/results/cuda-check.json`` and ``cuda-check.md`` (``cuda.*`` is
+``run.py``'s benchmark on a GPU): the machine, the versions, the commit (and uncommitted
+files), and each check's status, time, details and output tail. ``--dry-run`` runs every check
+on the CPU at toy sizes (tiny presets, gloo, Triton's interpreter) and writes
+``cuda-check-dry-run.*``, so the script is known to run end to end before a GPU session spends
+its minutes on it. The script installs nothing and needs no more than the GPU
 machine has: torch, triton, timm, pytest (no lightly).
 """
 
@@ -338,17 +339,21 @@ def check_sere_profile(dry_run: bool) -> dict[str, Any]:
             return {"passed": False, "note": "no CUDA device"}
         result = sere_profile.profile_sere_device(torch.device("cuda"), batch=64)
     waits = sum(result["sync_sites"].values())
+    other = result["geometry_on_device"]
     note = (
         f"SERE alone {result['wall_ms']:.1f} ms, kernels busy {result['kernel_ms']:.1f} ms, "
         f"{result['kernels']:.0f} launches, {waits} host waits at {len(result['sync_sites'])} "
-        "sites; backends "
+        f"sites (boxes on the device: {other['wall_ms']:.1f} ms, "
+        f"{sum(other['sync_sites'].values())} waits); backends "
         + ", ".join(
             f"{k} {v:.1f} ms" if isinstance(v, float) else f"{k} fails"
             for k, v in result["backends"].items()
         )
     )
-    for site, count in sorted(result["sync_sites"].items(), key=lambda kv: -kv[1]):
-        print(f"host waits {count:3d} x at {site}")
+    both = (("", result["sync_sites"]), (" (boxes on the device)", other["sync_sites"]))
+    for label, sites in both:
+        for site, count in sorted(sites.items(), key=lambda kv: -kv[1]):
+            print(f"host waits{label} {count:3d} x at {site}")
     for key in ("top_device", "top_host"):
         for row in result[key]:
             print(f"{key}: {row['ms']:8.3f} ms {row['calls']:6.1f} calls  {row['name']}")
@@ -503,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "checks": results,
     }
-    stem = "cuda-dry-run" if args.dry_run else "cuda"
+    stem = "cuda-check-dry-run" if args.dry_run else "cuda-check"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(record))

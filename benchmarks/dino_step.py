@@ -55,6 +55,7 @@ def build_steps(
     batch: int,
     device: torch.device,
     sere_options: dict[str, Any] | None = None,
+    geometry_device: torch.device | None = None,
 ) -> dict[str, Callable[[], None]]:
     """The three timed closures: ``dino``, ``dino_sere`` and ``sere_alone``.
 
@@ -68,6 +69,8 @@ def build_steps(
         device: where to run.
         sere_options: more keyword arguments for ``SERELoss`` (``backend="triton"``, say), for
             profiles that compare its settings.
+        geometry_device: where the crop boxes and flips live (default: the CPU, as the
+            trainers pass them; on CUDA, the device costs one host wait for their checks).
 
     Returns:
         ``{"dino": ..., "dino_sere": ..., "sere_alone": ...}``, each running once.
@@ -83,8 +86,9 @@ def build_steps(
     views = [torch.randn(batch, 3, s, s, generator=gen).to(device) for s in sizes]
     lo = 0.3 * torch.rand(batch, num_views, 2, generator=gen)
     hi = 0.7 + 0.3 * torch.rand(batch, num_views, 2, generator=gen)
-    boxes = torch.cat([lo, hi], dim=-1).to(device)
-    flips = (torch.rand(batch, num_views, generator=gen) < 0.5).to(device)
+    # The crop geometry stays where the loader gives it, on the CPU, as the trainers pass it.
+    boxes = torch.cat([lo, hi], dim=-1).to(geometry_device or "cpu")
+    flips = (torch.rand(batch, num_views, generator=gen) < 0.5).to(boxes.device)
 
     def build(with_sere: bool) -> tuple[Callable[[], None], Any, Any, Any]:
         torch.manual_seed(0)

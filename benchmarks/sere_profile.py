@@ -270,9 +270,9 @@ def _sync_sites(fn: Callable[[], None]) -> dict[str, int]:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
-            torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
     return dict(sites)
 
 
@@ -287,13 +287,15 @@ def profile_sere_device(
 
     On a GPU an eager loss is bound by one of three things: the kernels' own time, the host
     launching them (many small kernels), or the host waiting for the device (a value read
-    back, such as an input check's ``bool(...)``). This profile tells them apart.
+    back, such as an input check's ``bool(...)``). This profile tells them apart. The crop
+    geometry is on the CPU, as the trainers pass it.
 
     Returns:
         ``wall_ms`` (median per call, synchronised), ``kernel_ms`` (the device's busy time per
         call), ``kernels`` (launches per call), ``sync_sites`` (where the host waits, with
-        counts per call), ``top_device`` and ``top_host`` (the operations with the most
-        device and host self time per call) and ``backends`` (wall ms per call for each
+        counts per call), ``geometry_on_device`` (``wall_ms`` and ``sync_sites`` with the boxes
+        and flips on the device instead), ``top_device`` and ``top_host`` (the operations with
+        the most device and host self time per call) and ``backends`` (wall ms per call for each
         ``SERELoss(backend=...)`` that runs here; an error message for one that does not).
     """
     trainer = dino_step._load_trainer()
@@ -312,6 +314,12 @@ def profile_sere_device(
             times.append(time.perf_counter() - tic)
         return 1e3 * statistics.median(times)
 
+    on_device = dino_step.build_steps(trainer, preset, batch, device, geometry_device=device)
+    geometry_on_device = {
+        "wall_ms": timed(on_device["sere_alone"]),
+        "sync_sites": _sync_sites(on_device["sere_alone"]),
+    }
+    del on_device
     sere_alone = dino_step.build_steps(trainer, preset, batch, device)["sere_alone"]
     wall_ms = timed(sere_alone)
     sites = _sync_sites(sere_alone)
@@ -342,6 +350,7 @@ def profile_sere_device(
         "kernel_ms": sum(e.device_time_total for e in kernels) / rounds / 1e3,
         "kernels": len(kernels) / rounds,
         "sync_sites": sites,
+        "geometry_on_device": geometry_on_device,
         "top_device": top("self_device_time_total"),
         "top_host": top("self_cpu_time_total"),
         "backends": {},

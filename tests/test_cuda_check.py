@@ -35,7 +35,7 @@ def test_dry_run_passes_every_check(tmp_path: Path) -> None:
     out = subprocess.run(
         [*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
-    record = json.loads((tmp_path / "cuda-dry-run.json").read_text())
+    record = json.loads((tmp_path / "cuda-check-dry-run.json").read_text())
     checks = {c["name"]: c for c in record["checks"]}
     failed = {n: c["output_tail"][-1500:] for n, c in checks.items() if c["status"] != "passed"}
     assert not failed, f"{out.stdout[-2000:]}\n{failed}"
@@ -53,7 +53,7 @@ def test_dry_run_passes_every_check(tmp_path: Path) -> None:
     assert checks["torchrun_gloo"]["details"]["process_group"] is True
     triton = checks["triton"]["details"]
     assert triton.get("skipped") or len(triton["cases"]) == 6  # 2 cases x fp32, bf16, fp16
-    page = (tmp_path / "cuda-dry-run.md").read_text()
+    page = (tmp_path / "cuda-check-dry-run.md").read_text()
     assert "| `dino_step` | passed |" in page
     profile = checks["sere_profile"]["details"]
     assert profile["wall_ms"] > 0
