@@ -404,8 +404,10 @@ def machine() -> dict[str, Any]:
             ).stdout.strip()  # fmt: skip
     dirty = _git("status", "--porcelain")
     commit = _git("rev-parse", "HEAD")
-    if commit == "unknown":  # a copy of the tree without .git (the GPU machine's): say so
-        commit = os.environ.get("SERE_COMMIT", "unknown") + " (from SERE_COMMIT; no .git here)"
+    given = os.environ.get("SERE_COMMIT")
+    if given:  # the GPU machine's copy of the tree may carry a stale .git: the caller knows
+        seen = f"{commit[:12]} + {len(dirty.splitlines())} changed" if dirty else commit[:12]
+        commit, dirty = f"{given} (SERE_COMMIT; the copy's own git said {seen})", ""
     return {
         "host": platform.node(),
         "platform": platform.platform(),
