@@ -338,11 +338,13 @@ def check_sere_profile(dry_run: bool) -> dict[str, Any]:
         if not torch.cuda.is_available():
             return {"passed": False, "note": "no CUDA device"}
         result = sere_profile.profile_sere_device(torch.device("cuda"), batch=64)
+    result["device_ops"] = sere_profile.count_device_ops()["total"]  # the launches' floor
     waits = sum(result["sync_sites"].values())
     other = result["geometry_on_device"]
     note = (
         f"SERE alone {result['wall_ms']:.1f} ms, kernels busy {result['kernel_ms']:.1f} ms, "
-        f"{result['kernels']:.0f} launches, {waits} host waits at {len(result['sync_sites'])} "
+        f"{result['kernels']:.0f} launches ({result['device_ops']} operations counted on "
+        f"the meta device), {waits} host waits at {len(result['sync_sites'])} "
         f"sites (boxes on the device: {other['wall_ms']:.1f} ms, "
         f"{sum(other['sync_sites'].values())} waits); backends "
         + ", ".join(

@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's sync debug mode, per wait
@@ -113,8 +115,7 @@ def _median_ms(fn: Any, repeats: int = 20) -> float:
         tic = time.perf_counter()
         fn()
         times.append(time.perf_counter() - tic)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    return 1e3 * statistics.median(times)
 
 
 def _mm_rate(rows: int, dim: int) -> float:
@@ -173,6 +174,77 @@ def _batch_norm_relu(rows: int, dim: int) -> dict[str, float]:
         "written_out_forward_ms": _median_ms(lambda: written_out(False)),
         "native_step_ms": _median_ms(lambda: native(True)),
         "written_out_step_ms": _median_ms(lambda: written_out(True)),
+    }
+
+
+# Operations that only make a view or an uninitialised tensor: no kernel runs for them.
+_NO_KERNEL = frozenset(
+    ("view", "_unsafe_view", "as_strided", "slice", "select", "transpose", "t", "expand",
+     "unsqueeze", "squeeze", "permute", "alias", "detach", "unbind", "split", "split_with_sizes",
+     "narrow", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+     "_reshape_alias", "lift_fresh", "unflatten", "flatten", "reshape")
+)  # fmt: skip
+
+
+class _DeviceOps(TorchDispatchMode):
+    """Counts the operations that reach tensors on the meta device, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        leaves = tree_leaves((args, kwargs or {}))
+        on_meta = any(isinstance(x, Tensor) and x.device.type == "meta" for x in leaves)
+        if on_meta and name not in _NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_device_ops(
+    batch: int = 64,
+    dim: int = 384,
+    heads: int = 6,
+    grids: tuple[int, int] = (14, 6),
+    locals_: int = 4,
+) -> dict[str, Any]:
+    """How many operations SERE sends to the tokens' device per call, forward and backward.
+
+    On a GPU each is at least one kernel launch, and SERE there is bound by launching them
+    (the CUDA check's profile). Counted on the meta device, where an operation computes
+    nothing, with the crop geometry on the CPU as the trainers pass it: a number that any
+    machine reproduces exactly (for one torch version), and the one to cut.
+
+    Args:
+        batch: images per step.
+        dim: token width (ViT-S: 384).
+        heads: spatial heads (ViT-S: 6).
+        grids: token grid side of the global and the local views (224 and 96 px at patch 16).
+        locals_: local views (2 globals always).
+
+    Returns:
+        ``total`` and ``by_op`` (counts by operation name, largest first).
+    """
+    from sere_loss import SERELoss
+
+    sere = SERELoss(dim, num_heads=heads).to("meta")
+    g, n = grids
+    student = torch.empty(2 * batch, g * g, dim, device="meta", requires_grad=True)
+    teacher = torch.empty(2 * batch, g * g, dim, device="meta")
+    local = torch.empty(locals_ * batch, n * n, dim, device="meta", requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    lo = 0.3 * torch.rand(batch, 2 + locals_, 2, generator=gen)
+    boxes = torch.cat([lo, lo + 0.6], dim=-1)
+    flips = torch.rand(batch, 2 + locals_, generator=gen) < 0.5
+    with _DeviceOps() as ops:
+        sere(student, teacher, boxes, flips, local).backward()
+    by_op = dict(sorted(ops.counts.items(), key=lambda kv: -kv[1]))
+    return {
+        "total": sum(by_op.values()),
+        "by_op": by_op,
+        "batch": batch,
+        "torch": torch.__version__,
     }
 
 
@@ -385,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **record.environment(torch.device("cpu")),
         "load_average": {"start": record.load()},
         **profile_sere(args.batch, args.rounds, args.preset),
+        "device_ops": count_device_ops(),
     }
     result["load_average"]["end"] = record.load()
     if args.out:
@@ -393,6 +466,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"SERE alone: {result['wall_ms']:.1f} ms per call (profiled ATen self time "
         f"{result['profiled_aten_ms']:.1f} ms)"
+    )
+    ops = result["device_ops"]
+    print(
+        f"  operations on the tokens' device per call at batch {ops['batch']} (each a kernel "
+        f"launch on a GPU, counted on the meta device): {ops['total']}"
     )
     for kind, row in result["kinds"].items():
         print(f"  {kind:<36} {row['ms']:7.1f} ms  {100 * row['share']:5.1f} %")

@@ -176,3 +176,35 @@ def test_sere_profile_sums_every_op_once_and_counts_the_heads_products() -> None
     assert rec["products"]["mm"]["gflop"] == pytest.approx(2 * 3 * 2 * rows * dim * dim / 1e9)
     assert rec["mm_rate_shape"] == [2 * 2 * 64, dim, dim]
     assert rec["mm_rate_gflops"] > 0
+
+
+def test_device_op_counter_counts_kernels_not_views() -> None:
+    import sere_profile
+
+    x = torch.empty(4, 6, device="meta", requires_grad=True)
+    with sere_profile._DeviceOps() as ops:
+        y = (x + 1).view(24).t().exp()  # two kernels; the views launch none
+        y.sum().backward()  # sum, its backward (expand: a view, then a copy into .grad), exp's
+    assert ops.counts["add"] == 1
+    assert ops.counts["exp"] == 1
+    assert "view" not in ops.counts
+    assert "t" not in ops.counts
+    cpu = torch.ones(3)
+    with sere_profile._DeviceOps() as ops:
+        cpu.add(1)  # a CPU tensor is not the tokens' device: not counted
+    assert not ops.counts
+
+
+def test_sere_sends_few_operations_to_the_device() -> None:
+    # On a GPU SERE is bound by launching kernels (the CUDA check's profile: 6.8 ms of kernels in
+    # 17.5 ms at batch 64), so the count of operations per call is the figure to keep down. It
+    # was 607 at batch 64 before the bilinear taps were computed for their four corners and two
+    # axes at once, 321 after (311 at batch 8). The bound leaves room for a torch version's
+    # other decompositions, not for a loop over pairs or corners again.
+    import sere_profile
+
+    counted = sere_profile.count_device_ops(batch=8)
+    assert counted["total"] == sum(counted["by_op"].values())
+    assert counted["total"] <= 350, counted["by_op"]
+    bigger = sere_profile.count_device_ops(batch=64)
+    assert bigger["total"] <= counted["total"] + 10, "per-image work must not become per-op"

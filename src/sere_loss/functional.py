@@ -769,21 +769,34 @@ def bilinear_taps(
     """
     height, width = hw
     padding = check_choice(padding, "padding", _PADDINGS)
-    u = ((grid[..., 0] + 1) * width - 1) / 2
-    v = ((grid[..., 1] + 1) * height - 1) / 2
-    if padding == "border":
-        u = u.clamp(0, width - 1)
-        v = v.clamp(0, height - 1)
-    u0, v0 = u.floor(), v.floor()
-    a, b = u - u0, v - v0
-    indices, weights = [], []
-    for dv, wv in ((0, 1 - b), (1, b)):
-        for du, wu in ((0, 1 - a), (1, a)):
-            uu, vv = u0 + du, v0 + dv
-            inside = (uu >= 0) & (uu <= width - 1) & (vv >= 0) & (vv <= height - 1)
-            indices.append((vv.clamp(0, height - 1) * width + uu.clamp(0, width - 1)).long())
-            weights.append(torch.where(inside, wu * wv, torch.zeros_like(wu)))
-    return torch.stack(indices, dim=-1), torch.stack(weights, dim=-1)
+    # Each step is one operation for every point (on a GPU, one kernel launch), for both axes
+    # at once where the map is square, and for the four taps at once below.
+    if height == width:
+        uv = ((grid + 1) * width - 1) / 2
+        if padding == "border":
+            uv = uv.clamp(0, width - 1)
+        uv0 = uv.floor()
+        frac = uv - uv0
+        (u0, v0), (a, b) = uv0.unbind(-1), frac.unbind(-1)
+        (u1, v1), (not_a, not_b) = (uv0 + 1).unbind(-1), (1 - frac).unbind(-1)
+    else:
+        u = ((grid[..., 0] + 1) * width - 1) / 2
+        v = ((grid[..., 1] + 1) * height - 1) / 2
+        if padding == "border":
+            u = u.clamp(0, width - 1)
+            v = v.clamp(0, height - 1)
+        u0, v0 = u.floor(), v.floor()
+        a, b = u - u0, v - v0
+        u1, v1, not_a, not_b = u0 + 1, v0 + 1, 1 - a, 1 - b
+    # The taps side by side in a last dimension: (u0, v0), (u0 + 1, v0), (u0, v0 + 1),
+    # (u0 + 1, v0 + 1).
+    uu, vv = torch.stack([u0, u1, u0, u1], dim=-1), torch.stack([v0, v0, v1, v1], dim=-1)
+    weight = torch.stack([not_a, a, not_a, a], dim=-1) * torch.stack([not_b, not_b, b, b], dim=-1)
+    index = (vv.clamp(0, height - 1) * width + uu.clamp(0, width - 1)).long()
+    if padding == "zeros":  # with "border" a tap outside the map already weighs exactly 0
+        inside = (uu >= 0) & (uu <= width - 1) & (vv >= 0) & (vv <= height - 1)
+        weight = torch.where(inside, weight, 0.0)
+    return index, weight
 
 
 def sample_tokens(
