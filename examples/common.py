@@ -155,15 +155,32 @@ def gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+# How torch says that a collective timed out: gloo in the waiting process, NCCL's watchdog.
+_TIMEOUT_MARKS = ("Timed out waiting", "collective operation timeout")
+
+
 def run_main(main: Callable[[list[str]], object]) -> None:
     """Run a trainer's ``main`` as a script.
 
     Under ``torchrun`` the process then ends with ``os._exit(0)`` once its output is flushed:
     with gloo, the interpreter's own shutdown sometimes aborts ("terminate called without an
     active exception") after all the work is done, which would fail a finished run. An
-    exception still ends the process with an error, and torchrun stops the other processes.
+    exception still ends the process with an error, and torchrun stops the other processes;
+    a collective's timeout first gets a line that says what it means.
     """
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except RuntimeError as error:  # DistBackendError too
+        if under_torchrun() and any(mark in str(error) for mark in _TIMEOUT_MARKS):
+            print(
+                f"process {os.environ.get('RANK', '?')}: a collective waited longer than "
+                "--dist-timeout for another process, which hung or failed: its own error, "
+                "earlier in the log, is the cause; raise --dist-timeout only if a process can "
+                "legitimately be that slow (docs/troubleshooting.md, 'Several processes')",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     if under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -122,3 +122,39 @@ def test_fingerprints_of_all_modules_land_on_the_process_device(examples: Any) -
     assert torch.cat([with_params, without]).shape == (4,)
     values = common.fingerprint(torch.nn.Linear(3, 2), torch.device("cpu"))
     assert values.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("message", "explained"),
+    [
+        (
+            "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation",
+            True,
+        ),
+        (
+            "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7) ran for 600000 ms",
+            True,
+        ),
+        ("CUDA out of memory", False),
+    ],
+)
+def test_a_timed_out_collective_is_explained(
+    examples: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    message: str,
+    explained: bool,
+) -> None:
+    # torch's own message names the collective, not what to do: run_main adds that line,
+    # under torchrun only, and the error still ends the process.
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+    def main(_argv: list[str]) -> None:
+        raise RuntimeError(message)
+
+    with pytest.raises(RuntimeError, match=message[:20].replace("[", r"\[")):
+        examples.common.run_main(main)
+    err = capsys.readouterr().err
+    assert ("process 1: a collective waited longer than --dist-timeout" in err) is explained
