@@ -668,5 +668,7 @@ def test_sere_on_cuda_makes_the_host_wait_once_at_most() -> None:
             torch.cuda.set_sync_debug_mode(0)
     waits = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert len(waits) == 1, [f"{w.filename}:{w.lineno}" for w in waits]
-    for a, b in zip(on_cpu, on_gpu, strict=True):
+    mixed = run((boxes, flips.cuda()))  # flips follow the boxes to where the grids are made
+    for a, b, c in zip(on_cpu, on_gpu, mixed, strict=True):
         assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, c, rtol=1e-5, atol=1e-6)

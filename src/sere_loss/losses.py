@@ -69,7 +69,7 @@ def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]
             f"{tuple(flips_t.shape)}"
         )
     flips_t = check_flips(flips_t.reshape(-1), flips_t.numel(), "flips").view(flips_t.shape)
-    return boxes_t, flips_t
+    return boxes_t, flips_t.to(boxes_t.device)  # the geometry is computed where the boxes are
 
 
 def _sample_pairs(
@@ -378,8 +378,10 @@ class SpatialSelfRelationLoss(nn.Module):
           a list of ``G`` tensors of batch ``B``.
         - student_local: ``(L * B, ...)`` or a list of ``L``; optional.
         - boxes: ``(B, G + L, 4)`` crop boxes, normalised ``(x0, y0, x1, y1)`` in the original
-          image, in the order of the views (globals, then locals).
-        - flips: ``(B, G + L)`` bool, horizontal flip of each view.
+          image, in the order of the views (globals, then locals). On any device: on the CPU,
+          as a loader gives them, the loss never waits for a GPU holding the tokens; on the
+          GPU their checks read one small tensor back.
+        - flips: ``(B, G + L)`` bool, horizontal flip of each view, on the boxes' device.
         - Output: scalar.
     """
 
