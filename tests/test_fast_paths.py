@@ -409,3 +409,26 @@ def test_boxes_on_the_cpu_read_nothing_back_from_the_tokens_device() -> None:
     assert student.grad is not None
     assert local.grad is not None
     assert student.grad.shape == student.shape
+
+
+def test_copies_block_only_where_the_host_reads_them() -> None:
+    # Grids and masks made on the CPU go to the tokens' device without a wait (staged before
+    # the call returns); from a GPU to the CPU the copy must block, as its values are read next.
+    class Fake:
+        def __init__(self, kind: str) -> None:
+            self.device = torch.device(kind)
+
+        def to(self, device: torch.device, non_blocking: bool) -> bool:
+            return non_blocking
+
+    assert SF._moved(Fake("cpu"), torch.device("cuda")) is True  # type: ignore[arg-type]
+    assert SF._moved(Fake("cuda"), torch.device("cpu")) is False  # type: ignore[arg-type]
+    assert (
+        SF._moved(
+            Fake(
+                "cuda",
+            ),
+            torch.device("cuda"),
+        )
+        is False
+    )  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ set (``test_triton_kernels_in_the_interpreter``), where the class is collected a
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -672,3 +673,14 @@ def test_sere_on_cuda_makes_the_host_wait_once_at_most() -> None:
     for a, b, c in zip(on_cpu, on_gpu, mixed, strict=True):
         assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert_close(a, c, rtol=1e-5, atol=1e-6)
+    # The other way round, tokens on the CPU and the geometry on the GPU: the grids come back
+    # to the CPU with a blocking copy, so a long kernel queued first cannot race the read.
+    on_host = copy.deepcopy(sere).cpu()
+    s, x = student.cpu().requires_grad_(), local.cpu().requires_grad_()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 64  # queued GPU work ahead of the geometry's kernels
+    loss = on_host(s, teacher.cpu(), *geometry, x)
+    loss.backward()
+    assert_close(loss, on_cpu[0].cpu(), rtol=1e-5, atol=1e-6)
+    assert_close(s.grad, on_cpu[1].cpu(), rtol=1e-5, atol=1e-5)

@@ -759,8 +759,8 @@ def bilinear_taps(
         padding: ``"border"`` or ``"zeros"``.
 
     Returns:
-        ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so always
-        valid) and ``(..., 4)`` weights in the grid's dtype.
+        ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so valid
+        for a finite grid) and ``(..., 4)`` weights in the grid's dtype.
 
     Examples:
         >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
@@ -842,6 +842,15 @@ def sample_tokens(
     return _gather_taps(tokens.flatten(0, 1), items, (height, width), grid, padding)
 
 
+def _moved(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device``; from the CPU (grids of boxes as a loader gives them) without a wait.
+
+    A copy from host memory to a GPU is staged before the call returns, so it need not block
+    the host; a copy the other way must, since the host reads its values next.
+    """
+    return x.to(device, non_blocking=x.device.type == "cpu")
+
+
 def _gather_taps(
     table: Tensor, items: Tensor, hw: tuple[int, int], grid: Tensor, padding: str
 ) -> Tensor:
@@ -850,10 +859,8 @@ def _gather_taps(
     ``table`` ``(R, C)`` holds maps of ``H * W`` tokens one after the other; grid ``k``
     ``(K, Hs, Ws, 2)`` reads map ``items[k]``. Returns ``(K, Hs * Ws, C)``.
     """
-    # Grids made on the CPU (boxes as the loader gives them) move to the tokens' device without
-    # a host wait: a copy from pageable host memory is staged before the call returns.
-    index, weight = bilinear_taps(grid.to(table.device, non_blocking=True), hw, padding)
-    first = (items.to(table.device, non_blocking=True) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
+    index, weight = bilinear_taps(_moved(grid, table.device), hw, padding)
+    first = (_moved(items, table.device) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
     rows = F.embedding_bag(
         (index + first).view(-1, 4),
         table,

@@ -30,6 +30,7 @@ from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _check_lattice,
     _gather_taps,
+    _moved,
     _overlap_grids_unchecked,
     paired_channel_relation_cross_entropy,
     sample_region,
@@ -128,6 +129,7 @@ def _sample_pairs(
         lattice, points,
     )  # fmt: skip
     if not gather:
+        grid_t, grid_s = _moved(grid_t, teacher.device), _moved(grid_s, student.device)
         t_maps = torch.split(to_maps(teacher, teacher_hw), batch)
         s_maps = torch.split(to_maps(student, student_hw), batch)
         t_grids, s_grids = torch.split(grid_t, batch), torch.split(grid_s, batch)
@@ -519,7 +521,7 @@ class SpatialSelfRelationLoss(nn.Module):
                 self.padding,
                 gather=self.backend != "reference",
             )
-            mask = mask.to(t_feats.device, non_blocking=True)  # from the boxes' device
+            mask = _moved(mask, t_feats.device)  # from the boxes' device
             total = total + spatial_relation_cross_entropy(
                 s_feats,
                 t_feats,
