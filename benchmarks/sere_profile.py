@@ -106,14 +106,21 @@ def _flops(name: str, shapes: list[list[int]]) -> float:
     return 0.0
 
 
-def _median_ms(fn: Any, repeats: int = 20) -> float:
-    """Median milliseconds of ``repeats`` calls of ``fn``, after 3 calls of warm-up."""
+def _median_ms(fn: Any, repeats: int = 20, sync: Callable[[], None] | None = None) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn``, after 3 calls of warm-up.
+
+    ``sync`` (``torch.cuda.synchronize`` on a GPU) runs before the clock starts and before it
+    stops, so each time covers the device's work, not only its launch.
+    """
+    sync = sync or (lambda: None)
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         tic = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - tic)
     return 1e3 * statistics.median(times)
 
@@ -377,17 +384,7 @@ def profile_sere_device(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn: Callable[[], None]) -> float:
-        fn()
-        fn()
-        sync()
-        times = []
-        for _ in range(rounds):
-            sync()
-            tic = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - tic)
-        return 1e3 * statistics.median(times)
+        return _median_ms(fn, rounds, sync)
 
     on_device = dino_step.build_steps(trainer, preset, batch, device, geometry_device=device)
     geometry_on_device = {
