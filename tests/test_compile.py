@@ -240,3 +240,32 @@ def test_compiled_sere_meets_the_accuracy_rule_over_two_steps() -> None:
 
 def test_set_value_checks_is_exported() -> None:
     assert sere_loss.set_value_checks is set_value_checks
+
+
+def test_a_mistake_inside_the_compiled_graph_keeps_its_own_message() -> None:
+    student, teacher, local, boxes, flips = _crops()
+    sere = SERELoss(DIM * 2, num_heads=HEADS)  # built for 96 channels, given 48
+    sere.compile(backend="aot_eager")
+    with pytest.raises(ValueError, match="has 48 channels but the loss was built for 96"):
+        sere(student, teacher, boxes, flips, local)
+
+
+def test_a_compiler_failure_leaves_the_loss_eager_and_says_so() -> None:
+    calls = []
+
+    def broken(graph: torch.fx.GraphModule, inputs: object) -> None:
+        calls.append(1)
+        raise RuntimeError("the compiler broke")
+
+    student, teacher, local, boxes, flips = _crops()
+    torch.manual_seed(0)
+    sere = SERELoss(DIM, num_heads=HEADS)
+    eager = copy.deepcopy(sere)
+    sere.compile(backend=broken)
+    with pytest.warns(RuntimeWarning, match="compiling SERELoss failed .*the compiler broke"):
+        loss = sere(student, teacher, boxes, flips, local)
+    torch.testing.assert_close(loss, eager(student, teacher, boxes, flips, local), rtol=0, atol=0)
+    # From then on it is eager: no second attempt, no second warning.
+    torch.testing.assert_close(sere(student, teacher, boxes, flips, local), loss)
+    assert calls == [1]
+    assert sere._compile_options is None

@@ -416,7 +416,25 @@ class _Compilable(nn.Module):
             compiled = torch.compile(fn, **options)
             self.__dict__["_compiled_loss"] = compiled
             self.__dict__["_compiled_mode"] = options["mode"]
-        out = compiled(*args)
+        try:
+            out = compiled(*args)
+        except Exception as error:
+            # Inside the graph an error of the caller's (a wrong shape, say) comes out as the
+            # compiler's; eager raises it with its own message. Where eager runs, the compiler
+            # itself failed: the loss stays eager, and says so.
+            out = fn(*args)
+            self._compile_options = None
+            self.__dict__.pop("_compiled_loss", None)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            said = " ".join(lines[:2])[:300]
+            warnings.warn(
+                f"compiling {type(self).__name__} failed ({type(error).__name__}: {said});"
+                " it runs eager from here on, with the same maths and its usual cost. Report "
+                "the error with your torch version; call compile() again to retry",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return out
         if on_cuda and self.__dict__.get("_compiled_mode") in _GRAPH_MODES:
             # CUDA graphs reuse their output memory at the next replay: hand back copies.
             out = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
