@@ -180,6 +180,8 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
         _check_triton(student)
         return backend
     if backend != "auto":
+        if backend in ("reference", "dense"):
+            _check_logits_fit(backend, student)
         return backend
     _, heads, rows, dim = student.shape
     if teacher is not None:
@@ -195,6 +197,47 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
     ):
         return "triton"
     return "chunked"
+
+
+# The reference path holds at least this many (B, M, R, R) float32 tensors at once under
+# autograd (both sides' logits, the target, the log-probabilities and their product); the dense
+# path keeps one and makes about as many in its blocks.
+_LOGIT_COPIES = {"reference": 5, "dense": 2}
+
+
+def _memory_of(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (the host's physical memory for the CPU); ``None``: unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def _check_logits_fit(backend: str, student: Tensor) -> None:
+    """Refuse, before allocating, a materialising backend whose logits cannot fit the device.
+
+    ``"reference"`` and ``"dense"`` hold every ``R x R`` relation of the batch; at a lattice far
+    denser than ``auto`` would choose for them, that is more memory than the machine has, and
+    the process would be killed with no word. The estimate is a lower bound.
+    """
+    if torch.compiler.is_compiling() or student.device.type == "meta":
+        return
+    batch, heads, rows, _ = student.shape
+    itemsize = 8 if student.dtype == torch.float64 else 4
+    need = _LOGIT_COPIES[backend] * batch * heads * rows * rows * itemsize
+    have = _memory_of(student.device)
+    if have is not None and need > have:
+        raise MemoryError(
+            f"backend={backend!r} would hold at least {need / 2**30:.1f} GiB of relation logits "
+            f"({batch} items x {heads} heads x {rows} x {rows} rows, {_LOGIT_COPIES[backend]} "
+            f"copies), more than the {have / 2**30:.1f} GiB of {student.device}: use "
+            "backend='auto' or 'chunked', whose memory grows with the rows, not their square, or "
+            "a coarser lattice (global_lattice= / local_lattice=)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,31 @@ def _geometry(boxes: object, flips: object) -> tuple[Tensor, Tensor]:
     return boxes_t, flips_t.to(boxes_t.device)
 
 
+def _first_tensor(views: object) -> Tensor | None:
+    if isinstance(views, Tensor):
+        return views
+    if isinstance(views, Sequence) and views and isinstance(views[0], Tensor):
+        return views[0]
+    return None
+
+
+def _check_roles(student_global: object, teacher_global: object) -> None:
+    """Refuse a teacher that carries a gradient beside a student that does not.
+
+    The teacher's tokens are detached inside the loss; were the two swapped, the loss would
+    still come back, but no gradient would reach the student's backbone, without a word.
+    """
+    student, teacher = _first_tensor(student_global), _first_tensor(teacher_global)
+    if student is None or teacher is None:
+        return  # their own checks name the argument
+    if teacher.requires_grad and not student.requires_grad:
+        raise ValueError(
+            "teacher_global requires grad but student_global does not: the two look swapped. "
+            "The student's tokens come first (the backbone being trained, whose gradient SERE "
+            "gives), the teacher's second (the EMA copy, run under torch.no_grad())"
+        )
+
+
 def _check_geometry(boxes: Tensor, views: int, batch: int) -> None:
     """Boxes ``(B, V, 4)`` (checked by ``_geometry``) must describe ``views`` views of ``batch``."""
     if boxes.shape[1] != views:
@@ -604,6 +629,7 @@ class SpatialSelfRelationLoss(_Compilable):
             The loss, a float32 scalar.
         """
         tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        _check_roles(student_global, teacher_global)
         boxes, flips = _geometry(boxes, flips)
         args = (student_global, teacher_global, boxes, flips, student_local)
         out: Tensor = self._computed(self._loss, *args, global_grid, local_grid, tt, ts)
@@ -829,6 +855,7 @@ class ChannelSelfRelationLoss(_Compilable):
             The loss, a float32 scalar.
         """
         tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        _check_roles(student_global, teacher_global)
         out: Tensor = self._computed(
             self._loss, student_global, teacher_global, student_local, tt, ts
         )
@@ -1055,6 +1082,7 @@ class SERELoss(_Compilable):
         return_terms: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Compute ``alpha * L_p + beta * L_c``; arguments as ``SpatialSelfRelationLoss``."""
+        _check_roles(student_global, teacher_global)
         if self.spatial is not None:
             boxes, flips = _geometry(boxes, flips)
         args = (student_global, teacher_global, boxes, flips, student_local)
