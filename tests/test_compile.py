@@ -269,3 +269,23 @@ def test_a_compiler_failure_leaves_the_loss_eager_and_says_so() -> None:
     torch.testing.assert_close(sere(student, teacher, boxes, flips, local), loss)
     assert calls == [1]
     assert sere._compile_options is None
+
+
+def test_compiled_under_autocast_matches_eager_under_autocast() -> None:
+    # The graph is traced under bf16 autocast (the heads in bf16, the relations in float32):
+    # AOTAutograd's graph gives eager's values and gradients, and the relations stay float32.
+    student, teacher, local, boxes, flips = _crops()
+    torch.manual_seed(0)
+    sere = SERELoss(DIM, num_heads=HEADS)
+    compiled = copy.deepcopy(sere)
+    compiled.compile(backend="aot_eager")
+    results = []
+    for module in (sere, compiled):
+        sg, sl = student.clone().requires_grad_(), local.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, terms = module(sg, teacher, boxes, flips, sl, return_terms=True)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results.append((loss.detach(), terms["channel"], sg.grad, sl.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
