@@ -1,4 +1,4 @@
-"""SERELoss inside DistributedDataParallel: two CPU processes over gloo.
+"""SERELoss inside DistributedDataParallel, and TokenTap under FSDP: two CPU processes over gloo.
 
 One module-scoped launch runs ``_ddp_worker.py`` as two ranks (each its own interpreter). Each
 rank trains the same tiny student (linear backbone + SERELoss) in DDP without
@@ -229,6 +229,35 @@ def test_token_tap_under_ddp(run: Launch) -> None:
         block = results[rank]["local_grads"]["s.backbone.blocks.1.mlp.0.weight"]
         assert block.abs().sum() > 0, rank
     local = [r["local_grads"]["s.backbone.blocks.1.mlp.0.weight"] for r in results]
+    assert not torch.allclose(local[0], local[1])  # the ranks' data differ
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "fully_shard"])
+def test_token_tap_under_fsdp(run: Launch, kind: str) -> None:
+    # TokenTap on a DINOv2-style student (a list call on [globals, locals]) and its teacher,
+    # both sharded (the worker's run_sharded_tap_scenario): the classic FSDP wrapper tapped
+    # after wrapping, fully_shard tapped before. The maps are the unsharded model's, and the
+    # full gradients (the backbone's through the tapped tokens, SERE's heads in DDP beside it)
+    # are the same on both ranks and the mean of the ranks' local ones.
+    results = run.load(f"{kind}_tap")
+    for r in results:
+        layer = "FSDPBlockChunk" if kind == "fully_shard" else "BlockChunk"  # sharded in place
+        assert (r["family"], r["layer"]) == ("DINO-style TinyViT", layer)
+        _assert_same(r["loss"], r["local_loss"], f"{kind} loss vs local loss")
+        assert [tuple(m.shape) for m in r["maps"]] == [(2 * 4, 24, 4, 4), (2 * 4, 24, 2, 2)]
+        for got, want in zip(r["maps"], r["local_maps"], strict=True):
+            _assert_same(got, want, f"{kind} maps vs local maps")
+    names = set(results[0]["local_grads"])
+    assert {"s.blocks.1.1.mlp.0.weight", "s.register_tokens"} <= names
+    for rank, r in enumerate(results):
+        assert set(r["sharded_grads"]) == names, (rank, names ^ set(r["sharded_grads"]))
+    for name in sorted(names):
+        sharded = [r["sharded_grads"][name] for r in results]
+        _assert_same(sharded[0], sharded[1], f"{kind} gradient of {name} across ranks")
+        mean = (results[0]["local_grads"][name] + results[1]["local_grads"][name]) / 2
+        _assert_same(sharded[0], mean, f"{kind} gradient of {name} vs local mean", **MEAN)
+    local = [r["local_grads"]["s.blocks.1.1.mlp.0.weight"] for r in results]
+    assert local[0].abs().sum() > 0
     assert not torch.allclose(local[0], local[1])  # the ranks' data differ
 
 
