@@ -261,6 +261,37 @@ def test_token_tap_under_fsdp(run: Launch, kind: str) -> None:
     assert not torch.allclose(local[0], local[1])  # the ranks' data differ
 
 
+def test_sere_beside_an_fsdp_student_trains_and_resumes(run: Launch) -> None:
+    # The pattern of the DINOv2 guide (the worker's run_beside_scenario): SERE in its own DDP
+    # wrapper beside an FSDP student, its groups joining the optimizer's, its clipping, its
+    # checkpoint keys. A third step after a save and a load equals the uninterrupted third step.
+    results = run.load("beside")
+    for rank, r in enumerate(results):
+        losses = [s["loss"] for s in r["straight"]]
+        assert all(torch.isfinite(loss) for loss in losses), rank
+        # SERE's entries are in the object's state dict, under the wrapper's name
+        keys = [k for k in r["saved_keys"] if k.startswith("sere.module.")]
+        assert len(keys) == len(r["straight_sere"]) > 0
+        assert any("teacher_projection" in k for k in keys)
+        assert r["missing"] == []
+        assert all(k.endswith("._flat_param") for k in r["unexpected"]), r["unexpected"]
+        # its clipping acted: the norm before was above the bound, after it is the bound
+        for s in r["straight"]:
+            assert float(s["norm"]) > r["sere_clip"]
+            assert float(s["clipped"]) == pytest.approx(r["sere_clip"], rel=1e-4)
+        # the heads trained, the teacher heads moved by their EMA
+        first = r["initial_sere"]
+        moved = [k for k, v in r["straight_sere"].items() if not torch.equal(v, first[k])]
+        assert any("teacher_projection" in k for k in moved)
+        assert any("heads.prediction" in k for k in moved)
+        _assert_same(r["resumed"]["loss"], r["straight"][2]["loss"], f"rank {rank}: third loss")
+        for k, v in r["straight_sere"].items():
+            _assert_same(r["resumed_sere"][k], v, f"rank {rank}: {k} after the third step")
+    for k in results[0]["straight_sere"]:
+        if "running" not in k and "num_batches" not in k:  # DDP keeps the parameters equal
+            _assert_same(results[0]["straight_sere"][k], results[1]["straight_sere"][k], k)
+
+
 @pytest.mark.parametrize("scenario", DISJOINT_SCENARIOS)
 def test_ddp_no_overlapping_views_does_not_stall(run: Launch, scenario: str) -> None:
     results = run.load(scenario)  # present: the step finished on both ranks
