@@ -602,22 +602,16 @@ class _ListOut(nn.Module):
 def test_list_call_errors_name_the_cause() -> None:
     torch.manual_seed(0)
     vit = TinyViT(nested=True).eval()
-    layer = _ListOut(split=False)
+    layer = _ListOut(split=True)
     vit.add_module("extra", layer)  # a layer of the model, after the embedding
-    with TokenTap(vit, layer=layer) as tap:
-        tokens = [vit.embed(_images(8, 8)), vit.embed(_images(8, 8))]
-        layer(tokens)
-        with pytest.raises(ValueError, match=re.escape(
-            "output 0 of the tapped _ListOut (element 0 of a list call of 1) took a list of 2 "
-            "token tensors and returned a Tensor; TokenTap pairs each element of the output with "
-            "the element of the input at its place"
-        )):  # fmt: skip
-            tap.pop()
-    layer.split = True
     with TokenTap(vit, layer=layer) as tap:
         tokens = vit.embed(_images(8, 8, n=2 * B))
         layer([tokens])  # one image tensor embedded, a list of one in, a list of two out
-        with pytest.raises(ValueError, match=r"took a list of 1 token tensors and returned 2 "):
+        with pytest.raises(ValueError, match=re.escape(
+            "output 0 of the tapped _ListOut (element 0 of a list call of 2) took a list of 1 "
+            "token tensors and returned 2 items; TokenTap pairs each element of the output with "
+            "the element of the input at its place"
+        )):  # fmt: skip
             tap.pop()
     with TokenTap(vit, layer=vit.blocks[-1]) as tap:
         tokens = vit.embed(_images(8, 8))
@@ -627,6 +621,13 @@ def test_list_call_errors_name_the_cause() -> None:
             "previous output ((8, 8)): each element needs the image size of its own call"
         )):  # fmt: skip
             tap.pop()
+    # A layer given a list that returns one tensor is read as one output, as before list calls
+    layer.split = False
+    with TokenTap(vit, layer=layer) as tap:
+        tokens = vit.embed(_images(8, 8))
+        out = layer([tokens])
+        (maps,) = tap.pop()
+    assert torch.equal(maps, _grid_maps(out, 1, 2, 2))
 
 
 def test_tokens_paired_with_another_images_size_say_so() -> None:

@@ -309,17 +309,17 @@ def _image_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int
     return None
 
 
-def _is_tensor_list(value: object) -> TypeGuard[list[Tensor] | tuple[Tensor, ...]]:
-    """A list or tuple of token tensors: the input of a list call."""
+def _is_token_list(value: object) -> TypeGuard[list[Tensor] | tuple[Tensor, ...]]:
+    """A list or tuple of token tensors ``(B, T, C)``: the input of a list call."""
     return (
         isinstance(value, (list, tuple))
         and len(value) > 0
-        and all(isinstance(v, Tensor) for v in value)
+        and all(isinstance(v, Tensor) and v.ndim == 3 for v in value)
     )
 
 
 def _split_list_call(
-    count: int, output: object, seen: list[Size | None], suspect: bool
+    count: int, output: list[Any] | tuple[Any, ...], seen: list[Size | None], suspect: bool
 ) -> list[_Output]:
     """The outputs of a layer called with a list of ``count`` token tensors, one per element.
 
@@ -329,16 +329,14 @@ def _split_list_call(
     reason, for ``pop`` to raise.
     """
     sizes = tuple(hw for hw in seen if hw is not None)
-    elements = list(output) if isinstance(output, (list, tuple)) else None
+    elements = list(output)
     problem = None
-    if elements is None or len(elements) != count:
-        got = f"a {type(output).__name__}" if elements is None else f"{len(elements)} items"
+    if len(elements) != count:
         problem = (
-            f"took a list of {count} token tensors and returned {got}; TokenTap pairs each "
-            "element of the output with the element of the input at its place. Tap a layer "
-            "that returns one tensor per input element (layer=)"
+            f"took a list of {count} token tensors and returned {len(elements)} items; TokenTap "
+            "pairs each element of the output with the element of the input at its place. Tap "
+            "a layer that returns one tensor per input element (layer=)"
         )
-        elements = [output] if elements is None else elements
     elif len(seen) < count or any(hw is None for hw in seen[-count:]):
         problem = (
             f"took a list of {count} token tensors, but {len(sizes)} image tensor(s) entered the "
@@ -558,9 +556,9 @@ class TokenTap:
         )
         seen, self._seen = self._seen, []
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if _is_tensor_list(first):
+        if _is_token_list(first) and isinstance(output, (list, tuple)):
             self._captured += _split_list_call(len(first), output, seen, suspect)
-        else:
+        else:  # one tensor of tokens, or a tuple that starts with them (HF's layers in 4.x)
             tokens = output[0] if isinstance(output, (tuple, list)) and output else output
             if seen:
                 self._last_hw = seen[-1]
