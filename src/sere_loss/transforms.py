@@ -781,17 +781,16 @@ class CropTracker:
             out = self.transform(image)
         calls = list(self.recorder.root.views())
         self.recorder.reset()
-        what = "the transform"
         if isinstance(out, _IMAGES):
             raise TypeError(
                 "CropTracker needs a multi-crop transform, which returns its views in a list, "
-                f"tuple or dict, but {what} returned one image ({type(out).__name__}); to "
+                f"tuple or dict, but the transform returned one image ({type(out).__name__}); to "
                 "track a single pipeline as a multi-crop of one view, pass [pipeline]"
             )
         if not isinstance(out, (list, tuple, Mapping)):
             raise TypeError(
                 "CropTracker needs a multi-crop transform, which returns its views in a list, "
-                f"tuple or dict (nested ones too), but {what} returned {type(out).__name__}"
+                f"tuple or dict (nested ones too), but the transform returned {type(out).__name__}"
             )
         if per_view:
             nested = [k for k, view in enumerate(out) if not isinstance(view, _IMAGES)]
@@ -806,8 +805,8 @@ class CropTracker:
         views = list(found.values())
         if len(calls) != len(views):
             raise ValueError(
-                f"{what} returned {len(views)} views (distinct images, in the order it holds "
-                f"them) but {len(calls)} calls drew one image each (tracked: "
+                f"the transform returned {len(views)} views (distinct images, in the order it "
+                f"holds them) but {len(calls)} calls drew one image each (tracked: "
                 f"{', '.join(self.tracked)}); each view must come from one call to an object "
                 "that holds its crop and flip"
             )
@@ -815,9 +814,9 @@ class CropTracker:
         given = [_image_hw(view) for view in views]
         if drawn != given and _same_sizes(drawn, given):
             raise ValueError(
-                f"{what} returns views of sizes {given}, in the order it holds them, but drew "
-                f"them in the order {drawn}: CropTracker pairs the k-th view it holds with the "
-                "k-th one drawn, so hold the views in the order they are drawn"
+                f"the transform returns views of sizes {given}, in the order it holds them, but "
+                f"drew them in the order {drawn}: CropTracker pairs the k-th view it holds with "
+                "the k-th one drawn, so hold the views in the order they are drawn"
             )
         geometry = [_geometry(call.leaves()) for call in calls]
         boxes = torch.tensor([box for box, _ in geometry], dtype=torch.float32)
@@ -827,7 +826,7 @@ class CropTracker:
             taken = [key for key in _GEOMETRY_KEYS if key in out]
             if taken:
                 raise ValueError(
-                    f"{what} returned a dict that already has {taken}: CropTracker adds the "
+                    f"the transform returned a dict that already has {taken}: CropTracker adds the "
                     "views' boxes and flips under the keys 'boxes' and 'flips'"
                 )
             return {**plain, "boxes": boxes, "flips": flips}
