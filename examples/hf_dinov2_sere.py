@@ -7,7 +7,9 @@ multi-crop, one ``Compose`` per view. The lines that SERE adds end with ``# SERE
 ``CropTracker`` keeps that multi-crop and records each view's box and flip, ``TokenTap`` reads
 the patch tokens of the last layer (before the final layer norm, CLS and register tokens
 dropped) without touching the model, and the loss and its teacher heads come in beside DINO's.
-The result is saved with ``save_pretrained``, ready for ``Dinov2Model.from_pretrained``.
+The result is saved with ``save_pretrained``, ready for ``Dinov2Model.from_pretrained``. The
+loop, ``train``, takes any ``transformers`` model that ``TokenTap`` finds (``hf_dinov3_sere.py``
+runs it on ``DINOv3ViTModel``).
 
     pip install -e ".[hf]"     # or ".[dev]"
     python examples/hf_dinov2_sere.py                       # a small random Dinov2 on a CPU
@@ -29,7 +31,7 @@ from dino_sere import DINOHead, DINOLoss
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Config, Dinov2Model, PreTrainedModel
 
 import sere_loss  # SERE
 from sere_loss.transforms import CropTracker  # SERE
@@ -75,17 +77,19 @@ def build_model(args: argparse.Namespace) -> Dinov2Model:
 
 
 # --8<-- [start:embed]
-def embed(model: Dinov2Model, head: nn.Module, views: list[Tensor]) -> Tensor:
+def embed(model: PreTrainedModel, head: nn.Module, views: list[Tensor]) -> Tensor:
     """Head logits of every view from the CLS token; one forward per view size."""
     groups = [views[:2], views[2:]] if len(views) > 2 else [views]
     return torch.cat([head(model(torch.cat(g)).pooler_output) for g in groups])
     # --8<-- [end:embed]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None = None, *, model: str = "Dinov2", example: str = "facebook/dinov2-small"
+) -> argparse.Namespace:
     """Command line; the defaults are a small random model on a CPU."""
-    p = argparse.ArgumentParser(description="continued pre-training of Dinov2 with DINO + SERE")
-    p.add_argument("--pretrained", help="a Hub name (facebook/dinov2-small) or a local directory")
+    p = argparse.ArgumentParser(description=f"continued pre-training of {model} with DINO + SERE")
+    p.add_argument("--pretrained", help=f"a Hub name ({example}) or a local directory")
     p.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder path")
     p.add_argument("--global-px", type=int, default=64)
     p.add_argument("--local-px", type=int, default=32)
@@ -99,14 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-grad", type=float, default=3.0)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/hf_dinov2_sere"))
+    p.add_argument("--output-dir", type=Path, default=Path(f"runs/hf_{model.lower()}_sere"))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    """Train; returns every step's losses."""
+    """Train a Dinov2Model; returns every step's losses."""
     args = parse_args(argv)
     torch.manual_seed(0)
+    return train(args, build_model(args))
+
+
+def train(args: argparse.Namespace, model: PreTrainedModel) -> list[dict[str, float]]:
+    """DINO + SERE continued pre-training of ``model``; returns every step's losses."""
     device = torch.device(args.device)
     # --8<-- [start:tracker]
     transform = MultiCrop(args.global_px, args.local_px, args.num_local)
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     )  # fmt: skip
 
     # --8<-- [start:setup]
-    student = build_model(args).to(device).train()
+    student = model.to(device).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # no dropout or drop path
     dim = student.config.hidden_size
     student_head = DINOHead(dim, args.out_dim, 2048 if args.pretrained else 256, 256).to(device)
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     # --8<-- [start:save]
-    student.save_pretrained(args.output_dir / "student")  # for Dinov2Model.from_pretrained
+    student.save_pretrained(args.output_dir / "student")  # for from_pretrained
     state = {"teacher": teacher.state_dict(), "optimizer": optimizer.state_dict()}
     state["sere"] = sere.state_dict()  # SERE: its heads, the teacher's among them
     torch.save(state, args.output_dir / "checkpoint.pth")

@@ -2,7 +2,11 @@
 
 Written for these tests from the structure DINO and iBOT use (``patch_embed`` with an int
 ``patch_size``, a ``cls_token``, ``blocks`` in a ``ModuleList``, a final ``norm``; a wrapper that
-runs the backbone once per crop resolution), not from their code.
+runs the backbone once per crop resolution), not from their code. ``TinyViT(registers=4,
+nested=True)`` has the structure of DINOv2's own ViT as its student calls it: register tokens
+after CLS, a forward that takes a list of image batches, embeds each in turn and runs every
+block once on the list of token tensors (``NestedBlock``: a list in, a list out, in order), and
+optionally blocks grouped in chunks (``BlockChunk``, a ``ModuleList`` with a forward).
 """
 
 from __future__ import annotations
@@ -40,11 +44,36 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class NestedBlock(Block):
+    """A block that also takes a list of token tensors and returns the list of their outputs.
+
+    DINOv2's ``NestedTensorBlock`` runs the list as one sequence with block-diagonal attention
+    (xFormers), which equals running each element on its own, as done here.
+    """
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:  # type: ignore[override]
+        if isinstance(x, list):
+            return [super(NestedBlock, self).forward(t) for t in x]
+        return super().forward(x)
+
+
+class BlockChunk(nn.ModuleList):
+    """Blocks run in turn: DINOv2 groups its blocks so, for FSDP to wrap each group."""
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        for block in self:
+            x = block(x)
+        return x
+
+
 class TinyViT(nn.Module):
     """DINO-style ViT returning the CLS token after the final norm.
 
     ``checkpoint`` runs every block under ``torch.utils.checkpoint`` (``"reentrant"`` or
     ``"non_reentrant"``), or all blocks as one reentrant segment (``"reentrant_segment"``).
+    ``registers`` adds register tokens after CLS; ``nested`` makes the blocks ``NestedBlock``s
+    and lets the forward take a list of image batches (one CLS output per element, in a list);
+    ``chunks`` groups the blocks in that many ``BlockChunk``s.
     """
 
     def __init__(
@@ -56,19 +85,40 @@ class TinyViT(nn.Module):
         *,
         mix: bool = True,
         checkpoint: str | None = None,
+        registers: int = 0,
+        nested: bool = False,
+        chunks: int = 0,
     ) -> None:
         super().__init__()
         self.embed_dim = dim
+        self.num_heads = heads
         self.patch_embed = PatchEmbed(patch, dim)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mix) for _ in range(depth))
+        self.num_register_tokens = registers
+        self.register_tokens = (
+            nn.Parameter(0.02 * torch.randn(1, registers, dim)) if registers else None
+        )
+        block = NestedBlock if nested else Block
+        blocks = [block(dim, heads, mix) for _ in range(depth)]
+        if chunks:
+            size = depth // chunks
+            self.blocks = nn.ModuleList(
+                BlockChunk(blocks[i : i + size]) for i in range(0, depth, size)
+            )
+        else:
+            self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
         self.checkpoint = checkpoint
 
-    def tokens(self, x: Tensor) -> Tensor:
-        """The last block's output, CLS first, before the final norm: (B, 1 + N, C)."""
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch tokens with CLS and the registers before them: (B, 1 + R + N, C)."""
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [p for p in (self.cls_token, self.register_tokens) if p is not None]
+        return torch.cat([p.expand(x.shape[0], -1, -1) for p in prefix] + [x], dim=1)
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """The last block's output, CLS first, before the final norm: (B, 1 + R + N, C)."""
+        x = self.embed(x)
         if self.checkpoint == "reentrant_segment":
             return checkpoint(self._run_blocks, x, use_reentrant=True)  # type: ignore[no-any-return]
         for block in self.blocks:
@@ -83,7 +133,12 @@ class TinyViT(nn.Module):
             x = block(x)
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, list):  # DINOv2's student: every element through each block at once
+            tokens: list[Tensor] = [self.embed(images) for images in x]
+            for block in self.blocks:
+                tokens = block(tokens)
+            return [self.norm(t)[:, 0] for t in tokens]
         return self.norm(self.tokens(x))[:, 0]
 
 

@@ -1,18 +1,22 @@
 """CropTracker: geometry recorded from multi-crop pipelines we did not write.
 
-Three kinds of pipeline, as users have them: torchvision v2 ``Compose`` per view with colour
+Four kinds of pipeline, as users have them: torchvision v2 ``Compose`` per view with colour
 transforms and a custom callable; the classic torchvision (v1) pipeline of the official DINO
 repository (written here from its published recipe: per-view ``RandomResizedCrop`` with bicubic
 resizing, one flip-and-colour ``Compose`` shared by every view, PIL blur and solarisation
-classes drawing from Python's ``random``, ``ToTensor`` and ``Normalize``); and lightly's
-``DINOTransform``. For each: the same seeds give the same views and leave every random
-generator in the same state with and without tracking, and the recorded boxes and flips are
-checked pixel by pixel on images whose pixels encode their own coordinates (the helpers and
-tolerances of ``test_transforms.py``).
+classes drawing from Python's ``random``, ``ToTensor`` and ``Normalize``); DINOv2's, which
+returns a dict (written here from its published structure: a crop-and-flip ``Compose`` per
+kind of view, then colour ``Compose``s with a blur that subclasses ``RandomApply``, the views
+under ``global_crops``, ``global_crops_teacher`` (the same tensors), ``local_crops`` and an
+empty ``offsets``); and lightly's ``DINOTransform``. For each: the same seeds give the same
+views and leave every random generator in the same state with and without tracking, and the
+recorded boxes and flips are checked pixel by pixel on images whose pixels encode their own
+coordinates (the helpers and tolerances of ``test_transforms.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
 import random
 from collections.abc import Callable, Iterator
@@ -26,7 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from sere_loss.transforms import Crops, CropTracker
+from sere_loss.transforms import Crops, CropTracker, collate_crops
 from test_transforms import (
     H0,
     W0,
@@ -146,6 +150,76 @@ class DinoStyleAugmentation:
         return [self.first(image), self.second(image)] + [
             self.local(image) for _ in range(self.local_views)
         ]
+
+
+class _BlurApply(v1.RandomApply):
+    """A Gaussian blur applied with probability ``p``, as a ``RandomApply`` subclass.
+
+    DINOv2's blur is built so: it hands ``RandomApply`` the probability of *keeping* the
+    image, ``1 - p``, which ``RandomApply`` takes as the probability of blurring.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__([v1.GaussianBlur(9, sigma=(0.1, 2.0))], p=1 - p)
+
+
+class DinoV2StyleAugmentation:
+    """DINOv2's multi-crop structure, in torchvision v1, returning a dict (see the docstring).
+
+    With ``photometric=False`` no colour step fires and normalisation is the identity, so the
+    pixels keep their coordinates.
+    """
+
+    def __init__(self, local_views: int = 3, photometric: bool = True) -> None:
+        def geometric(px: int, scale: tuple[float, float]) -> v1.Compose:
+            crop = v1.RandomResizedCrop(px, scale=scale, interpolation=BICUBIC)
+            return v1.Compose([crop, v1.RandomHorizontalFlip(p=0.5)])
+
+        self.geometric_global = geometric(64, (0.32, 1.0))
+        self.geometric_local = geometric(32, (0.05, 0.32))
+        on = 1.0 if photometric else 0.0
+        colour = v1.Compose(
+            [
+                v1.RandomApply([v1.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8 * on),
+                v1.RandomGrayscale(p=0.2 * on),
+            ]
+        )
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if photometric else (0, 1)
+        finish = v1.Compose([v1.ToTensor(), v1.Normalize(mean, std)])
+        solarize = v1.RandomSolarize(threshold=128, p=0.2 * on)
+        self.global1 = v1.Compose([colour, _BlurApply(1.0 * on), finish])
+        self.global2 = v1.Compose([colour, v1.Compose([_BlurApply(0.1 * on), solarize]), finish])
+        self.local = v1.Compose([colour, _BlurApply(0.5 * on), finish])
+        self.local_views = local_views
+
+    def __call__(self, image: Image.Image) -> dict[str, Any]:
+        first = self.global1(self.geometric_global(image))
+        second = self.global2(self.geometric_global(image))
+        locals_ = [self.local(self.geometric_local(image)) for _ in range(self.local_views)]
+        return {
+            "global_crops": [first, second],
+            "global_crops_teacher": [first, second],
+            "local_crops": locals_,
+            "offsets": (),
+        }
+
+
+def _dinov2_views(sample: dict[str, Any]) -> Crops:
+    """The views of a DINOv2-style sample in the order the tracker's boxes follow."""
+    views = [*sample["global_crops"], *sample["local_crops"]]
+    return Crops(views, sample["boxes"], sample["flips"])
+
+
+def _dinov2_collate(samples: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
+    """A trainer's own collate that builds its batch from the keys it knows, as DINOv2's does:
+    the views of one kind stacked view-major (all samples' first view, then their second)."""
+    out = {}
+    for kind in ("global_crops", "local_crops"):
+        count = len(samples[0][0][kind])
+        out[f"collated_{kind}"] = torch.stack(
+            [sample[kind][i] for i in range(count) for sample, _ in samples]
+        )
+    return out
 
 
 def _lightly(photometric: bool = True) -> Any:
@@ -272,6 +346,89 @@ def _check_pil_views(crops: Crops) -> set[bool]:
         assert ex <= 1.5, f"view {v}: x off by {ex:.2f} px (box {box}, {flip=})"
         assert ey <= 1.5, f"view {v}: y off by {ey:.2f} px (box {box}, {flip=})"
     return flips
+
+
+@pytest.mark.usefixtures("seeded")
+class TestDictTransform:
+    """DINOv2's augmentation: a dict of views, kept as it is, with the geometry beside it."""
+
+    def test_the_same_dict_and_random_state_with_boxes_and_flips_added(self) -> None:
+        transform = DinoV2StyleAugmentation()
+        tracker = CropTracker(transform)
+        for seed in range(4):
+            _seed(seed)
+            expected = transform(_pil_image())
+            after = _states()
+            _seed(seed)
+            got = tracker(_pil_image())
+            assert list(got) == [*expected, "boxes", "flips"]  # the keys, in their order
+            for key in ("global_crops", "global_crops_teacher", "local_crops"):
+                assert len(got[key]) == len(expected[key])
+                for view, want in zip(got[key], expected[key], strict=True):
+                    assert type(view) is torch.Tensor
+                    assert torch.equal(view, want)
+            assert got["offsets"] == ()
+            assert got["global_crops_teacher"][1] is got["global_crops"][1]  # still one object
+            assert got["boxes"].shape == (2 + 3, 4)
+            assert got["boxes"].dtype == torch.float32
+            assert got["flips"].shape == (2 + 3,)
+            assert got["flips"].dtype == torch.bool
+            now = _states()
+            assert torch.equal(now[0], after[0])
+            assert now[1:] == after[1:]
+
+    def test_coordinate_image(self) -> None:
+        tracker = CropTracker(DinoV2StyleAugmentation(photometric=False))
+        assert tracker.tracked == ["transform.geometric_global", "transform.geometric_local"]
+        flips: set[bool] = set()
+        for _ in range(6):
+            sample = tracker(_pil_coordinate_image())
+            flips |= _check_pil_views(_dinov2_views(sample))
+        assert flips == {False, True}
+
+    def test_the_check_can_fail(self) -> None:
+        # The global views' boxes swapped, or the locals': caught pixel by pixel.
+        tracker = CropTracker(DinoV2StyleAugmentation(photometric=False))
+        crops = _dinov2_views(tracker(_pil_coordinate_image()))
+        for a, b in ((0, 1), (2, 3)):
+            order = list(range(5))
+            order[a], order[b] = b, a
+            with pytest.raises(AssertionError, match="off by"):
+                _check_pil_views(Crops(crops.views, crops.boxes[order], crops.flips[order]))
+
+    def test_collate_crops_adds_the_geometry_to_the_trainers_own_batch(self) -> None:
+        tracker = CropTracker(DinoV2StyleAugmentation(local_views=2))
+        samples = [(tracker(_pil_image()), ()) for _ in range(3)]
+        collate = functools.partial(collate_crops, collate_fn=_dinov2_collate)
+        batch = pickle.loads(pickle.dumps(collate))(samples)  # as a worker gets it
+        assert list(batch) == ["collated_global_crops", "collated_local_crops", "boxes", "flips"]
+        assert batch["collated_global_crops"].shape == (2 * 3, 3, 64, 64)
+        assert batch["boxes"].shape == (3, 4, 4)
+        assert batch["flips"].shape == (3, 4)
+        for b, (sample, _) in enumerate(samples):
+            assert torch.equal(batch["boxes"][b], sample["boxes"])
+            assert torch.equal(batch["flips"][b], sample["flips"])
+            # view v of sample b is row v * B + b of its kind's stack (view-major)
+            assert torch.equal(batch["collated_global_crops"][3 + b], sample["global_crops"][1])
+        # default_collate batches the dicts as they are, geometry included
+        plain = default_collate([sample for sample, _ in samples])
+        assert torch.equal(plain["boxes"], batch["boxes"])
+        assert torch.equal(collate_crops([s for s, _ in samples])["flips"], batch["flips"])
+
+    def test_nested_lists_are_kept(self) -> None:
+        class Pair:  # (globals, locals): a nested structure, no dict
+            def __init__(self) -> None:
+                self.inner = DinoV2StyleAugmentation(local_views=2, photometric=False)
+
+            def __call__(self, image: Image.Image) -> tuple[list[Any], list[Any]]:
+                out = self.inner(image)
+                return out["global_crops"], out["local_crops"]
+
+        crops = CropTracker(Pair())(_pil_coordinate_image())
+        assert isinstance(crops, Crops)
+        assert [len(group) for group in crops.views] == [2, 2]
+        views = [*crops.views[0], *crops.views[1]]
+        _check_pil_views(Crops(views, crops.boxes, crops.flips))
 
 
 @pytest.mark.usefixtures("seeded")
@@ -432,8 +589,55 @@ class TestRefused:
 
     def test_a_single_pipeline_is_not_a_multi_crop(self) -> None:
         tracker = CropTracker(v2.Compose([v2.RandomResizedCrop(32), v2.RandomHorizontalFlip()]))
-        with pytest.raises(TypeError, match=r"returns a list of views.*pass \[pipeline\]"):
+        with pytest.raises(
+            TypeError, match=r"returned one image \(Tensor\); to track a single pipeline as a "
+            r"multi-crop of one view, pass \[pipeline\]"
+        ):  # fmt: skip
             tracker(_uint8_image())
+
+    def test_a_dict_transform_in_a_list_says_to_pass_it_as_it_is(self) -> None:
+        tracker = CropTracker([DinoV2StyleAugmentation()])
+        with pytest.raises(TypeError, match=r"pipeline 0 returned dict, not one image: pass a "
+                           r"multi-crop transform itself, not in a list"):  # fmt: skip
+            tracker(_pil_image())
+
+    def test_a_transform_that_returns_something_else(self) -> None:
+        class Boxed:
+            def __init__(self) -> None:
+                self.crop = v2.RandomResizedCrop(32)
+
+            def __call__(self, image: Any) -> object:
+                return {"views": [self.crop(image)]}.items()
+
+        with pytest.raises(TypeError, match=r"list, tuple or dict \(nested ones too\), but the "
+                           r"transform returned dict_items"):  # fmt: skip
+            CropTracker(Boxed())(_uint8_image())
+
+    def test_a_dict_that_has_the_keys_already(self) -> None:
+        class Keyed(DinoV2StyleAugmentation):
+            def __call__(self, image: Image.Image) -> dict[str, Any]:
+                return {**super().__call__(image), "flips": None}
+
+        with pytest.raises(ValueError, match=r"already has \['flips'\]: CropTracker adds"):
+            CropTracker(Keyed())(_pil_image())
+
+    def test_views_held_in_another_order_than_drawn(self) -> None:
+        class LocalsFirst(DinoV2StyleAugmentation):
+            def __call__(self, image: Image.Image) -> dict[str, Any]:
+                out = super().__call__(image)
+                return {"local_crops": out["local_crops"], "global_crops": out["global_crops"]}
+
+        drawn = r"returns views of sizes \[\(32, 32\), .* but drew them in the order \[\(64, 64\), "
+        with pytest.raises(ValueError, match=drawn + r".*hold the views in the order they are"):
+            CropTracker(LocalsFirst())(_pil_image())
+
+    def test_collate_crops_errors(self) -> None:
+        tracker = CropTracker(DinoV2StyleAugmentation(local_views=1))
+        samples = [(tracker(_pil_image()), ())]
+        with pytest.raises(TypeError, match=r"collate_fn returned tuple: collate_crops adds"):
+            collate_crops(samples, collate_fn=lambda batch: tuple(batch))
+        with pytest.raises(TypeError, match=r"sample 0 of the batch holds no boxes and flips"):
+            collate_crops([({"global_crops": []}, ())], collate_fn=_dinov2_collate)
 
     def test_views_that_no_pipeline_drew(self) -> None:
         crop = v2.RandomResizedCrop(32)
@@ -445,7 +649,8 @@ class TestRefused:
             def __call__(self, image: Any) -> list[Any]:
                 return [self.crop(image), v2.functional.resize(image, [32, 32])]
 
-        with pytest.raises(ValueError, match=r"returned 2 views but 1 calls drew one image each"):
+        with pytest.raises(ValueError, match=r"returned 2 views \(distinct images, in the order it "
+                           r"holds them\) but 1 calls drew one image each"):  # fmt: skip
             CropTracker(TwoViewsOneCrop())(_uint8_image())
 
 

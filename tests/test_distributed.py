@@ -1,4 +1,4 @@
-"""SERELoss inside DistributedDataParallel: two CPU processes over gloo.
+"""SERELoss inside DistributedDataParallel, and TokenTap under FSDP: two CPU processes over gloo.
 
 One module-scoped launch runs ``_ddp_worker.py`` as two ranks (each its own interpreter). Each
 rank trains the same tiny student (linear backbone + SERELoss) in DDP without
@@ -247,6 +247,66 @@ def test_token_tap_under_ddp(run: Launch) -> None:
         assert block.abs().sum() > 0, rank
     local = [r["local_grads"]["s.backbone.blocks.1.mlp.0.weight"] for r in results]
     assert not torch.allclose(local[0], local[1])  # the ranks' data differ
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "fully_shard"])
+def test_token_tap_under_fsdp(run: Launch, kind: str) -> None:
+    # TokenTap on a DINOv2-style student (a list call on [globals, locals]) and its teacher,
+    # both sharded (the worker's run_sharded_tap_scenario): the classic FSDP wrapper tapped
+    # after wrapping, fully_shard tapped before. The maps are the unsharded model's, and the
+    # full gradients (the backbone's through the tapped tokens, SERE's heads in DDP beside it)
+    # are the same on both ranks and the mean of the ranks' local ones.
+    results = run.load(f"{kind}_tap")
+    for r in results:
+        layer = "FSDPBlockChunk" if kind == "fully_shard" else "BlockChunk"  # sharded in place
+        assert (r["family"], r["layer"]) == ("DINO-style TinyViT", layer)
+        _assert_same(r["loss"], r["local_loss"], f"{kind} loss vs local loss")
+        assert [tuple(m.shape) for m in r["maps"]] == [(2 * 4, 24, 4, 4), (2 * 4, 24, 2, 2)]
+        for got, want in zip(r["maps"], r["local_maps"], strict=True):
+            _assert_same(got, want, f"{kind} maps vs local maps")
+    names = set(results[0]["local_grads"])
+    assert {"s.blocks.1.1.mlp.0.weight", "s.register_tokens"} <= names
+    for rank, r in enumerate(results):
+        assert set(r["sharded_grads"]) == names, (rank, names ^ set(r["sharded_grads"]))
+    for name in sorted(names):
+        sharded = [r["sharded_grads"][name] for r in results]
+        _assert_same(sharded[0], sharded[1], f"{kind} gradient of {name} across ranks")
+        mean = (results[0]["local_grads"][name] + results[1]["local_grads"][name]) / 2
+        _assert_same(sharded[0], mean, f"{kind} gradient of {name} vs local mean", **MEAN)
+    local = [r["local_grads"]["s.blocks.1.1.mlp.0.weight"] for r in results]
+    assert local[0].abs().sum() > 0
+    assert not torch.allclose(local[0], local[1])  # the ranks' data differ
+
+
+def test_sere_beside_an_fsdp_student_trains_and_resumes(run: Launch) -> None:
+    # The pattern of the DINOv2 guide (the worker's run_beside_scenario): SERE in its own DDP
+    # wrapper beside an FSDP student, its groups joining the optimizer's, its clipping, its
+    # checkpoint keys. A third step after a save and a load equals the uninterrupted third step.
+    results = run.load("beside")
+    for rank, r in enumerate(results):
+        losses = [s["loss"] for s in r["straight"]]
+        assert all(torch.isfinite(loss) for loss in losses), rank
+        # SERE's entries are in the object's state dict, under the wrapper's name
+        keys = [k for k in r["saved_keys"] if k.startswith("sere.module.")]
+        assert len(keys) == len(r["straight_sere"]) > 0
+        assert any("teacher_projection" in k for k in keys)
+        assert r["missing"] == []
+        assert all(k.endswith("._flat_param") for k in r["unexpected"]), r["unexpected"]
+        # its clipping acted: the norm before was above the bound, after it is the bound
+        for s in r["straight"]:
+            assert float(s["norm"]) > r["sere_clip"]
+            assert float(s["clipped"]) == pytest.approx(r["sere_clip"], rel=1e-4)
+        # the heads trained, the teacher heads moved by their EMA
+        first = r["initial_sere"]
+        moved = [k for k, v in r["straight_sere"].items() if not torch.equal(v, first[k])]
+        assert any("teacher_projection" in k for k in moved)
+        assert any("heads.prediction" in k for k in moved)
+        _assert_same(r["resumed"]["loss"], r["straight"][2]["loss"], f"rank {rank}: third loss")
+        for k, v in r["straight_sere"].items():
+            _assert_same(r["resumed_sere"][k], v, f"rank {rank}: {k} after the third step")
+    for k in results[0]["straight_sere"]:
+        if "running" not in k and "num_batches" not in k:  # DDP keeps the parameters equal
+            _assert_same(results[0]["straight_sere"][k], results[1]["straight_sere"][k], k)
 
 
 @pytest.mark.parametrize("scenario", DISJOINT_SCENARIOS)

@@ -142,6 +142,7 @@ def test_lightly_example_trains(tmp_path: Path) -> None:
         "lightly_dino_sere.py",
         "lightning_dino_sere.py",
         "hf_dinov2_sere.py",
+        "hf_dinov3_sere.py",
     ],
 )
 def test_sere_lines_are_the_whole_difference(name: str) -> None:

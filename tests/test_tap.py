@@ -4,7 +4,8 @@ Every family is a randomly initialised, tiny model built from its config (no dow
 expected tokens come from the model's own routes to its last block, before the final norm:
 timm's ``forward_intermediates(norm=False)``, transformers' ``hidden_states[-1]`` (checked to be
 the input of the final layernorm), torchvision's encoder layers and ResNet stages called by
-hand, and the DINO-style test ViT's blocks called by hand.
+hand, and the DINO-style test ViT's blocks called by hand (for a list call as DINOv2's student
+makes it, each element's tokens by a call of its own). FSDP is in ``test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from _tiny_models import MultiCrop, TinyViT
+from _tiny_models import BlockChunk, MultiCrop, TinyViT
 from conftest import assert_close
 from sere_loss import SERELoss, TokenTap
 
@@ -157,11 +158,16 @@ def _hf(name: str) -> tuple[nn.Module, int]:
         return transformers.ViTModel(config, add_pooling_layer=False).eval(), 1
     if name == "Dinov2Model":
         return transformers.Dinov2Model(transformers.Dinov2Config(**common)).eval(), 1
+    if name == "DINOv3ViTModel":  # RoPE instead of a position embedding; registers by default
+        config = transformers.DINOv3ViTConfig(num_register_tokens=4, **common)
+        return transformers.DINOv3ViTModel(config).eval(), 1 + 4
     config = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **common)
     return transformers.Dinov2WithRegistersModel(config).eval(), 1 + 4
 
 
-@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "Dinov2WithRegistersModel"])
+@pytest.mark.parametrize(
+    "name", ["ViTModel", "Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel"]
+)
 def test_transformers_equals_last_hidden_state_before_the_norm(name: str) -> None:
     model, prefix = _hf(name)
     x = _images(32, 48)
@@ -172,7 +178,8 @@ def test_transformers_equals_last_hidden_state_before_the_norm(name: str) -> Non
         (maps,) = tap.pop()
     hidden = out.hidden_states[-1]
     # hidden_states[-1] is the last layer's output before the final layernorm:
-    assert_close(model.layernorm(hidden), out.last_hidden_state)
+    norm = model.norm if name == "DINOv3ViTModel" else model.layernorm
+    assert_close(norm(hidden), out.last_hidden_state)
     assert torch.equal(out.last_hidden_state, plain)
     assert torch.equal(maps, _grid_maps(hidden, prefix, 4, 6))
     assert (tap.num_prefix_tokens, tap.patch_size, tap.dim, tap.num_heads) == (
@@ -356,6 +363,31 @@ def test_a_layer_inside_a_reentrant_segment_warns_that_tokens_carry_no_gradient(
         assert tap.pop()[0].requires_grad
 
 
+@pytest.mark.parametrize("chunks", [0, 2], ids=["blocks", "block chunks"])
+def test_a_list_call_gives_one_map_per_element_on_its_own_grid(chunks: int) -> None:
+    # DINOv2's student: the backbone takes [globals, locals], embeds each in turn, and every
+    # block runs once on the list of their tokens. The maps must be each element's tokens as a
+    # call of its own gives them, each on the grid of its own images, registers dropped.
+    torch.manual_seed(0)
+    vit = TinyViT(depth=4, registers=4, nested=True, chunks=chunks).eval()
+    globals_, locals_ = _images(16, 24, n=2 * B), _images(8, 12, n=3 * B, seed=1)
+    with TokenTap(vit) as tap:
+        out = vit([globals_, locals_])
+        vit(globals_)  # the teacher's kind of call, on the same tap: one map more
+        maps = tap.pop()
+        with tap.paused():
+            expected = [vit.tokens(globals_), vit.tokens(locals_)]
+    assert isinstance(tap.layer, BlockChunk if chunks else nn.Module)
+    assert (tap.num_prefix_tokens, tap.dim, tap.num_heads) == (5, 24, 3)
+    assert [tuple(m.shape) for m in maps] == [(2 * B, 24, 4, 6), (3 * B, 24, 2, 3)] * 1 + [
+        (2 * B, 24, 4, 6)
+    ]
+    assert_close(maps[0], _grid_maps(expected[0], 5, 4, 6))
+    assert_close(maps[1], _grid_maps(expected[1], 5, 2, 3))
+    assert_close(maps[2], maps[0])
+    assert_close(out[1], vit.norm(expected[1])[:, 0])  # the list route is the model's own
+
+
 def test_tap_through_a_wrapper_with_module() -> None:
     # What DDP looks like to the tap: a wrapper whose .module is the model.
     class Wrapper(nn.Module):
@@ -485,8 +517,17 @@ def test_pop_errors_say_what_is_missing() -> None:
     with TokenTap(vit, num_prefix_tokens=2) as tap:
         vit(_images(8, 8))
         with pytest.raises(ValueError, match=re.escape(
-            "has 3 patch tokens (5 minus 2 prefix), but images of (8, 8) with patches of (4, 4) "
-            "make a 2 x 2 grid of 4: set num_prefix_tokens= and patch_size= to the model's"
+            "output 0 of the tapped Block has 3 patch tokens (5 minus 2 prefix), but images of "
+            "(8, 8) with patches of (4, 4) make a 2 x 2 grid of 4. With num_prefix_tokens=1 they "
+            "would fit"
+        )):  # fmt: skip
+            tap.pop()
+    # No prefix count fits: a patch size that is not the model's.
+    with TokenTap(vit, patch_size=2) as tap:
+        vit(_images(8, 8))
+        with pytest.raises(ValueError, match=re.escape(
+            "has 4 patch tokens (5 minus 1 prefix), but images of (8, 8) with patches of (2, 2) "
+            "make a 4 x 4 grid of 16: set num_prefix_tokens= and patch_size= to the model's"
         )):  # fmt: skip
             tap.pop()
     # Tokens without a prefix count the tap can read.
@@ -531,3 +572,72 @@ def test_an_image_not_a_multiple_of_the_patch_warns_once() -> None:
             vit(_images(14, 20))
             tap.pop()  # once per image size
     assert exact.shape[-2:] == cut.shape[-2:] == (3, 5)
+
+
+class _EmbedsAnother(TinyViT):
+    """Embeds a second batch of images after its own and drops it: the tap sees both sizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        tokens = self.embed(x)
+        self.patch_embed(x[..., :4, :4])  # a 1 x 1 grid, as a model's auxiliary input might be
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)[:, 0]
+
+
+class _ListOut(nn.Module):
+    """A layer that takes a list of token tensors: concatenates them, or splits one in two."""
+
+    def __init__(self, split: bool) -> None:
+        super().__init__()
+        self.split = split
+        self.mix = nn.Linear(24, 24)
+
+    def forward(self, x: list[torch.Tensor]) -> object:
+        if self.split:
+            return list(self.mix(x[0]).chunk(2))
+        return self.mix(torch.cat(x))
+
+
+def test_list_call_errors_name_the_cause() -> None:
+    torch.manual_seed(0)
+    vit = TinyViT(nested=True).eval()
+    layer = _ListOut(split=True)
+    vit.add_module("extra", layer)  # a layer of the model, after the embedding
+    with TokenTap(vit, layer=layer) as tap:
+        tokens = vit.embed(_images(8, 8, n=2 * B))
+        layer([tokens])  # one image tensor embedded, a list of one in, a list of two out
+        with pytest.raises(ValueError, match=re.escape(
+            "output 0 of the tapped _ListOut (element 0 of a list call of 2) took a list of 1 "
+            "token tensors and returned 2 items; TokenTap pairs each element of the output with "
+            "the element of the input at its place"
+        )):  # fmt: skip
+            tap.pop()
+    with TokenTap(vit, layer=vit.blocks[-1]) as tap:
+        tokens = vit.embed(_images(8, 8))
+        vit.blocks[-1]([tokens, tokens.clone()])  # two elements, one image batch embedded
+        with pytest.raises(ValueError, match=re.escape(
+            "took a list of 2 token tensors, but 1 image tensor(s) entered the model since the "
+            "previous output ((8, 8)): each element needs the image size of its own call"
+        )):  # fmt: skip
+            tap.pop()
+    # A layer given a list that returns one tensor is read as one output, as before list calls
+    layer.split = False
+    with TokenTap(vit, layer=layer) as tap:
+        tokens = vit.embed(_images(8, 8))
+        out = layer([tokens])
+        (maps,) = tap.pop()
+    assert torch.equal(maps, _grid_maps(out, 1, 2, 2))
+
+
+def test_tokens_paired_with_another_images_size_say_so() -> None:
+    torch.manual_seed(0)
+    vit = _EmbedsAnother().eval()
+    with TokenTap(vit) as tap:
+        vit(_images(8, 12))
+        with pytest.raises(ValueError, match=re.escape(
+            "has 6 patch tokens (7 minus 1 prefix), but images of (4, 4) with patches of (4, 4) "
+            "make a 1 x 1 grid of 1. They fit the images of (8, 12), which also entered the "
+            "model since the previous output"
+        )):  # fmt: skip
+            tap.pop()

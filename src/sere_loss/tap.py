@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from einops import rearrange
@@ -29,6 +29,23 @@ __all__ = ["TokenTap"]
 _PILE_UP = 64
 
 Grid = Callable[[tuple[int, int]], tuple[int, int]]
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One output of the tapped layer as captured: its tokens and the image size they belong to.
+
+    A list call (DINOv2's ``NestedTensorBlock`` given ``[globals, locals]``) gives one ``_Output``
+    per element, ``part`` ``(j, n)``: element ``j`` of ``n``.
+    """
+
+    tokens: object
+    hw: Size | None  # None when no image size can be paired with it (``problem`` says why)
+    suspect: bool  # a training layer run without autograd: pop() checks the tokens' graph
+    seen: tuple[Size, ...]  # the image sizes that entered the model since the previous output
+    part: tuple[int, int] | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,11 +86,17 @@ def _get(module: nn.Module, path: str) -> Any:
 
 
 def _blocks(module: nn.Module, *paths: str) -> nn.Module | None:
-    """The last module of the first non-empty ``ModuleList``/``Sequential`` among ``paths``."""
+    """The last module of the first non-empty ``ModuleList``/``Sequential`` among ``paths``.
+
+    A block that FSDP wrapped on its own is taken out of its wrapper: the same output.
+    """
     for path in paths:
         blocks = _get(module, path)
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-            return blocks[-1]
+            block: nn.Module = blocks[-1]
+            while _is_wrapper(block):
+                block = block.get_submodule("_fsdp_wrapped_module")
+            return block
     return None
 
 
@@ -81,23 +104,42 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _class_name(m: nn.Module) -> str:
+    """The model's class name; under ``fully_shard`` (``FSDPName``) that of the class it shards."""
+    cls = type(m)
+    for base in cls.__bases__:
+        if cls.__name__ == f"FSDP{base.__name__}":
+            return base.__name__
+    return cls.__name__
+
+
+def _is_wrapper(m: nn.Module) -> bool:
+    """The classic ``FullyShardedDataParallel`` wrapper, which forwards attribute reads inward."""
+    return "_fsdp_wrapped_module" in m._modules
+
+
 def _heads_of(block: nn.Module) -> int | None:
     return _int(_get(block, "attn.num_heads")) or _int(getattr(block, "num_heads", None))
 
 
 def _hf(m: nn.Module) -> _Backbone | None:
-    """HF transformers ViT-like models: ViTModel, Dinov2Model, Dinov2WithRegistersModel."""
+    """HF transformers ViT-like models: ViTModel, Dinov2Model (registers too), DINOv3ViTModel.
+
+    DINOv3 puts CLS then the registers before the patches, as Dinov2WithRegisters does, and
+    its RoPE keeps the patches row-major over the grid ``image size // patch size``.
+    """
     config = getattr(m, "config", None)
     embeddings = getattr(m, "embeddings", None)
     patch = _pair(getattr(config, "patch_size", None))
-    # transformers 5 keeps ViTModel's blocks in .layers, 4.x and Dinov2 in .encoder.layer.
-    layer = _blocks(m, "encoder.layer", "encoder.layers", "layers", "layer")
+    # transformers 5 keeps ViTModel's blocks in .layers, 4.x and Dinov2 in .encoder.layer,
+    # DINOv3ViTModel in .model.layer.
+    layer = _blocks(m, "encoder.layer", "encoder.layers", "model.layer", "layers", "layer")
     if config is None or not isinstance(embeddings, nn.Module) or patch is None or layer is None:
         return None
     has_cls = getattr(embeddings, "cls_token", None) is not None
     registers = _int(getattr(config, "num_register_tokens", 0)) or 0
     return _Backbone(
-        family=f"transformers {type(m).__name__}",
+        family=f"transformers {_class_name(m)}",
         model=m,
         layer=layer,
         entry=embeddings,
@@ -125,7 +167,7 @@ def _timm(m: nn.Module) -> _Backbone | None:
         return hw[0] // patch[0], hw[1] // patch[1]
 
     return _Backbone(
-        family=f"timm {type(m).__name__}",
+        family=f"timm {_class_name(m)}",
         model=m,
         layer=layer,
         entry=embed,
@@ -148,14 +190,15 @@ def _dino(m: nn.Module) -> _Backbone | None:
         return None
     registers = _int(getattr(m, "num_register_tokens", 0)) or 0  # DINOv2's own ViT has them
     return _Backbone(
-        family=f"DINO-style {type(m).__name__}",
+        family=f"DINO-style {_class_name(m)}",
         model=m,
         layer=layer,
         entry=embed,
         num_prefix_tokens=1 + registers,
         patch_size=patch,
         dim=_int(getattr(m, "embed_dim", None)),
-        num_heads=_heads_of(layer),
+        # DINOv2's last block may be a chunk of blocks (a ModuleList): the model says its heads.
+        num_heads=_heads_of(layer) or _int(getattr(m, "num_heads", None)),
     )
 
 
@@ -169,7 +212,7 @@ def _torchvision_vit(m: nn.Module) -> _Backbone | None:
     if not isinstance(getattr(m, "class_token", None), Tensor):
         return None
     return _Backbone(
-        family=f"torchvision {type(m).__name__}",
+        family=f"torchvision {_class_name(m)}",
         model=m,
         layer=layer,
         entry=entry,
@@ -190,7 +233,7 @@ def _resnet(m: nn.Module) -> _Backbone | None:
         return None
     norms = [n for n in layer.modules() if isinstance(n, nn.BatchNorm2d)]
     return _Backbone(
-        family=f"torchvision {type(m).__name__}",
+        family=f"torchvision {_class_name(m)}",
         model=m,
         layer=layer,
         entry=entry,
@@ -204,8 +247,8 @@ def _resnet(m: nn.Module) -> _Backbone | None:
 _FAMILIES = (_hf, _timm, _dino, _torchvision_vit, _resnet)
 _KNOWN = (
     "timm VisionTransformer (registers too), transformers ViTModel / Dinov2Model / "
-    "Dinov2WithRegistersModel, torchvision VisionTransformer and ResNet, DINO/iBOT-style ViTs "
-    "(.blocks, .patch_embed, .cls_token)"
+    "Dinov2WithRegistersModel / DINOv3ViTModel, torchvision VisionTransformer and ResNet, "
+    "DINO/iBOT/DINOv2-style ViTs (.blocks, .patch_embed, .cls_token)"
 )
 
 
@@ -214,7 +257,7 @@ def _backbones(model: nn.Module) -> list[tuple[str, _Backbone]]:
     found: list[tuple[str, _Backbone]] = []
     inside: list[str] = []  # name prefixes of the modules inside a backbone found
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
+        if any(name.startswith(prefix) for prefix in inside) or _is_wrapper(module):
             continue
         for family in _FAMILIES:
             backbone = family(module)
@@ -266,6 +309,47 @@ def _image_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int
     return None
 
 
+def _is_token_list(value: object) -> TypeGuard[list[Tensor] | tuple[Tensor, ...]]:
+    """A list or tuple of token tensors ``(B, T, C)``: the input of a list call."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(v, Tensor) and v.ndim == 3 for v in value)
+    )
+
+
+def _split_list_call(
+    count: int, output: list[Any] | tuple[Any, ...], seen: list[Size | None], suspect: bool
+) -> list[_Output]:
+    """The outputs of a layer called with a list of ``count`` token tensors, one per element.
+
+    DINOv2's ``NestedTensorBlock`` takes ``[globals, locals]`` and returns a list in the same
+    order; the model embedded each element's images in that order before, so element ``j`` gets
+    the ``j``-th of the last ``count`` image sizes seen. What cannot be paired is kept with its
+    reason, for ``pop`` to raise.
+    """
+    sizes = tuple(hw for hw in seen if hw is not None)
+    elements = list(output)
+    problem = None
+    if len(elements) != count:
+        problem = (
+            f"took a list of {count} token tensors and returned {len(elements)} items; TokenTap "
+            "pairs each element of the output with the element of the input at its place. Tap "
+            "a layer that returns one tensor per input element (layer=)"
+        )
+    elif len(seen) < count or any(hw is None for hw in seen[-count:]):
+        problem = (
+            f"took a list of {count} token tensors, but {len(sizes)} image tensor(s) entered the "
+            f"model since the previous output ({', '.join(map(str, sizes)) or 'none'}): each "
+            "element needs the image size of its own call of the module that takes the images"
+        )
+    hws = [None] * len(elements) if problem else seen[-count:]
+    return [
+        _Output(tokens, hw, suspect, sizes, (j, len(elements)), problem)
+        for j, (tokens, hw) in enumerate(zip(elements, hws, strict=True))
+    ]
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass: a forward now is a checkpoint's recompute."""
     return bool(torch._C._current_graph_task_id() != -1)
@@ -282,25 +366,36 @@ class TokenTap:
     the grid ``image size // patch size``. CNN maps (a ResNet's ``layer4``) come as they are.
     The maps go straight into the losses, which take ``(B, C, H, W)``.
 
-    Found automatically (the model may also be a DDP wrapper or any module that holds exactly
-    one of them, such as DINO's ``MultiCropWrapper``):
+    Found automatically (the model may also be a DDP or FSDP wrapper, a model under
+    ``fully_shard``, or any module that holds exactly one of them, such as DINO's
+    ``MultiCropWrapper``):
 
     - timm ``VisionTransformer`` and variants with register tokens: ``blocks[-1]``, prefix
       ``num_prefix_tokens``;
-    - transformers ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``: the last
-      encoder layer (``hidden_states[-1]``), prefix ``1 + config.num_register_tokens``;
+    - transformers ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
+      ``DINOv3ViTModel``: the last encoder layer (``hidden_states[-1]``), prefix
+      ``1 + config.num_register_tokens``;
     - torchvision ``VisionTransformer``: ``encoder.layers[-1]``, prefix 1 (the class token);
     - DINO/iBOT-style ViTs (``blocks``, ``patch_embed.patch_size``, ``cls_token``):
-      ``blocks[-1]``, prefix 1 (plus ``num_register_tokens`` where the model has it);
+      ``blocks[-1]``, prefix 1 (plus ``num_register_tokens`` where the model has it, as
+      DINOv2's own ``DinoVisionTransformer`` does);
     - torchvision ResNets: ``layer4``, maps as they are;
     - anything else through ``layer=``, with ``num_prefix_tokens`` and ``patch_size`` given or
       read off the model (``num_prefix_tokens``, ``cls_token``, ``patch_embed.patch_size``,
       ``config``); without a patch size the grid follows from the token count and image size.
 
+    List calls: a layer called with a list of token tensors (DINOv2's ``NestedTensorBlock``,
+    which its student runs on ``[globals, locals]`` at once) gives one map per element, in the
+    list's order, each on the grid of its own images: the model embeds the images of each
+    element in that order before the blocks run, and the tap pairs them so.
+
     The hooks do not change the model's outputs, and the captured tokens keep their autograd
     graph: SERE's gradients reach the backbone through them. Under autocast they come in the
     dtype the block gives (timm keeps its residual stream in float32, for one); the losses
-    compute in float32 either way. With DDP, tap the wrapper or its module.
+    compute in float32 either way. Outside autocast they come in the parameters' dtype: FSDP's
+    ``MixedPrecision(param_dtype=torch.float16)`` gives float16 tokens, which the losses take
+    only under autocast (cast them with ``.float()``). With DDP or FSDP, tap the wrapper or its
+    module, before or after wrapping.
 
     Activation checkpointing: the backward's recompute runs the blocks again; the tap ignores
     those calls (it captures in the forward only). Non-reentrant checkpointing
@@ -381,13 +476,14 @@ class TokenTap:
         self.num_heads = backbone.num_heads
         self.num_prefix_tokens = backbone.num_prefix_tokens
         self.patch_size = backbone.patch_size
-        self._captured: list[tuple[object, tuple[int, int] | None, bool]] = []
-        self._image_hw: tuple[int, int] | None = None
+        self._captured: list[_Output] = []
+        self._seen: list[Size | None] = []  # image sizes entering the model since the last output
+        self._last_hw: Size | None = None  # for a layer called again with no new image
         self._enabled = True
         self._warned: set[str] = set()
         self._handles: list[RemovableHandle] = [
             backbone.entry.register_forward_pre_hook(self._see_images, with_kwargs=True),
-            backbone.layer.register_forward_hook(self._capture),
+            backbone.layer.register_forward_hook(self._capture, with_kwargs=True),
         ]
 
     @staticmethod
@@ -442,12 +538,13 @@ class TokenTap:
 
     def _see_images(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._enabled and not _in_backward():
-            self._image_hw = _image_size(args, kwargs)
+            self._seen.append(_image_size(args, kwargs))
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _capture(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not self._enabled or _in_backward():  # a checkpoint's recompute: seen in the forward
             return
-        tokens = output[0] if isinstance(output, (tuple, list)) and output else output
         # A training block whose parameters want gradients, run without autograd: a student
         # under torch.no_grad, or reentrant checkpointing. If the block ends the checkpointed
         # segment, autograd attaches the graph to this very tensor once the segment returns;
@@ -457,8 +554,17 @@ class TokenTap:
             and not torch.is_grad_enabled()
             and any(p.requires_grad for p in module.parameters())
         )
-        self._captured.append((tokens, self._image_hw, suspect))
-        if len(self._captured) == _PILE_UP:
+        seen, self._seen = self._seen, []
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if _is_token_list(first) and isinstance(output, (list, tuple)):
+            self._captured += _split_list_call(len(first), output, seen, suspect)
+        else:  # one tensor of tokens, or a tuple that starts with them (HF's layers in 4.x)
+            tokens = output[0] if isinstance(output, (tuple, list)) and output else output
+            if seen:
+                self._last_hw = seen[-1]
+            sizes = tuple(hw for hw in seen if hw is not None)
+            self._captured.append(_Output(tokens, self._last_hw, suspect, sizes))
+        if len(self._captured) >= _PILE_UP:
             self._warn_once(
                 "pile",
                 f"TokenTap holds {_PILE_UP} captured outputs that were never popped: call "
@@ -478,12 +584,13 @@ class TokenTap:
 
         Returns:
             One feature map ``(B, C, H, W)`` per forward of the tapped layer (DINO's
-            multi-crop wrapper calls the backbone once per resolution: two maps).
+            multi-crop wrapper calls the backbone once per resolution: two maps), and per
+            element of a list call (DINOv2's student: two maps as well).
 
         Raises:
             RuntimeError: nothing was captured since the last pop.
             ValueError: an output that cannot be laid out on its token grid (the message says
-                which setting to give).
+                why: the prefix or patch it would need, or the images it was paired with).
         """
         if not self._captured:
             raise RuntimeError(
@@ -492,7 +599,7 @@ class TokenTap:
                 + ("" if self._handles else ", and it was removed")
             )
         captured, self._captured = self._captured, []
-        if any(suspect and not getattr(t, "requires_grad", True) for t, _, suspect in captured):
+        if any(o.suspect and not getattr(o.tokens, "requires_grad", True) for o in captured):
             self._warn_once(
                 "no_grad",
                 f"TokenTap: the tapped {type(self.layer).__name__} ran without autograd although "
@@ -502,10 +609,15 @@ class TokenTap:
                 "segment that the tapped layer does not end (use use_reentrant=False)",
                 stacklevel=2,
             )
-        return [self._layout(tokens, hw, k) for k, (tokens, hw, _) in enumerate(captured)]
+        return [self._layout(output, k) for k, output in enumerate(captured)]
 
-    def _layout(self, tokens: object, hw: tuple[int, int] | None, k: int) -> Tensor:
-        what = f"forward {k} of the tapped {type(self.layer).__name__}"
+    def _layout(self, output: _Output, k: int) -> Tensor:
+        tokens, hw = output.tokens, output.hw
+        what = f"output {k} of the tapped {type(self.layer).__name__}"
+        if output.part is not None:
+            what += f" (element {output.part[0]} of a list call of {output.part[1]})"
+        if output.problem is not None:
+            raise ValueError(f"{what} {output.problem}")
         if not isinstance(tokens, Tensor):
             raise ValueError(f"{what} returned {type(tokens).__name__}, not a tensor of tokens")
         if tokens.ndim == 4:
@@ -535,10 +647,34 @@ class TokenTap:
             raise ValueError(
                 f"{what} has {count} patch tokens ({tokens.shape[1]} minus {prefix} prefix), but "
                 f"images of {hw} with patches of {self.patch_size} make a {grid[0]} x {grid[1]} "
-                f"grid of {grid[0] * grid[1]}: set num_prefix_tokens= and patch_size= to the "
-                "model's"
+                f"grid of {grid[0] * grid[1]}" + self._mismatch(output, tokens.shape[1], hw, what)
             )
         return rearrange(patches, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+
+    def _mismatch(self, output: _Output, total: int, hw: Size, what: str) -> str:
+        """Why the tokens do not fit their grid, from what the tap saw: the end of the message."""
+        for other in output.seen:
+            if other == hw:
+                continue
+            try:
+                grid = self._grid(other, total - (self.num_prefix_tokens or 0), what)
+            except ValueError:
+                continue
+            if grid[0] * grid[1] == total - (self.num_prefix_tokens or 0):
+                return (
+                    f". They fit the images of {other}, which also entered the model since the "
+                    f"previous output: the model embedded images other than those of these "
+                    "tokens in between, so the tap paired them with the wrong size. Call the "
+                    "model once per batch of images, or tap a layer that takes them (layer=)"
+                )
+        own = self._grid(hw, 0, what) if self._backbone.grid or self.patch_size else None
+        if own is not None and 0 <= total - own[0] * own[1] < total:
+            return (
+                f". With num_prefix_tokens={total - own[0] * own[1]} they would fit: pass the "
+                "number of tokens (CLS, registers) the model puts before its patches, and "
+                "patch_size= if the patch is not the model's"
+            )
+        return ": set num_prefix_tokens= and patch_size= to the model's"
 
     def _check_cover(self, hw: tuple[int, int], grid: tuple[int, int]) -> None:
         """Warn once per image size when the tokens do not cover the whole image.

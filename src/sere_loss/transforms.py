@@ -37,7 +37,7 @@ import enum
 import math
 import re
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -426,12 +426,13 @@ def _is_value(obj: object) -> bool:
 class _Call:
     """One call to a tracked object: its crops and flips, or the calls it made in turn."""
 
-    __slots__ = ("calls", "ops", "single")
+    __slots__ = ("calls", "ops", "single", "size")
 
     def __init__(self) -> None:
         self.calls: list[_Call] = []
         self.ops: list[tuple[Any, ...]] = []
-        self.single = True  # returned one image (not a list or tuple of them)
+        self.single = True  # returned one image (not a list, tuple or dict of them)
+        self.size: tuple[int, ...] | None = None  # (H, W) of the image it returned
 
     def leaves(self) -> Iterator[tuple[Any, ...]]:
         """Every crop and flip below this call, in the order they ran."""
@@ -466,7 +467,8 @@ class _Recorder:
 
     def exit(self, call: _Call, out: object) -> None:
         self.stack.pop()
-        call.single = not isinstance(out, (list, tuple))
+        call.single = not isinstance(out, (list, tuple, Mapping))
+        call.size = _image_hw(out)
 
 
 def _geometry(ops: Iterable[tuple[Any, ...]]) -> tuple[tuple[float, float, float, float], bool]:
@@ -578,10 +580,19 @@ class CropTracker:
     ``CropTracker(transform)`` copies ``transform`` (any object that turns an image into a list
     of views: torchvision v2 or v1 ``Compose`` pipelines per view, the official DINO
     repository's ``DataAugmentationDINO``, lightly's ``DINOTransform``, a plain list of
-    per-view pipelines) and swaps each ``RandomResizedCrop`` and ``RandomHorizontalFlip`` (v1
-    or v2) in the copy for a twin that makes the same calls, so it draws the same random
-    numbers and gives the same pixels, and records what it did. Calling the tracker on an image
-    returns ``Crops``: your views, their boxes and flips.
+    per-view pipelines; or into a dict of them: DINOv2's ``DataAugmentationDINO``) and swaps
+    each ``RandomResizedCrop`` and ``RandomHorizontalFlip`` (v1 or v2) in the copy for a twin
+    that makes the same calls, so it draws the same random numbers and gives the same pixels,
+    and records what it did. Calling the tracker on an image returns ``Crops``: your views,
+    their boxes and flips.
+
+    A transform that returns a dict keeps it: the tracker returns the same dict with
+    ``"boxes"`` ``(V, 4)`` and ``"flips"`` ``(V,)`` added, for the trainer's own code to read
+    the views where it expects them. The views are the distinct images in it (in lists, tuples
+    or dicts inside it), in the order it holds them, keys in their order; an image held twice
+    (DINOv2's ``global_crops_teacher`` holds the ``global_crops`` again) is one view. A list or
+    tuple that holds lists (``(globals, locals)``) is kept as ``Crops.views``. ``default_collate``
+    batches the dicts; a trainer's own collate needs ``collate_crops(batch, collate_fn=...)``.
 
     >>> from torchvision.transforms import v2
     >>> view = lambda px, scale: v2.Compose([
@@ -596,7 +607,9 @@ class CropTracker:
     children, and records the calls of every object below the top that holds a crop or a flip
     (a ``Compose``, a class of yours, ``DINOViewTransform``, a multi-crop inside a ``Compose``).
     The outermost calls that return one image are the views, in call order; there must be as
-    many as the views the transform returns. Several crops and flips in one view compose (a
+    many as the views the transform returns, in the same order (views held in another order
+    than they were drawn are refused where their sizes show it). Several crops and flips in
+    one view compose (a
     flip before the crop mirrors the box). ``Resize`` anywhere changes no
     normalised coordinate and is allowed. Transforms that move pixels otherwise
     (``RandomRotation``, ``RandomAffine``, ``RandomPerspective``, ``RandomVerticalFlip``,
@@ -752,34 +765,134 @@ class CropTracker:
             found |= inside
         return obj, found
 
-    def __call__(self, image: object) -> Crops:
-        """Run the transform on ``image``; its views with their boxes and flips."""
+    def __call__(self, image: object) -> Any:
+        """Run the transform on ``image``; its views with their boxes and flips.
+
+        Returns:
+            ``Crops(views, boxes, flips)`` when the transform returns a list or tuple (kept as
+            ``views``); the transform's own dict with ``"boxes"`` and ``"flips"`` added when it
+            returns a dict. Tensor subclasses (``tv_tensors.Image``) become plain tensors.
+        """
         self.recorder.reset()
-        if isinstance(self.transform, (list, tuple)):  # a list of per-view pipelines
-            views = [pipeline(image) for pipeline in self.transform]
+        per_view = isinstance(self.transform, (list, tuple))  # a list of per-view pipelines
+        if per_view:
+            out: Any = [pipeline(image) for pipeline in self.transform]
         else:
-            views = self.transform(image)
-        if not isinstance(views, (list, tuple)):
-            raise TypeError(
-                "CropTracker needs a transform that returns a list of views, got "
-                f"{type(views).__name__}; to track one pipeline, pass [pipeline]"
-            )
+            out = self.transform(image)
         calls = list(self.recorder.root.views())
         self.recorder.reset()
+        if isinstance(out, _IMAGES):
+            raise TypeError(
+                "CropTracker needs a multi-crop transform, which returns its views in a list, "
+                f"tuple or dict, but the transform returned one image ({type(out).__name__}); to "
+                "track a single pipeline as a multi-crop of one view, pass [pipeline]"
+            )
+        if not isinstance(out, (list, tuple, Mapping)):
+            raise TypeError(
+                "CropTracker needs a multi-crop transform, which returns its views in a list, "
+                f"tuple or dict (nested ones too), but the transform returned {type(out).__name__}"
+            )
+        if per_view:
+            nested = [k for k, view in enumerate(out) if not isinstance(view, _IMAGES)]
+            if nested:
+                raise TypeError(
+                    "CropTracker was given a list of per-view pipelines, but pipeline "
+                    f"{nested[0]} returned {type(out[nested[0]]).__name__}, not one image: "
+                    "pass a multi-crop transform itself, not in a list"
+                )
+        found: dict[int, Any] = {}
+        _leaves(out, found)
+        views = list(found.values())
         if len(calls) != len(views):
             raise ValueError(
-                f"the transform returned {len(views)} views but {len(calls)} calls drew one "
-                f"image each (tracked: {', '.join(self.tracked)}); each view must come from "
-                "one call to an object that holds its crop and flip"
+                f"the transform returned {len(views)} views (distinct images, in the order it "
+                f"holds them) but {len(calls)} calls drew one image each (tracked: "
+                f"{', '.join(self.tracked)}); each view must come from one call to an object "
+                "that holds its crop and flip"
+            )
+        drawn = [call.size for call in calls]
+        given = [_image_hw(view) for view in views]
+        if drawn != given and _same_sizes(drawn, given):
+            raise ValueError(
+                f"the transform returns views of sizes {given}, in the order it holds them, but "
+                f"drew them in the order {drawn}: CropTracker pairs the k-th view it holds with "
+                "the k-th one drawn, so hold the views in the order they are drawn"
             )
         geometry = [_geometry(call.leaves()) for call in calls]
         boxes = torch.tensor([box for box, _ in geometry], dtype=torch.float32)
         flips = torch.tensor([flip for _, flip in geometry], dtype=torch.bool)
-        plain = [v.as_subclass(Tensor) if isinstance(v, Tensor) else v for v in views]
-        return Crops(plain, boxes, flips)
+        plain = _plain(out, {})
+        if isinstance(out, Mapping):
+            taken = [key for key in _GEOMETRY_KEYS if key in out]
+            if taken:
+                raise ValueError(
+                    f"the transform returned a dict that already has {taken}: CropTracker adds the "
+                    "views' boxes and flips under the keys 'boxes' and 'flips'"
+                )
+            return {**plain, "boxes": boxes, "flips": flips}
+        return Crops(list(plain), boxes, flips)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tracking {', '.join(self.tracked)})"
+
+
+# What a transform returns: images (the views) in lists, tuples and dicts, and other values.
+_IMAGES = (Tensor, Image.Image, np.ndarray)
+_GEOMETRY_KEYS = ("boxes", "flips")
+
+
+def _image_hw(obj: object) -> tuple[int, ...] | None:
+    """``(H, W)`` of an image (a tensor ``(..., H, W)``, a PIL image), else ``None``."""
+    if isinstance(obj, Image.Image):
+        return obj.height, obj.width
+    if isinstance(obj, Tensor) and obj.ndim >= 2:
+        return tuple(obj.shape[-2:])
+    return None
+
+
+def _leaves(out: object, found: dict[int, Any], depth: int = 0) -> None:
+    """The images in ``out``, each object once, in the order ``out`` holds them.
+
+    Lists and tuples in order, dicts in the order of their keys (DINOv2's
+    ``global_crops_teacher`` holds the ``global_crops`` tensors again: the same views).
+    """
+    if isinstance(out, _IMAGES):
+        found.setdefault(id(out), out)
+    elif depth < 32 and isinstance(out, (list, tuple)):
+        for item in out:
+            _leaves(item, found, depth + 1)
+    elif depth < 32 and isinstance(out, Mapping):
+        for item in out.values():
+            _leaves(item, found, depth + 1)
+
+
+def _same_sizes(a: list[tuple[int, ...] | None], b: list[tuple[int, ...] | None]) -> bool:
+    """Whether two lists hold the same known sizes, in any order."""
+    known_a = [size for size in a if size is not None]
+    known_b = [size for size in b if size is not None]
+    return len(known_a) == len(a) and len(known_b) == len(b) and sorted(known_a) == sorted(known_b)
+
+
+def _plain(out: Any, memo: dict[int, Any]) -> Any:
+    """``out`` with every tensor subclass (``tv_tensors.Image``) made a plain tensor.
+
+    The structure is kept, and an object seen twice stays one object.
+    """
+    if id(out) in memo:
+        return memo[id(out)]
+    if isinstance(out, Tensor):
+        new: Any = out if type(out) is Tensor else out.as_subclass(Tensor)
+    elif isinstance(out, list):
+        new = [_plain(item, memo) for item in out]
+    elif isinstance(out, tuple):
+        items = [_plain(item, memo) for item in out]
+        new = type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    elif isinstance(out, Mapping):
+        new = {key: _plain(item, memo) for key, item in out.items()}
+    else:
+        new = out
+    memo[id(out)] = new
+    return new
 
 
 def _children(obj: Any) -> list[Any]:
@@ -791,13 +904,58 @@ def _children(obj: Any) -> list[Any]:
     return list(attributes.values()) if isinstance(attributes, dict) else []
 
 
-def collate_crops(batch: Sequence[Any]) -> Any:
+def collate_crops(batch: Sequence[Any], collate_fn: Callable[[Any], Any] | None = None) -> Any:
     """Batch ``Crops`` (or ``(Crops, target)`` pairs, as from ``ImageFolder``).
 
-    It is ``default_collate``, which keeps the named tuple: views become a list of ``V`` tensors
-    ``(B, 3, H, W)``, boxes ``(B, V, 4)``, flips ``(B, V)``.
+    Without ``collate_fn`` it is ``default_collate``, which keeps the named tuple: views become
+    a list of ``V`` tensors ``(B, 3, H, W)``, boxes ``(B, V, 4)``, flips ``(B, V)``. It batches
+    the dicts ``CropTracker`` returns for a dict transform the same way, keys included.
+
+    A trainer with a collate of its own, which builds its batch from the keys it knows (DINOv2's
+    ``collate_data_and_cast``), would drop the boxes and flips: pass it as ``collate_fn``
+    (``functools.partial(collate_crops, collate_fn=collate)``). It makes the batch, and
+    ``collate_crops`` adds ``"boxes"`` ``(B, V, 4)`` and ``"flips"`` ``(B, V)`` to the dict it
+    returns, in the order of ``batch``.
+
+    Args:
+        batch: samples from ``CropTracker``: ``Crops``, dicts holding ``"boxes"`` and
+            ``"flips"``, or pairs ``(sample, target)`` of either.
+        collate_fn: the trainer's own collate, called on ``batch`` as it is; it must return a
+            dict (a mutable mapping).
+
+    Raises:
+        TypeError: a sample without boxes and flips, or a ``collate_fn`` that does not return
+            a dict.
     """
-    return default_collate(list(batch))
+    batch = list(batch)
+    if collate_fn is None:
+        return default_collate(batch)
+    geometry = [_sample_geometry(sample, k) for k, sample in enumerate(batch)]
+    out = collate_fn(batch)
+    if not isinstance(out, MutableMapping):
+        raise TypeError(
+            f"collate_fn returned {type(out).__name__}: collate_crops adds the boxes and flips "
+            "to the dict a collate returns. For batches that are not dicts, leave collate_fn "
+            "out (default_collate keeps Crops together)"
+        )
+    out["boxes"] = torch.stack([boxes for boxes, _ in geometry])
+    out["flips"] = torch.stack([flips for _, flips in geometry])
+    return out
+
+
+def _sample_geometry(sample: object, k: int) -> tuple[Tensor, Tensor]:
+    """The boxes and flips of one sample: ``Crops``, a dict, or ``(either, target)``."""
+    for item in (sample, *(sample[:1] if isinstance(sample, (list, tuple)) else ())):
+        if isinstance(item, Crops):
+            return item.boxes, item.flips
+        if isinstance(item, Mapping) and all(key in item for key in _GEOMETRY_KEYS):
+            boxes, flips = item["boxes"], item["flips"]
+            if isinstance(boxes, Tensor) and isinstance(flips, Tensor):
+                return boxes, flips
+    raise TypeError(
+        f"sample {k} of the batch holds no boxes and flips (got {type(sample).__name__}): make "
+        "the dataset's transform a CropTracker, whose samples carry them"
+    )
 
 
 # Published recipes (DINO / iBOT / MoCo v3 augmentations; SERE's crop scales: paper Sec. 4.1).
