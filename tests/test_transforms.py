@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2 import InterpolationMode
 
+import sere_loss
 from conftest import TOLERANCES
 from sere_loss import SERELoss
 from sere_loss import functional as SF
@@ -440,6 +441,27 @@ class TestCollation:
         assert all(torch.equal(a, b) for a, b in zip(moved.views, crops.views, strict=True))
         assert torch.equal(moved.boxes, crops.boxes)
         assert torch.equal(moved.flips, crops.flips)
+
+    def test_to_moves_nested_views(self) -> None:
+        views = [[torch.zeros(3, 4, 4)], [torch.ones(3, 2, 2), torch.ones(3, 2, 2)]]
+        crops = Crops(views, torch.rand(3, 4), torch.zeros(3, dtype=torch.bool))  # type: ignore[arg-type]
+        moved = crops.to("meta")
+        assert [[v.device.type for v in group] for group in moved.views] == [["meta"], ["meta"] * 2]
+        assert moved.boxes.device.type == "meta"
+
+    def test_boxes_are_checked_where_they_are_made(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # A crop that starts above the image (a bad sampler) is caught in the transform, on the
+        # host, even where the loss's own value checks are off.
+        transform = _small_transform()
+        monkeypatch.setattr(
+            MultiCropTransform, "_draw_box", lambda self, source, spec, drawn: (-4, 0, 20, 20)
+        )
+        previous = sere_loss.set_value_checks("off")
+        try:
+            with pytest.raises(ValueError, match=r"the crop boxes drawn must be normalised"):
+                transform(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8))
+        finally:
+            sere_loss.set_value_checks(previous)
 
     def test_data_loader_feeds_the_loss(self) -> None:
         transform = _small_transform()

@@ -154,17 +154,18 @@ def _on_host(x: Tensor) -> bool | None:
     return not compiling and x.device.type == "cpu"
 
 
-def check_boxes(boxes: object, name: str) -> Tensor:
+def check_boxes(boxes: object, name: str, *, at_source: bool = False) -> Tensor:
     """Check crop boxes ``(B, 4)`` as normalised ``(x0, y0, x1, y1)`` inside [0, 1].
 
     Values are checked as ``set_value_checks`` says: on the host for boxes on the CPU, by a
-    device-side assert for boxes on an accelerator or under ``torch.compile``.
+    device-side assert for boxes on an accelerator or under ``torch.compile``. ``at_source``
+    (the transforms that make the boxes, on the CPU) checks them on the host whatever the mode.
     """
     b = check_ndim(boxes, 2, name, "(B, 4)")
     if b.shape[1] != 4:
         raise ValueError(f"{name} must have shape (B, 4) as (x0, y0, x1, y1), got {tuple(b.shape)}")
     check_floating(b, name)
-    on_host = _on_host(b)
+    on_host = True if at_source else _on_host(b)
     if b.numel() == 0 or on_host is None:
         return b
     bad = (b[:, 0] >= b[:, 2]) | (b[:, 1] >= b[:, 3])

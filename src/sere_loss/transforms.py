@@ -51,7 +51,7 @@ from torchvision.transforms import functional as F1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ._checks import check_int, check_positive_int, check_unit_interval
+from ._checks import check_boxes, check_int, check_positive_int, check_unit_interval
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -93,9 +93,15 @@ class Crops(NamedTuple):
     flips: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Crops:
-        """Move views and geometry to ``device``."""
+        """Move views (nested lists of them too) and geometry to ``device``."""
+
+        def moved(views: Any) -> Any:
+            if isinstance(views, (list, tuple)):
+                return [moved(v) for v in views]
+            return views.to(device, non_blocking=non_blocking)
+
         return Crops(
-            [v.to(device, non_blocking=non_blocking) for v in self.views],
+            moved(self.views),
             self.boxes.to(device, non_blocking=non_blocking),
             self.flips.to(device, non_blocking=non_blocking),
         )
@@ -340,7 +346,11 @@ class MultiCropTransform:
             views.append(view.as_subclass(Tensor))
             boxes.append((left / width, top / height, (left + w) / width, (top + h) / height))
             flips.append(flip)
-        return Crops(views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips))
+        # Checked where they are made, on the host, so a loss may skip it (set_value_checks).
+        geometry = check_boxes(
+            torch.tensor(boxes, dtype=torch.float32), "the crop boxes drawn", at_source=True
+        )
+        return Crops(views, geometry, torch.tensor(flips))
 
     def __repr__(self) -> str:
         sizes = ["x".join(map(str, _hw(c.size))) for c in self.crops]
@@ -820,6 +830,8 @@ class CropTracker:
             )
         geometry = [_geometry(call.leaves()) for call in calls]
         boxes = torch.tensor([box for box, _ in geometry], dtype=torch.float32)
+        # Checked where they are made, on the host, so a loss may skip it (set_value_checks).
+        check_boxes(boxes, "the crop boxes CropTracker recorded", at_source=True)
         flips = torch.tensor([flip for _, flip in geometry], dtype=torch.bool)
         plain = _plain(out, {})
         if isinstance(out, Mapping):
