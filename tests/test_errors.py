@@ -253,7 +253,7 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         "default lattice on a 1 x 1 grid",
         ValueError,
         r"global_lattice=None derives the lattice from the global token grid \(1, 1\): the grid "
-        r"minus one, \(0, 0\), but points='center' needs at least 1 point\(s\) per side",
+        r"minus one, \(0, 0\), but points='official' needs at least 2 point\(s\) per side",
         _sere_call(student_global=torch.randn(2 * B, 1, 12), teacher_global=torch.randn(2 * B, 1, 12)),
     ),
     (
@@ -464,7 +464,7 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         "one token for BatchNorm",
         ValueError,
         r"BatchNorm .* needs more than one in training, got 1 view\(s\) of 1 token\(s\)",
-        lambda: SERELoss(12, num_heads=3)(
+        lambda: SERELoss(12, num_heads=3, recipe="paper")(  # a 1 x 1 local lattice
             torch.randn(2, 16, 12),
             torch.randn(2, 16, 12),
             torch.cat([BOX, BOX[:1]]).expand(1, 3, 4).clone(),

@@ -151,7 +151,9 @@ class TestSpatialMatchesAuthorsRoute:
         boxes[0, 4] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
         boxes[0, :3] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
         flips = random_flips(B, 3 + L, gen)
-        module = _identity_spatial(num_global_views=3, points="official", padding="zeros")
+        module = _identity_spatial(
+            num_global_views=3, points="official", padding="zeros", empty_pairs="mask"
+        )
         loss = module.double()(sg, tg, boxes, flips, sl)
         lattices = ((6, 6), (4, 4))  # global grid 7 x 7 minus one; local grid 4 x 4
         expected = _reference_spatial(
@@ -169,7 +171,7 @@ class TestSpatialMatchesAuthorsRoute:
         boxes[0, 2] = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
         boxes[0, :2] = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
         flips = random_flips(B, G + L, gen)
-        module = _identity_spatial(global_lattice=5, local_lattice=3).double()
+        module = _identity_spatial(global_lattice=5, local_lattice=3, recipe="paper").double()
         loss = module(sg, tg, boxes, flips, sl)
         # Reference with the module's lattice sizes: recompute via the kept terms.
         terms, masks = [], []
@@ -200,12 +202,12 @@ class TestLattices:
         # where fixed defaults of 13 and 6 would have read 169 points off 36 tokens.
         sg, tg, sl = _views(gen, G, 36), _views(gen, G, 36), _views(gen, L, 9)
         boxes, flips = _overlapping_geometry(gen, G + L)
-        loss = _identity_spatial().double()(sg, tg, boxes, flips, sl)
+        loss = _identity_spatial().double()(sg, tg, boxes, flips, sl)  # the authors' recipe
         expected = _reference_spatial(
-            sg + sl, tg, boxes, flips, points="center", padding="border", lattices=((5, 5), (3, 3))
+            sg + sl, tg, boxes, flips, points="official", padding="zeros", lattices=((5, 5), (3, 3))
         )
         assert_close(loss, expected, atol=1e-9, rtol=1e-9)
-        fixed = _reference_spatial(sg + sl, tg, boxes, flips, points="center", padding="border")
+        fixed = _reference_spatial(sg + sl, tg, boxes, flips, points="official", padding="zeros")
         assert not torch.isclose(loss, fixed)
 
     @pytest.mark.parametrize("points", ["center", "official"])
@@ -284,7 +286,7 @@ class TestNoOverlap:
     def test_zero_spatial_term_still_reaches_every_head_parameter(self) -> None:
         boxes = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.6, 0.6, 1.0, 1.0]]).expand(B, 2, 4)
         flips = torch.zeros(B, 2, dtype=torch.bool)
-        sere = SERELoss(DIM, num_heads=HEADS)
+        sere = SERELoss(DIM, num_heads=HEADS, empty_pairs="mask")
         student = torch.randn(2 * B, 16, DIM, requires_grad=True)
         loss, terms = sere(student, torch.randn(2 * B, 16, DIM), boxes, flips, return_terms=True)
         assert terms["spatial"].item() == 0.0
@@ -634,8 +636,8 @@ class TestDefaultHeads:
             list(tokens.split(2)),
             boxes,
             flips,
-            points="center",
-            padding="border",
+            points="official",
+            padding="zeros",
             heads=16,
             lattices=((3, 3), (3, 3)),
         )

@@ -169,10 +169,8 @@ def test_uniform_empty_pairs_count_log_s_each() -> None:
     boxes[1, 1] = torch.tensor([0.2, 0.1, 0.9, 0.8])  # image 1 overlaps
     flips = torch.zeros(2, 2, dtype=torch.bool)
     tokens = torch.randn(4, 25, 12, generator=gen)
-    masked = SpatialSelfRelationLoss(12, 3, points="official", padding="zeros")
-    uniform = SpatialSelfRelationLoss(
-        12, 3, points="official", padding="zeros", empty_pairs="uniform"
-    )
+    masked = SpatialSelfRelationLoss(12, 3, points="official", padding="zeros", empty_pairs="mask")
+    uniform = SpatialSelfRelationLoss(12, 3)  # the authors' recipe: their empty pairs
     uniform.load_state_dict(masked.state_dict())
     kept = masked(tokens, tokens + 0.1, boxes, flips)  # the mean over image 1's 2 pairs
     both = uniform(tokens, tokens + 0.1, boxes, flips)  # image 0's 2 pairs add log(4 * 4)
@@ -280,3 +278,44 @@ def test_ibot_vit_base_is_the_authors_command(examples: Any) -> None:
     assert vit.embed_dim == 768
     assert examples.common.RECIPES["authors"].sere_options(vit)["num_heads"] == 12
     assert examples.common.RECIPES["paper"].sere_options(vit)["num_heads"] == 6
+
+
+def test_the_library_defaults_to_the_authors_recipe_and_the_paper_is_one_argument_away() -> None:
+    from sere_loss.losses import RECIPES
+
+    settings = ("points", "padding", "empty_pairs")
+    default = SERELoss(48, num_heads=4).spatial
+    paper = SERELoss(48, num_heads=4, recipe="paper").spatial
+    assert default is not None
+    assert paper is not None
+    assert {k: getattr(default, k) for k in settings} == RECIPES["authors"]
+    assert RECIPES["authors"] == {
+        "points": "official",
+        "padding": "zeros",
+        "empty_pairs": "uniform",
+    }
+    assert {k: getattr(paper, k) for k in settings} == RECIPES["paper"]
+    assert RECIPES["paper"] == {"points": "center", "padding": "border", "empty_pairs": "mask"}
+    # An explicit setting overrides its recipe's, the others stay.
+    mixed = SpatialSelfRelationLoss(48, 4, recipe="paper", padding="zeros")
+    assert (mixed.points, mixed.padding, mixed.empty_pairs) == ("center", "zeros", "mask")
+    assert "recipe='paper'" in repr(mixed)
+    # The recipe is the same loss as its three settings given one by one.
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randn(4, 25, 48, generator=gen)
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0]], [[0.0, 0.0, 0.8, 0.8], [0.2, 0.1, 0.9, 1.0]]]
+    )
+    flips = torch.tensor([[False, True], [True, False]])
+    for recipe, values in RECIPES.items():
+        torch.manual_seed(0)
+        by_name = SERELoss(48, num_heads=4, recipe=recipe)
+        torch.manual_seed(0)
+        by_hand = SERELoss(48, num_heads=4, **values)
+        assert torch.equal(
+            by_name(tokens, tokens + 0.1, boxes, flips), by_hand(tokens, tokens + 0.1, boxes, flips)
+        )
+    with pytest.raises(
+        ValueError, match=r"recipe must be one of \('authors', 'paper'\), got 'code'"
+    ):
+        SERELoss(48, num_heads=4, recipe="code")
