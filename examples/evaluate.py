@@ -41,13 +41,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import common
 import seg_data
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from training import options
 
 from sere_loss.diagnostics import RelationInvariance, relation_invariance
 from sere_loss.transforms import IMAGENET_MEAN, IMAGENET_STD, dino_sere_transform
@@ -153,7 +153,7 @@ def load_checkpoint(path: str | Path, which: str = "teacher") -> tuple[VisionTra
 def build_backbone(preset: dict[str, Any]) -> VisionTransformer:
     """The trainers' ViT for a saved preset, with timm's random initialisation."""
     extra = {"num_heads": preset["num_heads"]} if "num_heads" in preset else {}
-    return common.build_vit(types.SimpleNamespace(**preset), 0.0, **extra)  # type: ignore[arg-type]
+    return options.build_vit(types.SimpleNamespace(**preset), 0.0, **extra)  # type: ignore[arg-type]
 
 
 def random_extractor(preset: dict[str, Any], seed: int) -> ViTExtractor:

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import SyntheticImages, clip_gradients, cosine_schedule, ema_update, param_groups
 from dino_sere import DINOHead, DINOLoss
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
+from training.data import SyntheticImages
+from training.optim import clip_gradients, cosine_schedule, ema_update, param_groups
 from transformers import Dinov2Config, Dinov2Model
 
 import sere_loss  # SERE

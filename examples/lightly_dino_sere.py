@@ -17,7 +17,6 @@ import argparse
 import copy
 
 import torch
-from common import SyntheticImages
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -26,6 +25,7 @@ from lightly.utils.scheduler import cosine_schedule
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.transforms import v2
+from training.data import SyntheticImages
 
 import sere_loss  # SERE
 from sere_loss.transforms import CropTracker  # SERE

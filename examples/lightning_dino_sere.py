@@ -26,18 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import timm
 import torch
-from common import (
-    SyntheticImages,
-    cancel_last_layer_gradients,
-    clip_gradients,
-    ema_update,
-    param_groups,
-)
 from dino_sere import DINOHead, DINOLoss
 from lightning.pytorch.loggers import CSVLogger
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from training.data import SyntheticImages
+from training.optim import cancel_last_layer_gradients, clip_gradients, ema_update, param_groups
 
 import sere_loss  # SERE
 from sere_loss.transforms import dino_sere_transform  # SERE: DINO's crops, with boxes and flips

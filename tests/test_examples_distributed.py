@@ -2,8 +2,8 @@
 
 ``torchrun --standalone --nproc_per_node=2`` starts each trainer as a user would on two GPUs,
 with ``--device cpu``. The trainers end their processes with ``os._exit`` after a distributed
-run (``common.run_main``), which avoids gloo's occasional abort at interpreter exit, so a
-non-zero exit status here is a real failure.
+run (``training.distributed.run_main``), which avoids gloo's occasional abort at interpreter
+exit, so a non-zero exit status here is a real failure.
 """
 
 from __future__ import annotations
@@ -111,16 +111,15 @@ def test_fingerprints_of_all_modules_land_on_the_process_device(examples: Any) -
     # The sync check concatenates every module's fingerprint on the process's device. A module
     # without parameters (DINO's loss and its centre) once gave a CPU tensor, and the first
     # checkpoint of a CUDA run under torchrun failed in torch.cat (found by the CUDA check).
-    common = examples.common
     meta = torch.device("meta")
-    with_params = common.fingerprint(torch.nn.Linear(3, 2), meta)
-    without = common.fingerprint(examples.dino_sere.DINOLoss(5, 2), meta)
+    with_params = examples.runs.fingerprint(torch.nn.Linear(3, 2), meta)
+    without = examples.runs.fingerprint(examples.dino_sere.DINOLoss(5, 2), meta)
     assert with_params.device == meta
     assert with_params.shape == (4,)
     assert without.device == meta
     assert without.shape == (0,)
     assert torch.cat([with_params, without]).shape == (4,)
-    values = common.fingerprint(torch.nn.Linear(3, 2), torch.device("cpu"))
+    values = examples.runs.fingerprint(torch.nn.Linear(3, 2), torch.device("cpu"))
     assert values.dtype == torch.float64
 
 
@@ -155,6 +154,6 @@ def test_a_timed_out_collective_is_explained(
         raise RuntimeError(message)
 
     with pytest.raises(RuntimeError, match=message[:20].replace("[", r"\[")):
-        examples.common.run_main(main)
+        examples.distributed.run_main(main)
     err = capsys.readouterr().err
     assert ("process 1: a collective waited longer than --dist-timeout" in err) is explained

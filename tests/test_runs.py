@@ -165,28 +165,26 @@ def test_an_inf_gradient_stops_before_the_update_and_keeps_the_last_checkpoint(
 
 
 def test_fp16_skips_an_inf_step_as_the_grad_scaler_means_to(examples: Any) -> None:
-    common = examples.common
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)  # a group without names
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     loss = (weight * torch.tensor([1.0, float("inf"), 1.0])).sum()
-    assert not common.optimizer_step(loss, optimizer, scaler, step=0)  # skipped, no error
+    assert not examples.optim.optimizer_step(loss, optimizer, scaler, step=0)  # skipped, no error
     assert torch.equal(weight.detach(), torch.ones(3))
     assert scaler.get_scale() == 2.0  # the scaler backed off
     # The same gradient without a scaler (fp32, bf16) stops the run.
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     loss = (weight * torch.tensor([1.0, float("inf"), 1.0])).sum()
     with pytest.raises(SystemExit, match=r"step 1: non-finite gradients .* in parameter 0"):
-        common.optimizer_step(loss, optimizer, disabled, step=0)
+        examples.optim.optimizer_step(loss, optimizer, disabled, step=0)
 
 
 def test_a_checkpoint_with_non_finite_values_is_never_written(
     examples: Any, tmp_path: Path
 ) -> None:
-    common = examples.common
-    process = common.Process(0, 1, torch.device("cpu"))
-    output = common.OutputDir(tmp_path, resume=None, process=process)
-    checkpointer = common.Checkpointer(output)
+    process = examples.distributed.Process(0, 1, torch.device("cpu"))
+    output = examples.rundir.OutputDir(tmp_path, resume=None, process=process)
+    checkpointer = examples.checkpoints.Checkpointer(output)
     checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
     before = (tmp_path / "checkpoint.pth").read_bytes()
     with pytest.raises(SystemExit, match=r"non-finite values in model\.w\. .*untouched"):
@@ -197,11 +195,10 @@ def test_a_checkpoint_with_non_finite_values_is_never_written(
 def test_a_checkpoint_that_reads_back_wrong_never_replaces_the_last_one(
     examples: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common = examples.common
-    output = common.OutputDir(
-        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    output = examples.rundir.OutputDir(
+        tmp_path, resume=None, process=examples.distributed.Process(0, 1, torch.device("cpu"))
     )
-    checkpointer = common.Checkpointer(output)
+    checkpointer = examples.checkpoints.Checkpointer(output)
     checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
     before = (tmp_path / "checkpoint.pth").read_bytes()
     save = torch.save
@@ -209,7 +206,7 @@ def test_a_checkpoint_that_reads_back_wrong_never_replaces_the_last_one(
     def corrupting_save(state: dict[str, Any], f: Any) -> None:  # the bytes on disk differ
         save({**state, "model": {"w": torch.tensor([2.0, 2.0000002])}}, f)
 
-    monkeypatch.setattr(common.torch, "save", corrupting_save)
+    monkeypatch.setattr(examples.checkpoints.torch, "save", corrupting_save)
     with pytest.raises(SystemExit, match=r"reads back with another checksum .*untouched"):
         checkpointer.save({"model": {"w": torch.full((2,), 2.0)}, "step": 2}, 2)
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
@@ -333,10 +330,9 @@ def test_a_killed_run_resumes_from_its_last_good_checkpoint(
     if fault.startswith("kill:save"):  # the new checkpoint was cut in half while being written
         assert (tmp_path / "checkpoint.pth.tmp").stat().st_size > 0
     # The checkpoint of step 2 (end of epoch 1) is whole: it loads and passes its checksum.
-    common = examples.common
-    process = common.Process(0, 1, torch.device("cpu"))
-    output = common.OutputDir(tmp_path, resume="auto", process=process)
-    assert common.Checkpointer(output).load(tmp_path / "checkpoint.pth")["step"] == 2
+    process = examples.distributed.Process(0, 1, torch.device("cpu"))
+    output = examples.rundir.OutputDir(tmp_path, resume="auto", process=process)
+    assert examples.checkpoints.Checkpointer(output).load(tmp_path / "checkpoint.pth")["step"] == 2
     output.release()
     last = train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "4", "--resume")
     assert last["step"] == 4
@@ -410,7 +406,7 @@ def test_16_bit_and_float_images_keep_their_levels(examples: Any, tmp_path: Path
     (tmp_path / "a").mkdir()
     Image.fromarray(levels).save(tmp_path / "a" / "deep.png")  # a 16-bit grayscale PNG
     Image.fromarray(levels.astype(np.float32) / 65535).save(tmp_path / "a" / "float.tiff")
-    dataset = examples.common.build_dataset(str(tmp_path), 1, 8)
+    dataset = examples.data.build_dataset(str(tmp_path), 1, 8)
     # By hand: v * 255 / 65535 rounded, so 65535 -> 255, 32896 -> 128, 40000 -> 156 (155.6).
     expected = torch.tensor([[0, 1, 128], [156, 254, 255]], dtype=torch.uint8)
     for index in range(len(dataset)):
@@ -452,11 +448,10 @@ def test_an_unwritable_output_dir_stops_the_run_before_it_starts(
 def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_one(
     examples: Any, tmp_path: Path
 ) -> None:
-    common = examples.common
-    output = common.OutputDir(
-        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    output = examples.rundir.OutputDir(
+        tmp_path, resume=None, process=examples.distributed.Process(0, 1, torch.device("cpu"))
     )
-    checkpointer = common.Checkpointer(output)
+    checkpointer = examples.checkpoints.Checkpointer(output)
     checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
     before = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "checkpoint.pth.tmp" / "in-the-way").mkdir(parents=True)  # cannot be written
@@ -564,9 +559,8 @@ def test_a_filesystem_without_locks_warns_on_stderr_and_runs(
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
-    common = examples.common
-    output = common.OutputDir(
-        tmp_path, resume=None, process=common.Process(0, 1, torch.device("cpu"))
+    output = examples.rundir.OutputDir(
+        tmp_path, resume=None, process=examples.distributed.Process(0, 1, torch.device("cpu"))
     )
     captured = capsys.readouterr()
     assert captured.out == ""
