@@ -9,13 +9,18 @@ exit, so a non-zero exit status here is a real failure.
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from _trainer_runs import TINY, Output
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 pytestmark = pytest.mark.distributed
@@ -157,3 +162,30 @@ def test_a_timed_out_collective_is_explained(
         examples.distributed.run_main(main)
     err = capsys.readouterr().err
     assert ("process 1: a collective waited longer than --dist-timeout" in err) is explained
+
+
+@pytest.mark.distributed
+def test_a_hung_process_fails_the_run_after_dist_timeout(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(EXAMPLES / "dino_sere.py"), "--data", str(image_folder), *TINY, "--device", "cpu"]
+    cmd += ["--batch-size", "2", "--max-steps", "2", "--output-dir", str(tmp_path)]
+    cmd += ["--dist-timeout", "0.1"]  # 6 seconds
+    env = {**os.environ, "EXAMPLES_TEST_FAULT": "hang:step:1:1"}  # process 1 hangs in step 1
+    child = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    output = Output(child)
+    try:
+        output.wait_for("EXAMPLES_TEST_FAULT: hang")
+        hung_at = time.monotonic()
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    waited, out = time.monotonic() - hung_at, output.text()
+    assert child.returncode != 0, out[-3000:]
+    assert waited < 60, f"the run ended {waited:.0f} s after the hang; the timeout is 6 s"
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]

@@ -1,0 +1,85 @@
+"""Images that cannot be used, and images of other bit depths (``training/data.py``)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import train_tiny
+
+pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
+
+
+# Case 5: images that cannot be used --------------------------------------------------------------
+
+
+def _folder_with(tmp: Path, source: Path, name: str, content: bytes) -> Path:
+    """``source``'s images, one of them replaced by a file ``name`` holding ``content``."""
+    root = tmp / "data"
+    shutil.copytree(source, root)
+    victim = sorted(root.rglob("*.png"))[0]
+    victim.unlink()
+    (victim.parent / name).write_bytes(content)
+    return victim.parent / name
+
+
+def _truncated_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(3))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def test_a_truncated_jpeg_is_named_at_start_up(
+    examples: Any, image_folder: Path, tmp_path: Path
+) -> None:
+    broken = _folder_with(tmp_path, image_folder, "broken.jpg", _truncated_jpeg())
+    with pytest.raises(SystemExit, match=rf"cannot use image {re.escape(str(broken))}: OSError: "):
+        train_tiny(
+            examples.dino_sere, broken.parent.parent, tmp_path / "run", "--max-steps", "1",
+            "--check-images", "16",
+        )  # fmt: skip
+    assert not (tmp_path / "run" / "log.csv").exists()  # stopped before the first step
+
+
+def test_a_truncated_jpeg_met_mid_epoch_is_named(
+    examples: Any, image_folder: Path, tmp_path: Path
+) -> None:
+    broken = _folder_with(tmp_path, image_folder, "broken.jpg", _truncated_jpeg())
+    with pytest.raises(
+        SystemExit,
+        match=rf"step \d: cannot use image {re.escape(str(broken))}: OSError: .*\n.*--resume",
+    ):
+        train_tiny(
+            examples.dino_sere, broken.parent.parent, tmp_path / "run", "--check-images", "0",
+            "--workers", "1", "--max-steps", "2",
+        )  # fmt: skip
+
+
+def test_16_bit_and_float_images_keep_their_levels(examples: Any, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sere_loss.transforms import _as_image
+
+    levels = np.array([[0, 257, 32896], [40000, 65279, 65535]], dtype=np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(levels).save(tmp_path / "a" / "deep.png")  # a 16-bit grayscale PNG
+    Image.fromarray(levels.astype(np.float32) / 65535).save(tmp_path / "a" / "float.tiff")
+    dataset = examples.data.build_dataset(str(tmp_path), 1, 8)
+    # By hand: v * 255 / 65535 rounded, so 65535 -> 255, 32896 -> 128, 40000 -> 156 (155.6).
+    expected = torch.tensor([[0, 1, 128], [156, 254, 255]], dtype=torch.uint8)
+    for index in range(len(dataset)):
+        image = _as_image(dataset[index][0])
+        assert image.dtype == torch.uint8
+        assert torch.equal(image.as_subclass(torch.Tensor), expected.expand(3, 2, 3))
