@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import dino_sere  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
-from training import data, optim, options  # noqa: E402
+from training import checkpoints, data, optim, options  # noqa: E402
 
 from sere_loss import SERELoss  # noqa: E402
 from sere_loss.transforms import dino_sere_transform  # noqa: E402
@@ -260,7 +260,7 @@ def train_tiny(work: Path) -> nn.Module:
     out = work / "tiny"
     argv = ["--preset", "tiny", "--epochs", "8", "--lr", "0.004", "--output-dir", str(out)]
     dino_sere.main([*argv, "--no-progress", "--workers", "0", "--check-images", "0"])
-    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    state = checkpoints.load_checkpoint(out / "checkpoint.pth")
     vit = options.build_vit(dino_sere.PRESETS["tiny"], 0.0)
     vit.load_state_dict({k.removeprefix("backbone."): v for k, v in state["student"].items()
                          if k.startswith("backbone.")})  # fmt: skip

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from training import data, distributed, optim, options, runs
+from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
@@ -250,18 +251,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
     options.add_run_arguments(p, PRESETS, output_dir="runs/dino_sere")
-    p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--min-lr", type=float, help="final lr (preset's)")
-    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
-    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
-    p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter; 0 disables")
-    p.add_argument("--freeze-last-layer", type=int, help="epochs (preset's)")
+    p.add_argument("--num-local", type=COUNT, help="local crops per image (preset's)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, help="final lr (preset's)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, nargs=2, default=(0.04, 0.4))
+    p.add_argument("--momentum", type=FRACTION, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=NON_NEGATIVE, help="(preset's)")
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=3.0, help="per-parameter; 0 disables")
+    p.add_argument("--freeze-last-layer", type=COUNT, help="epochs (preset's)")
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
-    return p.parse_args(argv)
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
+    args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -276,10 +280,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
     dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(dataset, transform, process, args.check_images, preset.workers)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
     loader, sampler = data.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed,
+        seed=args.seed, replace_bad=args.replace_bad_images,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch

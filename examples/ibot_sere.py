@@ -49,6 +49,7 @@ from dino_sere import schedules as dino_schedules
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from training import data, distributed, optim, options, runs
+from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import Crops, MultiCropTransform, ibot_sere_transform  # SERE
@@ -310,24 +311,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="iBOT + SERE trainer", allow_abbrev=False)
     options.add_run_arguments(p, PRESETS, output_dir="runs/ibot_sere")
-    p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--min-lr", type=float, help="final lr (preset's)")
-    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
-    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
-    p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
-    p.add_argument("--teacher-patch-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--pred-ratio", type=float, nargs="+", default=[0.0, 0.3])
-    p.add_argument("--pred-ratio-var", type=float, nargs="+", default=[0.0, 0.2])
-    p.add_argument("--clip-grad", type=float, default=0.3, help="per-parameter; 0 disables")
-    p.add_argument("--freeze-last-layer", type=int, help="epochs (preset's)")
+    p.add_argument("--num-local", type=COUNT, help="local crops per image (preset's)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, help="final lr (preset's)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, nargs=2, default=(0.04, 0.4))
+    p.add_argument("--momentum", type=FRACTION, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=NON_NEGATIVE, help="(preset's)")
+    p.add_argument("--teacher-patch-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--pred-ratio", type=NON_NEGATIVE, nargs="+", default=[0.0, 0.3])
+    p.add_argument("--pred-ratio-var", type=NON_NEGATIVE, nargs="+", default=[0.0, 0.2])
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=0.3, help="per-parameter; 0 disables")
+    p.add_argument("--freeze-last-layer", type=COUNT, help="epochs (preset's)")
     p.add_argument("--no-sere", action="store_true", help="plain iBOT, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=0.2, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=0.5, help="channel term weight")  # SERE
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=0.2, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=0.5, help="channel term weight")  # SERE
     weighting = "L_iBOT's weight: 'authors' (4 - alpha - beta) / 2, 'paper' 1 (Eq. 6)"  # SERE
     weightings = ["authors", "paper"]  # SERE
     p.add_argument("--ibot-weight", default="authors", choices=weightings, help=weighting)  # SERE
     args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    if not args.no_sere and args.ibot_weight == "authors" and args.alpha + args.beta >= 4:  # SERE
+        p.error("--ibot-weight authors needs --alpha + --beta < 4 (L_iBOT's weight > 0)")  # SERE
     if len(args.pred_ratio) != len(args.pred_ratio_var):
         p.error(f"--pred-ratio {args.pred_ratio} and --pred-ratio-var {args.pred_ratio_var} differ")
     args.mask_ranges = [
@@ -351,10 +356,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     transform = MaskedMultiCrop(multicrop, preset.patch, args.mask_ranges)
     dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(dataset, transform, process, args.check_images, preset.workers)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
     loader, sampler = data.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed,
+        seed=args.seed, replace_bad=args.replace_bad_images,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch

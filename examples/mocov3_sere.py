@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from training import data, distributed, optim, options, runs
+from training.options import FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import mocov3_transform  # SERE: MoCo v3's crops, geometry recorded
@@ -225,13 +226,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="MoCo v3 + SERE trainer", allow_abbrev=False)
     options.add_run_arguments(p, PRESETS, output_dir="runs/mocov3_sere")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--moco-m", type=float, default=0.99, help="momentum, cosine to 1")
-    p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
+    p.add_argument("--moco-m", type=FRACTION, default=0.99, help="momentum, cosine to 1")
+    p.add_argument("--moco-t", type=POSITIVE, default=0.2, help="InfoNCE temperature")
     p.add_argument("--no-sere", action="store_true", help="plain MoCo v3, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
-    return p.parse_args(argv)
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
+    args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -243,7 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Data: two views, with their crop boxes and flips recorded.
     transform = mocov3_transform(size=preset.global_px)  # SERE: records each view's box and flip
     dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(dataset, transform, process, args.check_images, preset.workers)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
     loader, sampler = data.build_loader(
         dataset,
         transform,
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=preset.batch_size,
         workers=preset.workers,
         seed=args.seed,
+        replace_bad=args.replace_bad_images,
     )
     steps_per_epoch = len(sampler) // preset.batch_size
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,19 @@ class Output:
         if self.proc.poll() is not None:
             self._thread.join(timeout=10)
         return "".join(self.lines)
+
+
+def flip_a_tensor_byte(path: Path) -> None:
+    """Flip one byte inside the largest tensor record of a ``torch.save`` zip file."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
+    with path.open("r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        offset = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))

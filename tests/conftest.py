@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,15 @@ def examples() -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(**modules)
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers() -> Iterator[None]:
+    """A trainer run in the test process catches SIGTERM and SIGINT; put pytest's back after."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

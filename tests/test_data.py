@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import train_tiny
+from _trainer_runs import steps
+from conftest import log_rows, train_tiny
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
@@ -52,6 +53,24 @@ def test_a_truncated_jpeg_is_named_at_start_up(
     assert not (tmp_path / "run" / "log.csv").exists()  # stopped before the first step
 
 
+def test_a_bad_image_can_be_replaced_from_start_up(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _folder_with(tmp_path, image_folder, "broken.jpg", _truncated_jpeg())
+    data, run = broken.parent.parent, tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"or pass --replace-bad-images to use the next image"):
+        train_tiny(examples.dino_sere, data, run, "--max-steps", "1", "--check-images", "all")
+    capsys.readouterr()
+    last = train_tiny(
+        examples.dino_sere, data, run, "--max-steps", "1", "--check-images", "all",
+        "--replace-bad-images",
+    )  # fmt: skip
+    assert last["step"] == 1
+    err = capsys.readouterr().err
+    assert "warning: 1 of the 8 images checked at start-up cannot be used, and " in err
+    assert f"cannot use image {broken}: OSError: " in err
+
+
 def test_a_truncated_jpeg_met_mid_epoch_is_named(
     examples: Any, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -83,3 +102,29 @@ def test_16_bit_and_float_images_keep_their_levels(examples: Any, tmp_path: Path
         image = _as_image(dataset[index][0])
         assert image.dtype == torch.uint8
         assert torch.equal(image.as_subclass(torch.Tensor), expected.expand(3, 2, 3))
+
+
+def test_a_bad_image_met_mid_run_is_replaced_on_resume_exactly(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The message used to say "remove it and resume"; the resume was then refused for the
+    # changed number of images, with no way on when it changed the steps per epoch.
+    broken = _folder_with(tmp_path, image_folder, "broken.jpg", _truncated_jpeg())
+    data, run, dino = broken.parent.parent, tmp_path / "run", examples.dino_sere
+    common = ["--check-images", "0", "--max-steps", "4"]
+    with pytest.raises(SystemExit, match=r"or continue with --resume --replace-bad-images, "):
+        train_tiny(dino, data, run, *common)
+    capsys.readouterr()
+    train_tiny(dino, data, run, *common, "--resume", "--replace-bad-images")
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"warning: cannot use image {re.escape(str(broken))}: OSError: .*; replaced by image "
+        rf".*\.png \(--replace-bad-images\)",
+        err,
+    ), err
+    assert steps(run) == [1, 2, 3, 4]
+    # The same losses as a run that replaced the image from its start.
+    train_tiny(dino, data, tmp_path / "straight", *common, "--replace-bad-images")
+    for row, reference in zip(log_rows(run), log_rows(tmp_path / "straight"), strict=True):
+        for term in ("loss", "dino", "spatial", "channel"):
+            assert float(row[term]) == pytest.approx(float(reference[term]), rel=1e-6), term

@@ -255,6 +255,19 @@ def test_any_trainers_checkpoint_loads(
     )
 
 
+def test_a_damaged_checkpoint_is_refused_not_evaluated(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path
+) -> None:
+    # One weight of 0.032 read as 1.1e37 used to be evaluated, exit status 0.
+    from _trainer_runs import flip_a_tensor_byte
+
+    _train(ev.dino, shapes_folder, tmp_path, "--max-steps", "1", "--check-images", "1")
+    damaged = tmp_path / "checkpoint.pth"
+    flip_a_tensor_byte(damaged)
+    with pytest.raises(SystemExit, match=rf"the checkpoint {damaged} fails its checksum"):
+        ev.evaluate.main(["knn", str(damaged), "--images", "8,8", "--no-bounds"])
+
+
 def test_no_sere_starts_from_the_same_weights_and_crops(
     ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,20 +30,27 @@ EXAMPLES = ROOT / "examples"
 TIMEOUT_S = 300
 
 
-def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _torchrun(script: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "EXAMPLES_TEST_FAULT": fault}
     out = subprocess.run(
-        [*cmd, str(script), *args], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT
+        [*cmd, str(script), *args], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+        env=env,
+    )  # fmt: skip
+    # A process stopped by a signal exits with 75, which torchrun reports as its failure.
+    expected = 1 if fault.startswith("sigterm") else 0
+    assert out.returncode == expected, (
+        f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     )
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
 
-def _train(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _train(name: str, out: Path, *extra: str, fault: str = "") -> subprocess.CompletedProcess[str]:
     args = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--workers", "0"]
     return _torchrun(
-        EXAMPLES / f"{name}.py", *args, "--no-progress", "--output-dir", str(out), *extra
-    )
+        EXAMPLES / f"{name}.py", *args, "--no-progress", "--output-dir", str(out), *extra,
+        fault=fault,
+    )  # fmt: skip
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -88,7 +95,14 @@ def test_dino_trains_with_two_processes_and_resumes_exactly(tmp_path: Path) -> N
     out = _train("dino_sere", tmp_path / "straight", "--max-steps", "3")
     assert "2 process(es) on cpu" in out.stdout
     assert out.stdout.count("done:") == 1  # only the main process prints
-    _train("dino_sere", tmp_path / "stopped", "--max-steps", "2")
+    # Process 1 alone gets SIGTERM in step 2: both processes stop after step 2 (they agree in
+    # the collective of the step), with a checkpoint, and exit with 75.
+    stopped = _train(
+        "dino_sere", tmp_path / "stopped", "--max-steps", "3", fault="sigterm:step:2:1"
+    )
+    assert "a signal to another process: stopping after step 2, with a checkpoint" in stopped.stdout
+    assert "exitcode  : 75" in stopped.stderr, stopped.stderr[-3000:]
+    assert [int(r["step"]) for r in _rows(tmp_path / "stopped")] == [1, 2]
     _train("dino_sere", tmp_path / "stopped", "--max-steps", "3", "--resume")
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "stopped")
     assert [int(r["step"]) for r in straight] == [1, 2, 3]  # one row per step: rank 0 logs

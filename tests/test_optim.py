@@ -83,3 +83,46 @@ def test_schedules_follow_the_published_formulas(examples: Any) -> None:
         assert momentum[i] == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * e / epochs)) * 0.01)
     warm = examples.optim.warmup_schedule(0.04, 0.07, 3, 5)
     assert warm == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07])
+
+
+# The teacher's EMA, by value ------------------------------------------------------------------
+
+
+def test_ema_update_moves_the_teacher_by_one_minus_m(examples: Any) -> None:
+    teacher, student = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(0.0)
+        student.running_mean.fill_(5.0)
+    examples.optim.ema_update(teacher, student, 0.9)
+    # teacher = m * teacher + (1 - m) * student: 0.9 * 1 + 0.1 * 0.
+    torch.testing.assert_close(teacher.weight.detach(), torch.full((3,), 0.9))
+    assert torch.equal(teacher.running_mean, torch.zeros(3))  # buffers are not averaged
+
+
+@pytest.mark.parametrize(("name", "m0"), [("dino_sere", 0.996), ("ibot_sere", 0.996),
+                                          ("mocov3_sere", 0.99)])  # fmt: skip
+def test_each_trainer_moves_its_teacher_by_one_minus_m(
+    examples: Any, image_folder: Path, tmp_path: Path, name: str, m0: float
+) -> None:
+    # Steps 1 and 2 kept; a larger lr, no warm-up, so that the student moves visibly.
+    extra = ["--max-steps", "2", "--save-every", "1", "--keep-checkpoints"]
+    train_tiny(getattr(examples, name), image_folder, tmp_path, *extra, "--lr", "0.05",
+               "--warmup-epochs", "0")  # fmt: skip
+    first, second = (checkpoint(tmp_path, f"checkpoint-000000{k}.pth") for k in (1, 2))
+    # MoCo v3's momentum cosine, per iteration, at step 2 of 4 (tiny: 2 epochs of 2 steps).
+    m = 1 - (1 - m0) * 0.5 * (1 + math.cos(math.pi * 1 / 4))
+    if name == "mocov3_sere":  # MoCo v3 moves its teacher before the step, by the last student
+        student = {k.removeprefix("encoder."): v for k, v in first["student"].items()
+                   if k.startswith("encoder.")}  # fmt: skip
+    else:  # DINO and iBOT after the step, by the student it gave
+        student = second["student"]
+    moved = 0
+    for key, before in first["teacher"].items():
+        if "running_" in key or "num_batches" in key:
+            continue  # BatchNorm buffers are the teacher's own
+        expected = m * before.double() + (1 - m) * student[key].double()
+        torch.testing.assert_close(second["teacher"][key].double(), expected, rtol=1e-6,
+                                   atol=1e-6, msg=key)  # fmt: skip
+        moved += int(not torch.allclose(before, student[key], rtol=0, atol=1e-5))
+    assert moved > 10  # the test can tell m from 1 - m on many tensors

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from _trainer_runs import Output, checkpoint, files, start_trainer, steps
+from _trainer_runs import Output, checkpoint, files, flip_a_tensor_byte, start_trainer, steps
 from conftest import log_rows, train_tiny
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
@@ -231,13 +231,19 @@ def test_an_unwritable_checkpoint_path_stops_the_run_before_it_starts(
     assert not (tmp_path / "log.csv").exists()
 
 
-def test_a_disk_without_room_for_two_checkpoints_is_refused(
+def test_a_disk_without_room_for_three_checkpoints_is_refused(
     examples: Any, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A save writes the new checkpoint while the last two are still there: with room for two,
+    # every run used to start and then die at its first save.
+    train_tiny(examples.dino_sere, image_folder, tmp_path / "ref", "--max-steps", "1")
+    size = (tmp_path / "ref" / "checkpoint.pth").stat().st_size
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1_000_000))
-    with pytest.raises(SystemExit, match=rf"--output-dir {tmp_path}: 0.00 GiB free, but"):
-        train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "1")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=int(2.5 * size)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=rf"--output-dir {out}: 0.0\d GiB free, but .*three"):
+        train_tiny(examples.dino_sere, image_folder, out, "--max-steps", "1")
+    assert not (out / "log.csv").exists()
 
 
 def test_a_filesystem_without_locks_warns_on_stderr_and_runs(
@@ -263,3 +269,116 @@ def test_a_filesystem_without_locks_warns_on_stderr_and_runs(
     )
     assert (tmp_path / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
     assert output.path == tmp_path
+
+
+# Issue 23: --resume never overwrites or cuts back what a directory holds -----------------------
+
+
+def test_resume_never_overwrites_another_run_or_cuts_back_a_finished_one(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dino, a, b = examples.dino_sere, tmp_path / "a", tmp_path / "b"
+    train_tiny(dino, image_folder, a, "--keep-checkpoints")  # finished: steps 1-4, kept 2 and 4
+    train_tiny(dino, image_folder, b, "--max-steps", "1")
+    before = files(a)
+    # Another run's checkpoint into a: it used to overwrite a's log, last.json and checkpoints.
+    with pytest.raises(SystemExit, match=rf"--resume {b}/checkpoint.pth: {a} holds another run"):
+        train_tiny(dino, image_folder, a, "--resume", str(b / "checkpoint.pth"), "--max-steps", "2")
+    # a's own earlier checkpoint: it used to cut the log back to step 2 and rotate step 4 away.
+    kept = a / "checkpoint-0000002.pth"
+    with pytest.raises(
+        SystemExit, match=rf"--resume {kept} is at step 2, but {a} holds this run up to step 4 "
+    ):
+        train_tiny(dino, image_folder, a, "--resume", str(kept))
+    assert files(a) == before
+    # The way that works: a new directory, which starts from a's rows up to step 2.
+    capsys.readouterr()
+    train_tiny(dino, image_folder, tmp_path / "c", "--resume", str(kept), "--max-steps", "3")
+    assert f"a new run in {tmp_path / 'c'}, from {kept} (step 2)" in capsys.readouterr().out
+    assert steps(tmp_path / "c") == [1, 2, 3]
+    assert log_rows(tmp_path / "c")[:2] == log_rows(a)[:2]
+    assert log_rows(tmp_path / "c")[2]["loss"] == log_rows(a)[2]["loss"]  # the same step 3
+    # ... and is a run of its own: it cannot be resumed into a either.
+    with pytest.raises(SystemExit, match=r"holds another run"):
+        train_tiny(dino, image_folder, a, "--resume", str(tmp_path / "c" / "checkpoint.pth"))
+    assert files(a) == before
+
+
+def test_resuming_from_the_previous_checkpoint_sets_a_damaged_one_aside(
+    examples: Any, image_folder: Path, tmp_path: Path
+) -> None:
+    dino = examples.dino_sere
+    train_tiny(dino, image_folder, tmp_path, "--max-steps", "4")  # checkpoint 4, previous 2
+    flip_a_tensor_byte(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"fails its checksum .*--resume .*checkpoint.prev.pth"):
+        train_tiny(dino, image_folder, tmp_path, "--resume", "--max-steps", "4")
+    train_tiny(
+        dino, image_folder, tmp_path, "--resume", str(tmp_path / "checkpoint.prev.pth"),
+        "--max-steps", "4",
+    )  # fmt: skip
+    # The save at step 4 used to rotate the damaged file into checkpoint.prev.pth, the only
+    # backup; the backup is still the whole checkpoint of step 2.
+    ck = examples.checkpoints
+    assert ck.load_checkpoint(tmp_path / "checkpoint.prev.pth")["step"] == 2
+    assert ck.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 4
+    assert not ck.verifies(tmp_path / "checkpoint.damaged.pth")
+    assert steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_log_rows_lost_before_the_checkpoint_are_reported(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "2")
+    lines = (tmp_path / "log.csv").read_bytes().splitlines(keepends=True)
+    (tmp_path / "log.csv").write_bytes(lines[0] + lines[2])  # row of step 1 gone
+    capsys.readouterr()
+    train_tiny(examples.dino_sere, image_folder, tmp_path, "--resume", "--max-steps", "3")
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/log.csv has no row for step(s) 1 of the 2 before the checkpoint" in out
+    assert steps(tmp_path) == [2, 3]
+
+
+def test_a_log_line_that_is_not_utf8_is_left_out_and_said(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "2")
+    log = tmp_path / "log.csv"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(lines[0] + lines[1].replace(b",", b"\xff,", 1) + lines[2])
+    # Every start and resume in the directory used to die of a UnicodeDecodeError.
+    with pytest.raises(SystemExit, match=rf"--output-dir {tmp_path} holds a run at step 2 "):
+        train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "3")
+    capsys.readouterr()
+    train_tiny(examples.dino_sere, image_folder, tmp_path, "--resume", "--max-steps", "3")
+    out = capsys.readouterr().out
+    assert f"{log}: line(s) 2 are not text that the log can hold" in out
+    assert "has no row for step(s) 1 of the 2" in out
+    assert steps(tmp_path) == [2, 3]
+
+
+def test_a_log_without_rows_does_not_hold_a_run(
+    examples: Any, image_folder: Path, tmp_path: Path
+) -> None:
+    # A run that failed in its first step leaves the header of log.csv and nothing else; the
+    # corrected command used to be refused until --resume was added.
+    (tmp_path / "log.csv").write_text("step,epoch,loss\n")
+    last = train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "1")
+    assert last["step"] == 1
+
+
+def test_a_log_that_cannot_be_written_stops_the_run_with_a_message(
+    examples: Any, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    format_value = examples.rundir.format_value
+
+    def full_disk(value: Any) -> str:  # log.csv's writes call it: they fail at step 2
+        if isinstance(value, int) and value == 2:
+            raise OSError(28, "No space left on device")
+        return format_value(value)
+
+    monkeypatch.setattr(examples.rundir, "format_value", full_disk)
+    with pytest.raises(
+        SystemExit,
+        match=rf"cannot write step 2 to the log {tmp_path}/log.csv \(No space left on device\)\. ",
+    ):
+        train_tiny(examples.dino_sere, image_folder, tmp_path, "--max-steps", "2")

@@ -6,12 +6,18 @@
 - :class:`ResumableSampler` and :class:`SeededTransform`: the data order and every random crop
   are functions of ``(seed, epoch, index)``, sharded over processes, so a resumed run sees
   exactly the batches an uninterrupted run would have seen, whatever the number of workers.
-- :class:`ImageReadError`: an image that cannot be used, named by its file.
+- :class:`ImageReadError`: an image that cannot be used, named by its file; with
+  ``--replace-bad-images`` it is replaced by the next image that can be used instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing.util
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,30 +128,94 @@ def describe_item(dataset: Dataset[Any], index: int) -> str:
     return f"item {index} of {type(dataset).__name__}"
 
 
+# How many of the following images --replace-bad-images tries in place of one that fails.
+REPLACEMENT_TRIES = 100
+
+
 class SeededTransform(Dataset[tuple[Any, int]]):
     """Apply ``transform`` to ``dataset[index]`` under a seed made of ``(seed, epoch, index)``.
 
     The global torch RNG is forked, so the caller's random state is untouched. An image that
-    fails to load or transform raises :class:`ImageReadError` with its file's name.
+    fails to load or transform raises :class:`ImageReadError` with its file's name; with
+    ``replace_bad``, the next image of the dataset that can be used takes its place (under the
+    same seed, so the data order, the batch and an exact resume are unchanged), with a warning
+    on stderr.
     """
 
-    def __init__(self, dataset: Dataset[Any], transform: Callable[[Any], Any], seed: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        transform: Callable[[Any], Any],
+        seed: int,
+        replace_bad: bool = False,
+    ) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.replace_bad = replace_bad
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def _item(self, epoch: int, index: int, source: int) -> tuple[Any, int]:
+        """Image ``source`` transformed under the seed of ``(epoch, index)``."""
+        image, target = self.dataset[source]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.transform(image), target
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         epoch, index = key
         try:
-            image, target = self.dataset[index]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-                return self.transform(image), target
+            return self._item(epoch, index, index)
         except Exception as error:
-            raise ImageReadError(
-                f"cannot use {describe_item(self.dataset, index)}: {type(error).__name__}: {error}"
-            ) from error
+            where, problem = describe_item(self.dataset, index), f"{type(error).__name__}: {error}"
+            if not self.replace_bad:
+                raise ImageReadError(f"cannot use {where}: {problem}") from error
+        length = len(self)
+        for offset in range(1, min(length, REPLACEMENT_TRIES + 1)):
+            source = (index + offset) % length
+            try:
+                item = self._item(epoch, index, source)
+            except Exception:
+                continue
+            print(
+                f"warning: cannot use {where}: {problem}; replaced by "
+                f"{describe_item(self.dataset, source)} "
+                "(--replace-bad-images)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return item
+        raise ImageReadError(
+            f"cannot use {where}: {problem}; --replace-bad-images found no usable image among "
+            f"the next {REPLACEMENT_TRIES} to replace it"
+        )
+
+
+def ignore_stop_signals(_worker: int = 0) -> None:
+    """A DataLoader worker's start: SIGINT and SIGTERM are the main process's to handle.
+
+    A Ctrl-C reaches every process of the terminal's group, and SLURM signals every process of
+    a job it preempts: a worker that died of it would fail the step that the main process is
+    finishing before it writes its checkpoint (``training.preemption``). The main process ends
+    its workers itself (:func:`_kill_leftover_workers` for those still there at its exit).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit: SIGKILL the loader workers still alive (an iterator an exception kept alive).
+
+    multiprocessing's own exit handler sends its daemonic children SIGTERM and waits for them,
+    which would wait forever on workers that ignore it. Registered after that handler, this one
+    runs first.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            os.kill(child.pid, signal.SIGKILL)
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def load_image(path: str) -> Any:
@@ -200,13 +270,17 @@ def check_images(
     process: Process,
     count: int,
     workers: int = 0,
+    *,
+    replace_bad: bool = False,
 ) -> None:
     """Start-up check: ``count`` images, spread over the dataset, load and transform.
 
     ``count = -1`` checks every image (each process its share, with ``workers`` loader
     workers); ``0`` checks none. Every failure is listed with its file before the run stops,
-    so a bad file is found before the first step rather than in the middle of an epoch. The
-    global random state is left as it was, so the check does not change the initial weights.
+    so a bad file is found before the first step rather than in the middle of an epoch; with
+    ``replace_bad`` (``--replace-bad-images``) they are listed in a warning and the run goes
+    on. The global random state is left as it was, so the check does not change the initial
+    weights.
     """
     length = len(dataset)  # type: ignore[arg-type]
     if count == 0 or length == 0:
@@ -217,16 +291,31 @@ def check_images(
         picked = torch.linspace(0, length - 1, count).round().long().unique()
         indices = picked.tolist()
     probe = _Probe(SeededTransform(dataset, transform, seed=0), indices)
-    loader = DataLoader(probe, batch_size=None, num_workers=workers if count < 0 else 0)
+    loader = DataLoader(
+        probe, batch_size=None, num_workers=workers if count < 0 else 0,
+        worker_init_fn=ignore_stop_signals,
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep the run's weights
         failures = [message for message in loader if message]
-    if failures:
-        listed = "\n  ".join(failures[:10])
-        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
-        raise SystemExit(
-            f"{len(failures)} of the {len(indices)} images checked at start-up cannot be used:\n"
-            f"  {listed}{more}\nReplace or remove them (--check-images all checks every image)"
+    if not failures:
+        return
+    listed = "\n  ".join(failures[:10])
+    more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+    if replace_bad:
+        print(
+            f"warning: {len(failures)} of the {len(indices)} images checked at start-up cannot "
+            f"be used, and --replace-bad-images will replace each by the next image that can:"
+            f"\n  {listed}{more}",
+            file=sys.stderr,
+            flush=True,
         )
+        return
+    raise SystemExit(
+        f"{len(failures)} of the {len(indices)} images checked at start-up cannot be used:\n"
+        f"  {listed}{more}\nReplace each with a good image of the same name, or pass "
+        "--replace-bad-images to use the next image in its place (--check-images all checks "
+        "every image)"
+    )
 
 
 def build_loader(
@@ -237,8 +326,13 @@ def build_loader(
     batch_size: int,
     workers: int,
     seed: int,
+    replace_bad: bool = False,
 ) -> tuple[DataLoader[Any], ResumableSampler]:
-    """This process's loader of augmented batches; content depends on ``seed`` and epoch only."""
+    """This process's loader of augmented batches; content depends on ``seed`` and epoch only.
+
+    ``replace_bad``: an image that cannot be used is replaced by the next one that can
+    (:class:`SeededTransform`), rather than stopping the run.
+    """
     length = len(dataset)  # type: ignore[arg-type]
     if length // process.world_size < batch_size:
         raise SystemExit(
@@ -247,13 +341,14 @@ def build_loader(
         )
     sampler = ResumableSampler(length, seed, process.rank, process.world_size)
     loader = DataLoader(
-        SeededTransform(dataset, transform, seed),
+        SeededTransform(dataset, transform, seed, replace_bad),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=process.device.type == "cuda",
         drop_last=True,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         # A generator of its own: creating the iterator must not draw from the global RNG,
         # which the model's stochastic depth uses (resume would drift otherwise).
         generator=torch.Generator().manual_seed(seed),

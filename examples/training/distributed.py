@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from training.preemption import REQUEUE_STATUS
+
 
 @dataclasses.dataclass(frozen=True)
 class Process:
@@ -128,10 +130,26 @@ def run_main(main: Callable[[list[str]], object]) -> None:
     with gloo, the interpreter's own shutdown sometimes aborts ("terminate called without an
     active exception") after all the work is done, which would fail a finished run. An
     exception still ends the process with an error, and torchrun stops the other processes;
-    a collective's timeout first gets a line that says what it means.
+    a collective's timeout first gets a line that says what it means. A run stopped by a signal
+    ends with :data:`~training.preemption.REQUEUE_STATUS` (``os._exit`` too, under torchrun); a
+    second Ctrl-C, which stops a run of one process at once, gets a line instead of a traceback.
     """
     try:
         main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print(
+            "interrupted (SIGINT): stopped at once, without a checkpoint; the last checkpoint "
+            "stands and --resume goes on from it",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+    except SystemExit as stop:
+        if stop.code == REQUEUE_STATUS and under_torchrun():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(REQUEUE_STATUS)
+        raise
     except RuntimeError as error:  # DistBackendError too
         if under_torchrun() and any(mark in str(error) for mark in _TIMEOUT_MARKS):
             print(

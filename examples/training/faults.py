@@ -1,4 +1,4 @@
-"""Faults on demand, for the tests only: a trainer that kills itself or hangs where asked."""
+"""Faults on demand, for the tests only: a trainer that kills itself, hangs or is signalled."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def fault_point(
     """Test hook: die or hang here when ``EXAMPLES_TEST_FAULT`` asks for it.
 
     The variable holds ``ACTION:POINT:STEP[:RANK]`` items, comma-separated: ``kill`` sends
-    SIGKILL to this process, ``hang`` sleeps for ten minutes. Points: ``step`` (in the middle of
+    SIGKILL to this process, ``hang`` sleeps for ten minutes, ``sigterm`` and ``sigint`` send
+    that signal to this process, ``ctrl-c`` sends SIGINT to its whole process group (its data
+    loader workers too, as a terminal does). Points: ``step`` (in the middle of
     iteration ``STEP``, counted from 1, before its collectives) and ``save`` (the checkpoint of
     step ``STEP`` half-written to its temporary file). ``before`` runs first when an item
     matches. Unset, it does nothing.
@@ -35,3 +37,7 @@ def fault_point(
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "hang":
             time.sleep(600)
+        elif action in ("sigterm", "sigint"):
+            os.kill(os.getpid(), signal.Signals[action.upper()])
+        elif action == "ctrl-c":
+            os.killpg(os.getpgrp(), signal.SIGINT)

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from training.distributed import Process, init_process
+from training.preemption import STOP
 from training.rundir import OutputDir
 
 
@@ -108,24 +109,66 @@ def vit_heads(backbone: nn.Module) -> int:
     return int(blocks[0].attn.num_heads)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """An argparse type: a finite number, or an integer, within bounds.
+
+    Every numeric option goes through one, so that a careless value (``--lr -1``,
+    ``--clip-grad nan``, ``--momentum 1.5``) fails on the command line, before any file is
+    written, with argparse's ``argument --lr: expected ...`` and exit status 2.
+
+    Args:
+        low: the smallest value allowed (``None``: no bound).
+        high: the largest value allowed (``None``: no bound).
+        integer: integers only.
+        above: ``low`` itself is not allowed (``> low`` rather than ``>= low``).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    above: bool = False
+
+    def __call__(self, text: str) -> Any:
+        """``text`` as a number; ``argparse.ArgumentTypeError`` saying what was expected."""
+        try:
+            value: int | float = int(text) if self.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self}, got {text!r}") from None
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        high_ok = self.high is None or value <= self.high
+        if not (math.isfinite(value) and low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"expected {self}, got {text}")
+        return value
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = (None if v is None else str(int(v)) if self.integer else f"{v:g}"
+                     for v in (self.low, self.high))  # fmt: skip
+        if low is not None and high is not None:
+            return f"{kind} in [{low}, {high}]"
+        if low is not None:
+            return f"{kind} {'>' if self.above else '>='} {low}"
+        return kind
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+POSITIVE_INT = Number(1, integer=True)  # epochs, steps, batches
+COUNT = Number(0, integer=True)  # workers, "every N steps" (0: never), epochs frozen
+POSITIVE = Number(0, above=True)  # learning rates, temperatures, minutes
+NON_NEGATIVE = Number(0)  # weights, weight decay, clipping (0: none), warm-up lengths
+FRACTION = Number(0, 1)  # momenta
+# The seeds of the data order and the crops, (seed * 1_000_003 + epoch) * 10_000_019 + index,
+# must stay below 2 ** 64: torch refuses larger seeds.
+SEED = Number(0, 1_000_000, integer=True)
 
 
 def _image_count(text: str) -> int:
     if text == "all":
         return -1
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 0, got {text}")
     return value
@@ -140,47 +183,52 @@ def add_run_arguments(
     p.add_argument("--preset", choices=sorted(presets), default="tiny")
     recipes = "'authors' (default): the authors' code; 'paper': the paper's text (docs/trainers.md)"
     p.add_argument("--recipe", choices=sorted(RECIPES), default="authors", help=recipes)
-    p.add_argument("--epochs", type=_positive_int, help="schedule length (preset's)")
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many iterations")
-    p.add_argument("--batch-size", type=_positive_int, help="images per process (preset's)")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="schedule length (preset's)")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many iterations")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="images per process (preset's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     precision = "autocast on CUDA; 'auto': fp16 under --recipe authors, bf16 under paper"
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help=precision)  # fmt: skip
-    p.add_argument("--lr", type=float, help="peak lr per 256 images in all (preset's)")
-    p.add_argument("--workers", type=int, help="DataLoader workers per process (preset's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=POSITIVE, help="peak lr per 256 images in all (preset's)")
+    p.add_argument("--workers", type=COUNT, help="DataLoader workers per process (preset's)")
+    p.add_argument("--seed", type=SEED, default=0, help="0 to 1,000,000")
     p.add_argument("--output-dir", type=Path, default=Path(output_dir))
     p.add_argument("--resume", nargs="?", const="auto", help="a checkpoint, or this run's own")
     changes = "options that --resume may change from the checkpoint's (say: epochs lr)"
     p.add_argument("--allow-changed-options", nargs="+", metavar="NAME", help=changes)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    p.add_argument("--warmup-epochs", type=float, help="lr warm-up length (preset's)")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, help="lr warm-up length (preset's)")
+    p.add_argument("--save-every", type=COUNT, default=0, help="also checkpoint every N steps")
     p.add_argument(
         "--keep-checkpoints", action="store_true",
         help="keep every checkpoint written (each epoch's end, --save-every) as "
         "checkpoint-<step>.pth beside checkpoint.pth",
     )  # fmt: skip
     p.add_argument(
-        "--diagnostics-every", type=int, default=0,
+        "--diagnostics-every", type=COUNT, default=0,
         help="every N steps, log how invariant the teacher's relations are between the two "
         "global views (sere_loss.diagnostics, on process 0's batch) to log.csv",
     )  # fmt: skip
     timeout = "minutes a process waits for the others in a collective before failing"
-    p.add_argument("--dist-timeout", type=_positive_float, default=10.0, help=timeout)
+    p.add_argument("--dist-timeout", type=POSITIVE, default=10.0, help=timeout)
     check = "images opened at start-up: a number spread over the data, 'all', or 0 (default 16)"
     p.add_argument("--check-images", type=_image_count, default=16, help=check)
+    bad = "use the next image in place of one that cannot be read or transformed (with a warning)"
+    p.add_argument("--replace-bad-images", action="store_true", help=bad)
 
 
 def setup(presets: dict[str, P], args: argparse.Namespace) -> tuple[P, Process, str, OutputDir]:
     """A trainer's start: preset with overrides, this process, the precision, the output dir.
 
     The output directory is checked before anything is built (:class:`OutputDir`). Torch is
-    seeded with ``--seed``, so that every process builds the same initial weights.
+    seeded with ``--seed``, so that every process builds the same initial weights. From here
+    on SIGTERM and SIGINT stop the run after a step, with a checkpoint
+    (:mod:`training.preemption`).
     """
     preset = apply_overrides(presets[args.preset], args)
     process = init_process(args.device, args.dist_timeout)
+    STOP.install(distributed=process.distributed)
     output = OutputDir(Path(args.output_dir), resume=args.resume, process=process)
     recipe = RECIPES[args.recipe]
     precision = resolve_precision(args.precision, process.device, recipe.half)

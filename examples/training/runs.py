@@ -1,8 +1,9 @@
 """The bookkeeping of a run around a trainer's own step: :class:`Run`.
 
 It owns the loop over iterations, the values logged (averaged over processes, stopped on NaN),
-the checkpoints with every process's random state, and ``--resume``: the checks of layout,
-state and options, and ``log.csv`` cut back to the checkpoint.
+the checkpoints with every process's random state, the stop on SIGTERM or SIGINT
+(:mod:`training.preemption`), and ``--resume``: the checks of layout, state and options, of the
+run the output directory holds, and ``log.csv`` cut back to the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.checkpoints import Checkpointer, plain, rng_state, set_rng_state
+from training.checkpoints import Checkpointer, peek, plain, rng_state, set_rng_state, verifies
 from training.data import ImageReadError, ResumableSampler
 from training.distributed import Process, gather
 from training.faults import fault_point
-from training.rundir import CSVLog, OutputDir, format_value
+from training.preemption import REQUEUE_STATUS, STOP
+from training.rundir import CSVLog, OutputDir, format_value, kept_checkpoints, step_ranges
 
 
 def finite_or_die(values: dict[str, float], step: int) -> None:
@@ -39,12 +43,14 @@ def finite_or_die(values: dict[str, float], step: int) -> None:
         )
 
 
-_RUN_KEYS = ("rng", "step", "world_size", "batch_size", "steps_per_epoch", "args", "definition")
+_RUN_KEYS = ("rng", "step", "world_size", "batch_size", "steps_per_epoch", "args", "definition",
+             "run_id")  # fmt: skip
 # Options that do not change what a run computes: --resume may change them freely.
 NOT_DEFINING = frozenset(
     {
         "max_steps", "workers", "no_progress", "output_dir", "resume", "allow_changed_options",
         "dist_timeout", "check_images", "device", "precision", "save_every", "keep_checkpoints",
+        "replace_bad_images",
     }
 )  # fmt: skip
 
@@ -69,8 +75,9 @@ class Run:
 
     It owns the loop over iterations (epochs, ``--max-steps``, a resume mid-epoch), the values
     logged (averaged over processes, stopped on NaN), checkpoints of every object in ``state``
-    with each process's random state, and the progress bar. Only the main process prints and
-    writes ``log.csv``, ``checkpoint.pth`` and ``last.json``. A trainer uses it as::
+    with each process's random state, the progress bar, and the stop on SIGTERM or SIGINT after
+    a step that every process agrees on. Only the main process prints and writes ``log.csv``,
+    ``checkpoint.pth`` and ``last.json``. A trainer uses it as::
 
         run = Run(process, args, state, output=output, epochs=..., steps_per_epoch=..., ...)
         for step, epoch, batch in run.iterations(loader, sampler, run.resume()):
@@ -123,6 +130,9 @@ class Run:
         self.bar: tqdm[Any] | None = None
         self.row: dict[str, Any] = {}
         self.steps_run = 0
+        self.run_id = ""  # set by resume(): new, or the checkpoint's
+        self.stopped_by: str | None = None  # what stopped the run before its last step
+        self._stop_seen: tuple[int, bool] = (-1, False)  # (step, agreed) from mean()'s reduction
         self._tic = time.perf_counter()
         if process.is_main:
             self._check_disk_space()
@@ -133,7 +143,12 @@ class Run:
             print(*parts, flush=True)
 
     def _check_disk_space(self) -> None:
-        """Refuse a disk without room for the checkpoints this run keeps (two, one written)."""
+        """Refuse a disk without room for three checkpoints: two kept, and one being written.
+
+        While a save writes ``checkpoint.pth.tmp``, ``checkpoint.pth`` and
+        ``checkpoint.prev.pth`` are still there; the oldest goes only once the new one is
+        verified. The checkpoints already there count as part of the three.
+        """
         tensors: list[Tensor] = []
         for obj in self.state.values():
             if isinstance(obj, nn.Module):
@@ -143,13 +158,13 @@ class Run:
         size = sum(t.numel() * t.element_size() for t in tensors)
         have = sum(p.stat().st_size for p in (self.output.checkpoint, self.output.previous)
                    if p.exists())  # fmt: skip
-        need = 2 * size - have
+        need = 3 * size - have
         free = shutil.disk_usage(self.output.path).free
         if need > free:
             raise SystemExit(
                 f"--output-dir {self.output.path}: {free / 2**30:.2f} GiB free, but a checkpoint "
-                f"takes about {size / 2**30:.2f} GiB and the run keeps two: free some space or "
-                "choose another --output-dir"
+                f"takes about {size / 2**30:.2f} GiB and a save needs room for three (the last "
+                "two and the new one): free some space or choose another --output-dir"
             )
 
     def resume(self) -> int:
@@ -158,9 +173,12 @@ class Run:
         Returns the step to go on from: 0 without ``--resume``, or when ``--resume`` alone finds
         no checkpoint of this run yet. A checkpoint that fails its checksum, was saved with
         another layout or other options (unless ``--allow-changed-options`` names them) is
-        refused. ``log.csv`` keeps the rows up to the checkpoint's step.
+        refused, and so is ``--resume PATH`` into an ``--output-dir`` that holds another run or
+        later checkpoints of this one (:meth:`_check_directory`). ``log.csv`` keeps the rows up
+        to the checkpoint's step, and the run says which of them it could not keep.
         """
         resume = self.args.resume
+        self.run_id = uuid.uuid4().hex
         if resume is None:
             return self._start_log(None, 0)
         path = self.output.checkpoint if resume == "auto" else Path(resume)
@@ -170,16 +188,25 @@ class Run:
                     f"{path} is missing but {self.output.previous} is there (a crash while "
                     f"checkpoints were rotated?): --resume {self.output.previous}"
                 )
+            kept = kept_checkpoints(self.output.path)
+            if kept:
+                raise SystemExit(
+                    f"{path} is missing but kept checkpoints are there (the newest: "
+                    f"{kept[0][1]}, at step {kept[0][0]}): --resume {kept[0][1]}"
+                )
             self.print(f"no checkpoint in {self.output.path} yet: starting from step 0")
             return self._start_log(0, 0)
         saved = self.checkpointer.load(path)
         self._check_layout(saved, path)
         self._check_definition(saved, path)
+        source = self._check_directory(saved, path)
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
         rng = saved["rng"]
         set_rng_state(rng[self.process.rank] if isinstance(rng, list) else rng)
         step: int = saved["step"]
+        if source is None:  # this directory's run goes on; a new run starts from another's
+            self.run_id = saved.get("run_id") or self.run_id
         if step >= self.total_steps:
             self.print(
                 f"the run in {path} is finished (step {step} of {self.total_steps}): nothing to "
@@ -191,12 +218,95 @@ class Run:
             self.print(f"{path} is at step {step}, --max-steps is {self.max_steps}: nothing to do")
             return step
         self.print(f"resumed from step {step} ({path})")
-        return self._start_log(step, step)
+        return self._start_log(step, step, source)
 
-    def _start_log(self, keep_until: int | None, start: int) -> int:
-        if self.process.is_main:
-            self.csv = CSVLog(self.output.log, self.fields, keep_until)
+    def _start_log(self, keep_until: int | None, start: int, source: Path | None = None) -> int:
+        if not self.process.is_main:
+            return start
+        self.csv = CSVLog(self.output.log, self.fields, keep_until, source=source)
+        read = self.output.log if source is None else source
+        if self.csv.damaged:
+            self.print(
+                f"{read}: line(s) {step_ranges(self.csv.damaged)} are not text that the log can "
+                "hold (not UTF-8, or NUL bytes): left out"
+            )
+        if self.csv.missing:
+            self.print(
+                f"{read} has no row for step(s) {step_ranges(self.csv.missing)} of the "
+                f"{keep_until} before the checkpoint: those rows are lost (the weights are not); "
+                "log.csv goes on without them"
+            )
         return start
+
+    def _check_directory(self, saved: dict[str, Any], path: Path) -> Path | None:
+        """Refuse ``--resume PATH`` where it would overwrite or cut back what a directory holds.
+
+        The usual resume (``--output-dir``'s own ``checkpoint.pth``) passes. Otherwise:
+
+        - a directory that holds no run yet takes a new run that starts from ``PATH``; its
+          ``log.csv`` begins with the rows of the log beside ``PATH`` (returned, else ``None``);
+        - a directory that holds another run (another run id, or for checkpoints without one,
+          ``PATH`` outside it) is refused: the resumed run would overwrite its log, its
+          checkpoints and its ``last.json``;
+        - a checkpoint of the directory's own run is refused if the directory holds a later
+          checkpoint that is whole: the resume would throw the steps after ``PATH`` away. A
+          later ``checkpoint.pth`` that fails its checksum is set aside as
+          ``checkpoint.damaged.pth``, so that the next save does not keep it as the backup.
+        """
+        out, step = self.output, int(saved["step"])
+        if path.resolve() == out.checkpoint.resolve():
+            return None
+        held = out.held()
+        if not held:
+            self.print(
+                f"a new run in {out.path}, from {path} (step {step}); the run that wrote it is "
+                "left as it is"
+            )
+            return path.parent / "log.csv"
+        inside = path.resolve().parent == out.path.resolve()
+        theirs = self._run_id_here()
+        same = inside if theirs is None or not saved.get("run_id") else theirs == saved["run_id"]
+        if not same:
+            raise SystemExit(
+                f"--resume {path}: {out.path} holds another run{out.progress()} "
+                f"({', '.join(held)}), which resuming there would overwrite. Resume into a new "
+                f"--output-dir (--output-dir <new> --resume {path}), or move that run away first"
+            )
+        later = [(k, f) for k, f in kept_checkpoints(out.path) if k > step]
+        for rotated in (out.checkpoint, out.previous):
+            info = peek(rotated) if rotated.exists() else None
+            if info is not None and info["step"] > step:
+                later.append((info["step"], rotated))
+        for later_step, later_path in sorted(later, reverse=True):
+            if later_path.resolve() == path.resolve() or not verifies(later_path):
+                continue
+            raise SystemExit(
+                f"--resume {path} is at step {step}, but {out.path} holds this run up to step "
+                f"{later_step} ({later_path.name}): resuming there would throw away steps "
+                f"{step + 1}-{later_step}. To go on from step {step}, resume into a new "
+                f"--output-dir (--output-dir <new> --resume {path})"
+            )
+        if self.process.is_main and out.checkpoint.exists() and not verifies(out.checkpoint):
+            damaged = out.path / "checkpoint.damaged.pth"
+            os.replace(out.checkpoint, damaged)
+            self.print(
+                f"{out.checkpoint} is damaged: set aside as {damaged}, so that "
+                f"{out.previous} is not replaced by it at the next save"
+            )
+        return None
+
+    def _run_id_here(self) -> str | None:
+        """The run id that the checkpoints in ``--output-dir`` carry (the first readable)."""
+        out = self.output
+        for candidate in (
+            out.checkpoint,
+            out.previous,
+            *(k for _, k in kept_checkpoints(out.path)),
+        ):
+            info = peek(candidate) if candidate.exists() else None
+            if info is not None and info["run_id"]:
+                return str(info["run_id"])
+        return None
 
     def _check_layout(self, saved: dict[str, Any], path: Path) -> None:
         layout = (saved.get("world_size", 1), saved.get("batch_size", self.batch_size))
@@ -259,9 +369,14 @@ class Run:
         """Yield ``(step, epoch, batch)`` from ``start`` to ``max_steps``.
 
         ``step`` counts from 0. A checkpoint is written at the end of each epoch and after the
-        last step.
+        last step. After a SIGTERM or SIGINT (or, under ``torchrun``, the end of ``torchrun``)
+        the step under way finishes, a checkpoint is written, and the iterations end early;
+        :meth:`finish` then exits with :data:`~training.preemption.REQUEUE_STATUS`.
         """
         if start >= self.max_steps:
+            return
+        if self._stop_agreed(start):
+            self.stopped_by = STOP.reason or "a signal to another process"
             return
         self.bar = tqdm(
             total=self.max_steps, initial=start, dynamic_ncols=True,
@@ -272,6 +387,7 @@ class Run:
             epoch = step // self.steps_per_epoch
             sampler.set_epoch(epoch, start=step % self.steps_per_epoch * self.batch_size)
             batches = iter(loader)
+            stop = False
             while True:
                 try:
                     batch = next(batches)
@@ -281,19 +397,41 @@ class Run:
                     text = str(error)
                     message = text[text.rfind("cannot use ") :].splitlines()[0]
                     raise SystemExit(
-                        f"step {step + 1}: {message}\nReplace or remove the file, then continue "
-                        f"with --resume (from the last checkpoint, at step "
-                        f"{step - step % self.steps_per_epoch} or later)"
+                        f"step {step + 1}: {message}\nReplace the file with a good image of the "
+                        "same name and continue with --resume, or continue with --resume "
+                        "--replace-bad-images, which uses the next image in its place (removing "
+                        "the file changes the number of images, which a resume refuses)"
                     ) from error
                 self._tic = time.perf_counter()
                 yield step, epoch, batch
                 step += 1
                 self.steps_run += 1
-                if step >= self.max_steps or step % self.steps_per_epoch == 0:
+                stop = step < self.max_steps and self._stop_agreed(step)
+                if stop or step >= self.max_steps or step % self.steps_per_epoch == 0:
                     break
                 if self.args.save_every and step % self.args.save_every == 0:
                     self.save(step)
+            if stop:
+                self.stopped_by = STOP.reason or "a signal to another process"
+                self.print(f"{self.stopped_by}: stopping after step {step}, with a checkpoint")
             self.save(step)
+            if stop:
+                return
+
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether every process stops after ``step`` steps: one of them was asked to.
+
+        :meth:`mean` sums the processes' requests in the collective it runs at each step; a
+        step without it (or the start) runs one of its own.
+        """
+        seen_at, agreed = self._stop_seen
+        if seen_at == step:
+            return agreed
+        if not self.process.distributed:
+            return STOP.requested
+        flag = torch.tensor([float(STOP.requested)], device=self.process.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     def diagnose(self, step: int) -> bool:
         """Whether iteration ``step`` logs the relation diagnostics (``--diagnostics-every``).
@@ -304,15 +442,27 @@ class Run:
         return bool(every) and self.process.is_main and step % every == 0
 
     def mean(self, values: dict[str, Tensor], step: int) -> dict[str, float]:
-        """Scalars averaged over processes; every process stops together on a NaN or inf."""
+        """Scalars averaged over processes; every process stops together on a NaN or inf.
+
+        The same collective sums the processes' requests to stop (SIGTERM, SIGINT), so that
+        they all stop after this step or all go on.
+        """
         fault_point("step", step + 1, self.process.rank)
-        if not values:
-            return {}
-        stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
-        if self.process.distributed:
+        if not self.process.distributed:
+            if not values:
+                return {}
+            stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+            means = dict(zip(values, stacked.tolist(), strict=True))
+        else:
+            device = self.process.device
+            parts = [v.detach().float().reshape(1).to(device) for v in values.values()]
+            parts.append(torch.tensor([float(STOP.requested)], device=device))
+            stacked = torch.cat(parts)
             dist.all_reduce(stacked)
-            stacked /= self.process.world_size
-        means = dict(zip(values, stacked.tolist(), strict=True))
+            self._stop_seen = (step + 1, bool(stacked[-1].item() > 0))
+            means = dict(
+                zip(values, (stacked[:-1] / self.process.world_size).tolist(), strict=True)
+            )
         finite_or_die(means, step)
         return means
 
@@ -347,6 +497,7 @@ class Run:
         saved |= {"rng": rng, "step": step, "world_size": self.process.world_size}
         saved |= {"batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
         saved |= {"args": plain(vars(self.args)), "definition": self.definition}
+        saved |= {"run_id": self.run_id or uuid.uuid4().hex}
         saved |= plain(self.config)
         self.checkpointer.save(saved, step)
         if getattr(self.args, "keep_checkpoints", False):
@@ -370,10 +521,14 @@ class Run:
         """Close the bar, write ``last.json``, leave the process group; the last row logged.
 
         A run that had nothing to do (resumed at its end) leaves ``last.json`` as it was and
-        returns what it holds.
+        returns what it holds. A run stopped by a signal writes no ``last.json``: it says where
+        its checkpoint is and exits with :data:`~training.preemption.REQUEUE_STATUS`.
         """
         if self.bar is not None:
             self.bar.close()
+        if self.stopped_by is not None:
+            self._exit_stopped()
+        STOP.restore()
         summary = dict(self.row)
         if self.steps_run == 0:
             if self.output.last.exists():
@@ -387,6 +542,26 @@ class Run:
         if self.process.distributed:
             dist.destroy_process_group()
         return summary
+
+    def _exit_stopped(self) -> None:
+        step = self.row.get("step", None)
+        if step is None:
+            self.print(
+                f"stopped by {self.stopped_by} before its first step: nothing new to save. "
+                f"Run the same command with --resume to continue (exit status {REQUEUE_STATUS}: "
+                "requeue)"
+            )
+        else:
+            self.print(
+                f"stopped by {self.stopped_by} after step {step} of {self.total_steps}: "
+                f"{self.output.checkpoint} is written and verified. Run the same command with "
+                f"--resume to continue (exit status {REQUEUE_STATUS}: requeue)"
+            )
+        self.output.release()
+        if self.process.distributed:
+            dist.barrier()  # none leaves before the checkpoint is written (torchrun would end it)
+            dist.destroy_process_group()
+        sys.exit(REQUEUE_STATUS)
 
 
 def _option(args: argparse.Namespace, name: str) -> str:
