@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from _trainer_runs import steps
-from conftest import log_rows, train_tiny
+from conftest import EXAMPLES, log_rows, train_tiny
 
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
@@ -128,3 +130,26 @@ def test_a_bad_image_met_mid_run_is_replaced_on_resume_exactly(
     for row, reference in zip(log_rows(run), log_rows(tmp_path / "straight"), strict=True):
         for term in ("loss", "dino", "spatial", "channel"):
             assert float(row[term]) == pytest.approx(float(reference[term]), rel=1e-6), term
+
+
+def test_a_process_that_leaves_loader_workers_running_still_exits() -> None:
+    # Loader workers ignore SIGTERM (the main process stops the run); multiprocessing's exit
+    # handler, which sends them SIGTERM and waits, would wait forever for those an exception's
+    # traceback kept alive (it hung the test process once).
+    code = f"""
+import sys
+sys.path.insert(0, {str(EXAMPLES)!r})
+import torch
+from training import data, distributed
+process = distributed.Process(0, 1, torch.device("cpu"))
+images = data.SyntheticImages(8, 16)
+loader, _ = data.build_loader(
+    images, lambda x: x.float(), process, batch_size=2, workers=2, seed=0
+)
+batches = iter(loader)
+next(batches)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]

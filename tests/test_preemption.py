@@ -3,8 +3,8 @@
 The run finishes the step it is in, writes a verified checkpoint, says so, and exits with 75
 (EX_TEMPFAIL: "requeue me"); resumed, it gives the losses of a run never stopped. Under
 ``torchrun`` the processes stop after the same step. The test hook ``EXAMPLES_TEST_FAULT``
-sends the signal at a chosen step (``sigterm:step:N[:RANK]``, ``ctrl-c:step:N``), so the tests
-need no timing; the torchrun tests signal torchrun itself, as a scheduler does.
+sends the signal at a chosen step (``sigterm:step:N[:RANK]``, ``group-sigint:step:N``), so the
+tests need no timing; the torchrun tests signal torchrun itself, as a scheduler does.
 """
 
 from __future__ import annotations
@@ -72,19 +72,21 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
     _same_rows(tmp_path, straight)
 
 
-def test_ctrl_c_reaches_the_loader_workers_too_and_the_run_still_checkpoints(
-    image_folder: Path, tmp_path: Path
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_group_loader_workers_included_still_checkpoints(
+    image_folder: Path, tmp_path: Path, sig: str
 ) -> None:
-    # A terminal's Ctrl-C: SIGINT to the whole process group, data loader workers included.
-    # It used to print a KeyboardInterrupt traceback and lose the steps since the checkpoint.
+    # A terminal's Ctrl-C (SIGINT) and SLURM's preemption (SIGTERM) signal every process of the
+    # job, data loader workers included. Ctrl-C used to print a KeyboardInterrupt traceback and
+    # lose the steps since the checkpoint; a worker killed by SIGTERM fails the step.
     child = start_trainer(
         "dino_sere.py", image_folder, tmp_path, "--max-steps", "4", "--workers", "2",
-        fault="ctrl-c:step:3",
+        fault=f"group-{sig.lower()}:step:3",
     )  # fmt: skip
     out, _ = child.communicate(timeout=300)
     assert child.returncode == REQUEUE, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert "stopped by SIGINT after step 3 of 4: " in out, out[-3000:]
+    assert f"stopped by {sig} after step 3 of 4: " in out, out[-3000:]
     assert steps(tmp_path) == [1, 2, 3]
 
 

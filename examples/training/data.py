@@ -196,8 +196,10 @@ def ignore_stop_signals(_worker: int = 0) -> None:
 
     A Ctrl-C reaches every process of the terminal's group, and SLURM signals every process of
     a job it preempts: a worker that died of it would fail the step that the main process is
-    finishing before it writes its checkpoint (``training.preemption``). The main process ends
-    its workers itself (:func:`_kill_leftover_workers` for those still there at its exit).
+    finishing before it writes its checkpoint (``training.preemption``). (Forked, a worker
+    would otherwise run the main process's handlers, which record the signal and go on.) The
+    main process ends its workers itself (:func:`_kill_leftover_workers` for those still there
+    at its exit).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -17,8 +17,9 @@ def fault_point(
 
     The variable holds ``ACTION:POINT:STEP[:RANK]`` items, comma-separated: ``kill`` sends
     SIGKILL to this process, ``hang`` sleeps for ten minutes, ``sigterm`` and ``sigint`` send
-    that signal to this process, ``ctrl-c`` sends SIGINT to its whole process group (its data
-    loader workers too, as a terminal does). Points: ``step`` (in the middle of
+    that signal to this process, ``group-sigterm`` and ``group-sigint`` to its whole process
+    group, data loader workers included (as SLURM's preemption and a terminal's Ctrl-C do).
+    Points: ``step`` (in the middle of
     iteration ``STEP``, counted from 1, before its collectives) and ``save`` (the checkpoint of
     step ``STEP`` half-written to its temporary file). ``before`` runs first when an item
     matches. Unset, it does nothing.
@@ -39,5 +40,5 @@ def fault_point(
             time.sleep(600)
         elif action in ("sigterm", "sigint"):
             os.kill(os.getpid(), signal.Signals[action.upper()])
-        elif action == "ctrl-c":
-            os.killpg(os.getpgrp(), signal.SIGINT)
+        elif action in ("group-sigterm", "group-sigint"):
+            os.killpg(os.getpgrp(), signal.Signals[action.removeprefix("group-").upper()])
