@@ -304,6 +304,8 @@ def check_images(
     listed = "\n  ".join(failures[:10])
     more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
     if replace_bad:
+        if 0 < count < length and not process.is_main:
+            return  # every process checked the same images: one warning is enough
         print(
             f"warning: {len(failures)} of the {len(indices)} images checked at start-up cannot "
             f"be used, and --replace-bad-images will replace each by the next image that can:"
