@@ -46,7 +46,7 @@ TARGET_SHARE = 0.03  # SERE may take at most 3 % of the step
 
 
 def _load_trainer() -> Any:
-    """Import ``examples/dino_sere.py`` (and its ``common``) as modules."""
+    """Import ``examples/dino_sere.py`` (and the ``training`` package it uses) as modules."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     return importlib.import_module("dino_sere")
@@ -86,11 +86,12 @@ def build_steps(
         ``{"dino": ..., "dino_sere": ..., "sere_alone": ...}`` (and the compiled pair), each
         running once.
     """
-    common = importlib.import_module("common")
+    options = importlib.import_module("training.options")
+    optim = importlib.import_module("training.optim")
     from sere_loss import SERELoss
 
     preset = trainer.PRESETS[preset_name]
-    precision = common.resolve_precision("auto", device)
+    precision = options.resolve_precision("auto", device)
     num_views = 2 + preset.num_local
     gen = torch.Generator().manual_seed(1)
     sizes = [preset.global_px] * 2 + [preset.local_px] * preset.num_local
@@ -107,7 +108,7 @@ def build_steps(
         torch.manual_seed(0)
 
         def model(drop_path: float) -> nn.Module:
-            backbone = common.build_vit(preset, drop_path)
+            backbone = options.build_vit(preset, drop_path)
             head = trainer.DINOHead(
                 backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck
             )
@@ -126,14 +127,14 @@ def build_steps(
             if compile_sere:
                 sere.compile(**(compile_options or {}))
         trained = [student] if sere is None else [student, sere]
-        params = common.param_groups(trained)
+        params = optim.param_groups(trained)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         flat = [p for group in params for p in group["params"]]
         student.train()
         teacher.train()
 
         def step() -> None:
-            with common.autocast(device, precision):
+            with options.autocast(device, precision):
                 s_logits, s_tokens = student(views)
                 with torch.no_grad():
                     t_logits, t_tokens = teacher(views[:2])
@@ -143,16 +144,16 @@ def build_steps(
                     loss = loss + sere(s_tokens[0], t_tokens[0], boxes, flips, s_local)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            common.clip_gradients(flat, 3.0)  # per parameter, as the trainer
+            optim.clip_gradients(flat, 3.0)  # per parameter, as the trainer
             optimizer.step()
-            common.ema_update(teacher, student, 0.996)
+            optim.ema_update(teacher, student, 0.996)
             if sere is not None:
                 sere.update_teacher(0.996)
 
         return step, student, teacher, sere
 
     def alone(student: Any, teacher: Any, sere: Any) -> Callable[[], None]:
-        with torch.no_grad(), common.autocast(device, precision):
+        with torch.no_grad(), options.autocast(device, precision):
             _, s_tokens = student(views)
             _, t_tokens = teacher(views[:2])
         tokens = [t.detach() for t in (s_tokens[0], t_tokens[0], s_tokens[1])]
@@ -160,7 +161,7 @@ def build_steps(
         def sere_alone() -> None:
             student_global = tokens[0].detach().requires_grad_()  # a new leaf, no copy
             student_local = tokens[2].detach().requires_grad_()
-            with common.autocast(device, precision):
+            with options.autocast(device, precision):
                 loss = sere(student_global, tokens[1], boxes, flips, student_local)
             loss.backward()
 

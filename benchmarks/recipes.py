@@ -43,9 +43,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-import common  # noqa: E402
 import dino_sere  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
+from training import checkpoints, data, optim, options  # noqa: E402
 
 from sere_loss import SERELoss  # noqa: E402
 from sere_loss.transforms import dino_sere_transform  # noqa: E402
@@ -74,8 +74,8 @@ def _batch(preset: Any, batch: int, seed: int = 0) -> tuple[list[Tensor], Tensor
         global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local,
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
-    data = common.SyntheticImages(batch, preset.synthetic_size, seed=seed)
-    crops = [transform(data[i][0]) for i in range(batch)]
+    images = data.SyntheticImages(batch, preset.synthetic_size, seed=seed)
+    crops = [transform(images[i][0]) for i in range(batch)]
     views = [torch.stack([c.views[v] for c in crops]) for v in range(len(crops[0].views))]
     return views, torch.stack([c.boxes for c in crops]), torch.stack([c.flips for c in crops])
 
@@ -201,7 +201,7 @@ def heads_count(vit: nn.Module, preset: Any, batch: int) -> dict[str, Any]:
     student = _tokens(vit, views)
     teacher = [t + 0.05 * t.std() * torch.randn_like(t) for t in student[:1]]
     base = _spatial(PAPER, None, student, boxes, flips, teacher)
-    heads = common.vit_heads(vit)
+    heads = options.vit_heads(vit)
     return {"heads": heads, **_compare(base, _spatial({**PAPER, "num_heads": heads}, base[2],
                                                       student, boxes, flips, teacher))}  # fmt: skip
 
@@ -233,11 +233,11 @@ def bias_decay(world_size: int = 8, images: int = 1_281_167) -> dict[str, Any]:
     """What weight decay on biases means over the DINO ViT-S/16 run: parameters and shrinkage."""
     preset = dino_sere.PRESETS["vit_small"]
     with torch.device("meta"):
-        vit = common.build_vit(preset, 0.1)
-        sere = SERELoss(384, **common.RECIPES["authors"].sere_options(vit))
+        vit = options.build_vit(preset, 0.1)
+        sere = SERELoss(384, **options.RECIPES["authors"].sere_options(vit))
     counts = {}
     for rule, kwargs in (("authors", {"decay_biases": True}), ("dino", {})):
-        groups = common.param_groups([vit, sere], **kwargs)
+        groups = optim.param_groups([vit, sere], **kwargs)
         counts[rule] = {
             "decayed_tensors": len(groups[0]["params"]),
             "decayed_values": sum(p.numel() for p in groups[0]["params"]),
@@ -260,8 +260,8 @@ def train_tiny(work: Path) -> nn.Module:
     out = work / "tiny"
     argv = ["--preset", "tiny", "--epochs", "8", "--lr", "0.004", "--output-dir", str(out)]
     dino_sere.main([*argv, "--no-progress", "--workers", "0", "--check-images", "0"])
-    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    vit = common.build_vit(dino_sere.PRESETS["tiny"], 0.0)
+    state = checkpoints.load_checkpoint(out / "checkpoint.pth")
+    vit = options.build_vit(dino_sere.PRESETS["tiny"], 0.0)
     vit.load_state_dict({k.removeprefix("backbone."): v for k, v in state["student"].items()
                          if k.startswith("backbone.")})  # fmt: skip
     return vit
@@ -330,7 +330,7 @@ def main() -> None:
     torch.manual_seed(0)
     small = dino_sere.PRESETS["vit_small"]
     tiny = dino_sere.PRESETS["tiny"]
-    vit_s = common.build_vit(small, 0.0)
+    vit_s = options.build_vit(small, 0.0)
     record: dict[str, Any] = {"tokens": [measure_tokens("vit_s_init", small, vit_s, 8)]}
     with tempfile.TemporaryDirectory() as work:
         trained = train_tiny(Path(work))
@@ -339,7 +339,7 @@ def main() -> None:
 
     base = ibot_sere.PRESETS["vit_base"]
     torch.manual_seed(0)
-    record["heads"] = heads_count(common.build_vit(base, 0.0), base, 4)
+    record["heads"] = heads_count(options.build_vit(base, 0.0), base, 4)
     record["crops"] = crop_statistics()
     record["bias_decay"] = bias_decay()
     record["precision"] = precision_effect(vit_s, small, 4)

@@ -30,11 +30,12 @@ import argparse
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import common
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from training import data, distributed, optim, options, runs
+from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
@@ -43,7 +44,7 @@ from sere_loss.transforms import dino_sere_transform  # SERE: crops with their b
 
 
 @dataclass(frozen=True)
-class Preset(common.Preset):
+class Preset(options.Preset):
     """Model, crops and schedule of one configuration: the shared fields, and DINO's own."""
 
     local_px: int
@@ -237,56 +238,62 @@ def schedules(
     lr = preset.lr * preset.batch_size * world_size / 256
     warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
     return {
-        "lr": common.cosine_schedule(
+        "lr": optim.cosine_schedule(
             lr, preset.min_lr, epochs, steps_per_epoch, preset.warmup_epochs
         ),
-        "wd": common.cosine_schedule(*args.weight_decay, epochs, steps_per_epoch),
-        "momentum": common.cosine_schedule(args.momentum, 1.0, epochs, steps_per_epoch),
-        "teacher_temp": common.warmup_schedule(*args.teacher_temp, warm, total),
+        "wd": optim.cosine_schedule(*args.weight_decay, epochs, steps_per_epoch),
+        "momentum": optim.cosine_schedule(args.momentum, 1.0, epochs, steps_per_epoch),
+        "teacher_temp": optim.warmup_schedule(*args.teacher_temp, warm, total),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="DINO + SERE trainer", allow_abbrev=False)
-    common.add_run_arguments(p, PRESETS, output_dir="runs/dino_sere")
-    p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--min-lr", type=float, help="final lr (preset's)")
-    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
-    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
-    p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter; 0 disables")
-    p.add_argument("--freeze-last-layer", type=int, help="epochs (preset's)")
+    options.add_run_arguments(p, PRESETS, output_dir="runs/dino_sere")
+    p.add_argument("--num-local", type=COUNT, help="local crops per image (preset's)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, help="final lr (preset's)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, nargs=2, default=(0.04, 0.4))
+    p.add_argument("--momentum", type=FRACTION, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=NON_NEGATIVE, help="(preset's)")
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=3.0, help="per-parameter; 0 disables")
+    p.add_argument("--freeze-last-layer", type=COUNT, help="epochs (preset's)")
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
-    return p.parse_args(argv)
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
+    args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset, process, precision, output = common.setup(PRESETS, args)
-    recipe, device = common.RECIPES[args.recipe], process.device
+    preset, process, precision, output = options.setup(PRESETS, args)
+    recipe, device = options.RECIPES[args.recipe], process.device
 
     # Data: multi-crop views with their crop boxes and flips, this process's share of them.
     transform = dino_sere_transform(  # SERE: records each view's box and flip
         global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local,
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
-    dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    common.check_images(dataset, transform, process, args.check_images, preset.workers)
-    loader, sampler = common.build_loader(
+    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
+    loader, sampler = data.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed,
+        seed=args.seed, replace_bad=args.replace_bad_images,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
 
     # Student and teacher: the teacher has no stochastic depth and starts as the student.
     def model(drop_path: float) -> MultiCropModel:
-        backbone = common.build_vit(preset, drop_path)
+        backbone = options.build_vit(preset, drop_path)
         head = DINOHead(
             backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck
         )
@@ -303,15 +310,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
-        options = recipe.sere_options(student.backbone)  # SERE: lattice points, padding, heads
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
+        settings = recipe.sere_options(student.backbone)  # SERE: lattice points, padding, heads
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **settings).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
-    student_ddp = common.distribute(student, process)
-    sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
+    student_ddp = distributed.distribute(student, process)
+    sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
     # --8<-- [end:build]
 
     # Optimisation: per-iteration schedules over the whole run.
-    optimizer = torch.optim.AdamW(common.param_groups(trained, decay_biases=recipe.decay_biases))
+    optimizer = torch.optim.AdamW(optim.param_groups(trained, decay_biases=recipe.decay_biases))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     schedule = schedules(args, preset, steps_per_epoch, process.world_size)
 
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fields = ["lr", "wd", "momentum", "teacher_temp", "loss", "dino"]
     fields += ["spatial", "channel"]  # SERE
     config = {"preset": asdict(preset), "precision": precision, "dataset_size": len(dataset)}
-    run = common.Run(
+    run = runs.Run(
         process, args, state, output=output, epochs=preset.epochs, config=config,
         steps_per_epoch=steps_per_epoch, batch_size=preset.batch_size, fields=fields,
     )  # fmt: skip
@@ -340,11 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher.train()
     for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
         now = {name: per_step[step] for name, per_step in schedule.items()}
-        common.set_schedule(optimizer, now["lr"], now["wd"])
+        optim.set_schedule(optimizer, now["lr"], now["wd"])
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
         # --8<-- [start:step]
-        with common.autocast(device, precision):
+        with options.autocast(device, precision):
             s_logits, s_tokens = student_ddp(views)
             with torch.no_grad():
                 t_logits, t_tokens = teacher(views[:2])
@@ -361,13 +368,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         logged = run.mean({"loss": loss, "dino": loss_dino, **terms}, step)
         if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
-            logged |= common.relation_diagnostics(t_tokens[0], crops.boxes, crops.flips)
+            logged |= runs.relation_diagnostics(t_tokens[0], crops.boxes, crops.flips)
         frozen = student if epoch < preset.freeze_last_layer else None
-        common.optimizer_step(
+        optim.optimizer_step(
             loss, optimizer, scaler, step=step, clip_grad=args.clip_grad, freeze_last_layer=frozen
         )
         # --8<-- [start:ema]
-        common.ema_update(teacher, student, now["momentum"])
+        optim.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE
             sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
         # --8<-- [end:ema]
@@ -376,4 +383,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    distributed.run_main(main)

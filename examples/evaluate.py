@@ -41,13 +41,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import common
 import seg_data
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from training import checkpoints, options
+from training.options import POSITIVE_INT, SEED, Number
 
 from sere_loss.diagnostics import RelationInvariance, relation_invariance
 from sere_loss.transforms import IMAGENET_MEAN, IMAGENET_STD, dino_sere_transform
@@ -136,10 +137,12 @@ class PatchSpectrum(Extractor):
 def load_checkpoint(path: str | Path, which: str = "teacher") -> tuple[VisionTransformer, dict]:
     """The ViT of a trainer's checkpoint, and the checkpoint's ``preset`` and ``args``.
 
-    The architecture comes from the saved preset (MoCo v3's carries its head count); the
-    weights are the ``backbone.`` entries of ``which`` (``"teacher"`` or ``"student"``).
+    The file is read as the trainers read it (:func:`training.checkpoints.load_checkpoint`):
+    one that fails its checksum is refused, not evaluated. The architecture comes from the saved
+    preset (MoCo v3's carries its head count); the weights are the ``backbone.`` entries of
+    ``which`` (``"teacher"`` or ``"student"``).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoints.load_checkpoint(Path(path))
     if "preset" not in state or which not in state:
         raise SystemExit(f"{path}: not a checkpoint of the example trainers (no preset/{which})")
     vit = build_backbone(state["preset"])
@@ -153,7 +156,7 @@ def load_checkpoint(path: str | Path, which: str = "teacher") -> tuple[VisionTra
 def build_backbone(preset: dict[str, Any]) -> VisionTransformer:
     """The trainers' ViT for a saved preset, with timm's random initialisation."""
     extra = {"num_heads": preset["num_heads"]} if "num_heads" in preset else {}
-    return common.build_vit(types.SimpleNamespace(**preset), 0.0, **extra)  # type: ignore[arg-type]
+    return options.build_vit(types.SimpleNamespace(**preset), 0.0, **extra)  # type: ignore[arg-type]
 
 
 def random_extractor(preset: dict[str, Any], seed: int) -> ViTExtractor:
@@ -503,15 +506,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("--data", default="generated", help="'generated' or a VOC-style folder")
     p.add_argument("--images", default="1024,256", help="generated TRAIN,VAL image counts")
-    p.add_argument("--size", type=int, help="image side (generated: 96; a folder: 224)")
+    p.add_argument(
+        "--size", type=Number(16, integer=True), help="image side (generated: 96; a folder: 224)"
+    )
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
     p.add_argument("--feature", choices=["cls", "mean"], default="cls", help="k-NN's vector")
-    p.add_argument("--k", type=int, default=20, help="k-NN's neighbours")
-    p.add_argument("--probe-steps", type=int, default=500, help="AdamW steps, 64 images each")
+    p.add_argument("--k", type=POSITIVE_INT, default=20, help="k-NN's neighbours")
+    p.add_argument(
+        "--probe-steps", type=POSITIVE_INT, default=500, help="AdamW steps, 64 images each"
+    )
     p.add_argument("--no-bounds", action="store_true", help="leave the sanity bounds out")
-    p.add_argument("--seed", type=int, default=0, help="data, crops, probe and random weights")
+    p.add_argument("--seed", type=SEED, default=0, help="data, crops, probe and random weights")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads")
     p.add_argument("--json", type=Path, help="write the rows here")
     return p.parse_args(argv)
 

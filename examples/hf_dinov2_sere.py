@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import SyntheticImages, clip_gradients, cosine_schedule, ema_update, param_groups
 from dino_sere import DINOHead, DINOLoss
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
+from training.data import SyntheticImages
+from training.optim import clip_gradients, cosine_schedule, ema_update, param_groups
+from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
 from transformers import Dinov2Config, Dinov2Model, PreTrainedModel
 
 import sere_loss  # SERE
@@ -91,17 +93,17 @@ def parse_args(
     p = argparse.ArgumentParser(description=f"continued pre-training of {model} with DINO + SERE")
     p.add_argument("--pretrained", help=f"a Hub name ({example}) or a local directory")
     p.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder path")
-    p.add_argument("--global-px", type=int, default=64)
-    p.add_argument("--local-px", type=int, default=32)
-    p.add_argument("--num-local", type=int, default=4)
-    p.add_argument("--out-dim", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
-    p.add_argument("--teacher-temp", type=float, default=0.04)
-    p.add_argument("--clip-grad", type=float, default=3.0)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--global-px", type=POSITIVE_INT, default=64)
+    p.add_argument("--local-px", type=POSITIVE_INT, default=32)
+    p.add_argument("--num-local", type=COUNT, default=4)
+    p.add_argument("--out-dim", type=POSITIVE_INT, default=1024)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--steps", type=POSITIVE_INT, default=20)
+    p.add_argument("--lr", type=POSITIVE, default=1e-4)
+    p.add_argument("--momentum", type=FRACTION, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=POSITIVE, default=0.04)
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=3.0)
+    p.add_argument("--workers", type=COUNT, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-dir", type=Path, default=Path(f"runs/hf_{model.lower()}_sere"))
     return p.parse_args(argv)

@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import common
 import torch
 import torch.nn.functional as F
 from dino_sere import DINOHead, DINOLoss, update_center
@@ -49,6 +48,8 @@ from dino_sere import Preset as DINOPreset
 from dino_sere import schedules as dino_schedules
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from training import data, distributed, optim, options, runs
+from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import Crops, MultiCropTransform, ibot_sere_transform  # SERE
@@ -309,25 +310,29 @@ class IBOTLoss(nn.Module):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="iBOT + SERE trainer", allow_abbrev=False)
-    common.add_run_arguments(p, PRESETS, output_dir="runs/ibot_sere")
-    p.add_argument("--num-local", type=int, help="local crops per image (preset's)")
-    p.add_argument("--min-lr", type=float, help="final lr (preset's)")
-    p.add_argument("--weight-decay", type=float, nargs=2, default=(0.04, 0.4))
-    p.add_argument("--momentum", type=float, default=0.996, help="teacher EMA, cosine to 1")
-    p.add_argument("--teacher-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--teacher-temp-warmup-epochs", type=float, help="(preset's)")
-    p.add_argument("--teacher-patch-temp", type=float, nargs=2, default=(0.04, 0.07))
-    p.add_argument("--pred-ratio", type=float, nargs="+", default=[0.0, 0.3])
-    p.add_argument("--pred-ratio-var", type=float, nargs="+", default=[0.0, 0.2])
-    p.add_argument("--clip-grad", type=float, default=0.3, help="per-parameter; 0 disables")
-    p.add_argument("--freeze-last-layer", type=int, help="epochs (preset's)")
+    options.add_run_arguments(p, PRESETS, output_dir="runs/ibot_sere")
+    p.add_argument("--num-local", type=COUNT, help="local crops per image (preset's)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, help="final lr (preset's)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, nargs=2, default=(0.04, 0.4))
+    p.add_argument("--momentum", type=FRACTION, default=0.996, help="teacher EMA, cosine to 1")
+    p.add_argument("--teacher-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--teacher-temp-warmup-epochs", type=NON_NEGATIVE, help="(preset's)")
+    p.add_argument("--teacher-patch-temp", type=POSITIVE, nargs=2, default=(0.04, 0.07))
+    p.add_argument("--pred-ratio", type=NON_NEGATIVE, nargs="+", default=[0.0, 0.3])
+    p.add_argument("--pred-ratio-var", type=NON_NEGATIVE, nargs="+", default=[0.0, 0.2])
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=0.3, help="per-parameter; 0 disables")
+    p.add_argument("--freeze-last-layer", type=COUNT, help="epochs (preset's)")
     p.add_argument("--no-sere", action="store_true", help="plain iBOT, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=0.2, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=0.5, help="channel term weight")  # SERE
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=0.2, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=0.5, help="channel term weight")  # SERE
     weighting = "L_iBOT's weight: 'authors' (4 - alpha - beta) / 2, 'paper' 1 (Eq. 6)"  # SERE
     weightings = ["authors", "paper"]  # SERE
     p.add_argument("--ibot-weight", default="authors", choices=weightings, help=weighting)  # SERE
     args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    if not args.no_sere and args.ibot_weight == "authors" and args.alpha + args.beta >= 4:  # SERE
+        p.error("--ibot-weight authors needs --alpha + --beta < 4 (L_iBOT's weight > 0)")  # SERE
     if len(args.pred_ratio) != len(args.pred_ratio_var):
         p.error(f"--pred-ratio {args.pred_ratio} and --pred-ratio-var {args.pred_ratio_var} differ")
     args.mask_ranges = [
@@ -341,8 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset, process, precision, output = common.setup(PRESETS, args)
-    recipe, device = common.RECIPES[args.recipe], process.device
+    preset, process, precision, output = options.setup(PRESETS, args)
+    recipe, device = options.RECIPES[args.recipe], process.device
 
     # Data: multi-crop views with their crop boxes and flips, and block masks for the globals.
     multicrop = ibot_sere_transform(  # SERE: records each view's box and flip
@@ -350,18 +355,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
     transform = MaskedMultiCrop(multicrop, preset.patch, args.mask_ranges)
-    dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    common.check_images(dataset, transform, process, args.check_images, preset.workers)
-    loader, sampler = common.build_loader(
+    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
+    loader, sampler = data.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed,
+        seed=args.seed, replace_bad=args.replace_bad_images,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
 
     # Student and teacher: the teacher has no stochastic depth and starts as the student.
     def model(drop_path: float) -> MultiCropModel:
-        backbone = common.build_vit(preset, drop_path)
+        backbone = options.build_vit(preset, drop_path)
         head = DINOHead(
             backbone.embed_dim, preset.out_dim, preset.head_hidden, preset.head_bottleneck,
             norm_last_layer=preset.norm_last_layer,
@@ -378,20 +386,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ibot_weight = 1.0  # SERE: L_iBOT's weight, 1 in plain iBOT
     if not args.no_sere:  # SERE
         dim = student.backbone.embed_dim  # SERE: lattices from the token grids (13, 6 for ViT-S)
-        options = recipe.sere_options(student.backbone)  # SERE: lattice points, padding, heads
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
+        settings = recipe.sere_options(student.backbone)  # SERE: lattice points, padding, heads
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **settings).to(device)  # SERE
         if args.ibot_weight == "authors":  # SERE
             ibot_weight = (4 - args.alpha - args.beta) / 2  # SERE: 1.65 for 0.2 and 0.5
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
-    student_ddp = common.distribute(student, process)
-    sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
+    student_ddp = distributed.distribute(student, process)
+    sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
 
     # Optimisation: DINO's per-iteration schedules, and the patch temperature's warm-up.
-    optimizer = torch.optim.AdamW(common.param_groups(trained, decay_biases=recipe.decay_biases))
+    optimizer = torch.optim.AdamW(optim.param_groups(trained, decay_biases=recipe.decay_biases))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     schedule = dino_schedules(args, preset, steps_per_epoch, process.world_size)
     warm = int(preset.teacher_temp_warmup_epochs * steps_per_epoch)
-    schedule["teacher_patch_temp"] = common.warmup_schedule(
+    schedule["teacher_patch_temp"] = optim.warmup_schedule(
         *args.teacher_patch_temp, warm, total_steps
     )
 
@@ -403,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fields += ["cls", "patch", "masked"]
     fields += ["spatial", "channel"]  # SERE
     config = {"preset": asdict(preset), "precision": precision, "dataset_size": len(dataset)}
-    run = common.Run(
+    run = runs.Run(
         process, args, state, output=output, epochs=preset.epochs, config=config,
         steps_per_epoch=steps_per_epoch, batch_size=preset.batch_size, fields=fields,
     )  # fmt: skip
@@ -421,13 +429,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher.train()
     for step, epoch, ((crops, masks), _) in run.iterations(loader, sampler, start):
         now = {name: per_step[step] for name, per_step in schedule.items()}
-        common.set_schedule(optimizer, now["lr"], now["wd"])
+        optim.set_schedule(optimizer, now["lr"], now["wd"])
         views = [v.to(device, non_blocking=True) for v in crops.views]
         global_views = torch.cat(views[:2])
         local_views = torch.cat(views[2:]) if len(views) > 2 else None
         masks = masks.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)  # (2 * B, h, w)
 
-        with common.autocast(device, precision):
+        with options.autocast(device, precision):
             s_cls, s_patch, s_tokens, s_local = student_ddp(global_views, masks, local_views)
             with torch.no_grad():
                 t_cls, t_patch, t_tokens, _ = teacher(global_views)
@@ -448,12 +456,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         values["masked"] = masks.float().mean()
         logged = run.mean(values | terms, step)
         if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
-            logged |= common.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
+            logged |= runs.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
         frozen = student if epoch < preset.freeze_last_layer else None
-        common.optimizer_step(
+        optim.optimizer_step(
             loss, optimizer, scaler, step=step, clip_grad=args.clip_grad, freeze_last_layer=frozen
         )
-        common.ema_update(teacher, student, now["momentum"])
+        optim.ema_update(teacher, student, now["momentum"])
         if sere is not None:  # SERE
             sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
         run.log(step, epoch, now, logged)
@@ -461,4 +469,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    distributed.run_main(main)

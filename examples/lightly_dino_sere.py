@@ -17,7 +17,6 @@ import argparse
 import copy
 
 import torch
-from common import SyntheticImages
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -26,6 +25,8 @@ from lightly.utils.scheduler import cosine_schedule
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.transforms import v2
+from training.data import SyntheticImages
+from training.options import POSITIVE_INT
 
 import sere_loss  # SERE
 from sere_loss.transforms import CropTracker  # SERE
@@ -58,9 +59,9 @@ class DINO(nn.Module):
 def main(argv: list[str] | None = None) -> list[float]:
     """Train; returns the loss of every step."""
     parser = argparse.ArgumentParser(description="lightly DINO + SERE")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=2)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    parser.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -26,18 +26,14 @@ from typing import Any
 import lightning.pytorch as pl
 import timm
 import torch
-from common import (
-    SyntheticImages,
-    cancel_last_layer_gradients,
-    clip_gradients,
-    ema_update,
-    param_groups,
-)
 from dino_sere import DINOHead, DINOLoss
 from lightning.pytorch.loggers import CSVLogger
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from training.data import SyntheticImages
+from training.optim import cancel_last_layer_gradients, clip_gradients, ema_update, param_groups
+from training.options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Number
 
 import sere_loss  # SERE
 from sere_loss.transforms import dino_sere_transform  # SERE: DINO's crops, with boxes and flips
@@ -130,27 +126,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="DINO + SERE in PyTorch Lightning")
     p.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder path")
     p.add_argument("--arch", default="tiny", help="'tiny' or a timm ViT name")
-    p.add_argument("--global-px", type=int, default=64)
-    p.add_argument("--local-px", type=int, default=32)
-    p.add_argument("--num-local", type=int, default=4)
-    p.add_argument("--out-dim", type=int, default=1024)
-    p.add_argument("--head-hidden", type=int, default=256)
-    p.add_argument("--head-bottleneck", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop early (-1: never)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--teacher-temp", type=float, default=0.04)
-    p.add_argument("--clip-grad", type=float, default=3.0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--global-px", type=POSITIVE_INT, default=64)
+    p.add_argument("--local-px", type=POSITIVE_INT, default=32)
+    p.add_argument("--num-local", type=COUNT, default=4)
+    p.add_argument("--out-dim", type=POSITIVE_INT, default=1024)
+    p.add_argument("--head-hidden", type=POSITIVE_INT, default=256)
+    p.add_argument("--head-bottleneck", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=2)
+    p.add_argument(
+        "--max-steps", type=Number(-1, integer=True), default=-1, help="stop early (-1: never)"
+    )
+    p.add_argument("--lr", type=POSITIVE, default=5e-4)
+    p.add_argument("--teacher-temp", type=POSITIVE, default=0.04)
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=3.0)
+    p.add_argument("--workers", type=COUNT, default=2)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
     p.add_argument("--sync-batchnorm", action="store_true", help="with several GPUs")
     p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on GPUs")
     p.add_argument("--output-dir", type=Path, default=Path("runs/lightning_dino_sere"))
-    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
     return p.parse_args(argv)
 
 

@@ -35,11 +35,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import common
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from training import data, distributed, optim, options, runs
+from training.options import FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
 from sere_loss.transforms import mocov3_transform  # SERE: MoCo v3's crops, geometry recorded
@@ -48,7 +49,7 @@ from sere_loss.transforms import mocov3_transform  # SERE: MoCo v3's crops, geom
 
 
 @dataclass(frozen=True)
-class Preset(common.Preset):
+class Preset(options.Preset):
     """Model, crops and schedule of one configuration: the shared fields, and MoCo v3's own."""
 
     num_heads: int
@@ -125,7 +126,7 @@ def mocov3_vit(preset: Preset) -> VisionTransformer:
     Fixed sin-cos positions, MoCo v3's initialisation, and a frozen random patch projection
     (the "stop-grad conv1" trick that steadies training).
     """
-    vit = common.build_vit(preset, preset.drop_path, num_heads=preset.num_heads)
+    vit = options.build_vit(preset, preset.drop_path, num_heads=preset.num_heads)
     if vit.embed_dim % 4:
         raise SystemExit(
             f"preset arch {preset.arch!r} is {vit.embed_dim} channels wide; MoCo v3's 2-D sin-cos "
@@ -212,7 +213,7 @@ def contrastive_loss(query: Tensor, key: Tensor, temperature: float, rank: int) 
     gathered keys; the keys of all other images of the global batch are the negatives.
     """
     query = F.normalize(query.float(), dim=1)
-    keys = common.gather(F.normalize(key.float().detach(), dim=1))
+    keys = distributed.gather(F.normalize(key.float().detach(), dim=1))
     logits = query @ keys.T / temperature
     labels = torch.arange(len(query), device=query.device) + rank * len(query)
     return F.cross_entropy(logits, labels) * (2 * temperature)
@@ -224,33 +225,40 @@ def contrastive_loss(query: Tensor, key: Tensor, temperature: float, rank: int) 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; preset values are the defaults of the per-run options."""
     p = argparse.ArgumentParser(description="MoCo v3 + SERE trainer", allow_abbrev=False)
-    common.add_run_arguments(p, PRESETS, output_dir="runs/mocov3_sere")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--moco-m", type=float, default=0.99, help="momentum, cosine to 1")
-    p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature")
+    options.add_run_arguments(p, PRESETS, output_dir="runs/mocov3_sere")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
+    p.add_argument("--moco-m", type=FRACTION, default=0.99, help="momentum, cosine to 1")
+    p.add_argument("--moco-t", type=POSITIVE, default=0.2, help="InfoNCE temperature")
     p.add_argument("--no-sere", action="store_true", help="plain MoCo v3, the baseline")  # SERE
-    p.add_argument("--alpha", type=float, default=1.0, help="spatial term weight")  # SERE
-    p.add_argument("--beta", type=float, default=1.0, help="channel term weight")  # SERE
-    return p.parse_args(argv)
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
+    p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
+    args = p.parse_args(argv)
+    if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
+        p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last iteration's logged values."""
     args = parse_args(argv)
-    preset, process, precision, output = common.setup(PRESETS, args)
-    recipe, device = common.RECIPES[args.recipe], process.device
+    preset, process, precision, output = options.setup(PRESETS, args)
+    recipe, device = options.RECIPES[args.recipe], process.device
 
     # Data: two views, with their crop boxes and flips recorded.
     transform = mocov3_transform(size=preset.global_px)  # SERE: records each view's box and flip
-    dataset = common.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    common.check_images(dataset, transform, process, args.check_images, preset.workers)
-    loader, sampler = common.build_loader(
+    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    data.check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
+    loader, sampler = data.build_loader(
         dataset,
         transform,
         process,
         batch_size=preset.batch_size,
         workers=preset.workers,
         seed=args.seed,
+        replace_bad=args.replace_bad_images,
     )
     steps_per_epoch = len(sampler) // preset.batch_size
 
@@ -264,23 +272,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sere = None  # SERE
     if not args.no_sere:  # SERE: two global views, no local ones, so no local heads
         dim = backbone.embed_dim  # SERE: the lattice from the token grid (13 for ViT-S at 224 px)
-        options = recipe.sere_options(backbone) | {"local_heads": False}  # SERE: points, heads
-        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **options).to(device)  # SERE
+        settings = recipe.sere_options(backbone) | {"local_heads": False}  # SERE: points, heads
+        sere = SERELoss(dim, alpha=args.alpha, beta=args.beta, **settings).to(device)  # SERE
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
-    student_ddp = common.distribute(student, process)
-    teacher = common.sync_batchnorm(teacher, process)
-    sere_ddp = None if sere is None else common.distribute(sere, process)  # SERE: as the student
+    student_ddp = distributed.distribute(student, process)
+    teacher = distributed.sync_batchnorm(teacher, process)
+    sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
 
     # Optimisation: AdamW with weight decay on every parameter, per-iteration schedules.
-    params = common.param_groups(trained, decay_all=True)
+    params = optim.param_groups(trained, decay_all=True)
     optimizer = torch.optim.AdamW(params, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lr_peak = preset.lr * preset.batch_size * process.world_size / 256
     schedule = {
-        "lr": common.cosine_schedule(
+        "lr": optim.cosine_schedule(
             lr_peak, 0, preset.epochs, steps_per_epoch, preset.warmup_epochs
         ),
-        "momentum": common.cosine_schedule(args.moco_m, 1.0, preset.epochs, steps_per_epoch),
+        "momentum": optim.cosine_schedule(args.moco_m, 1.0, preset.epochs, steps_per_epoch),
     }
 
     state: dict[str, Any] = {"student": student, "teacher": teacher}
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fields = ["lr", "momentum", "loss", "moco"]
     fields += ["spatial", "channel"]  # SERE
     config = {"preset": asdict(preset), "precision": precision, "dataset_size": len(dataset)}
-    run = common.Run(
+    run = runs.Run(
         process, args, state, output=output, epochs=preset.epochs, config=config,
         steps_per_epoch=steps_per_epoch, batch_size=preset.batch_size, fields=fields,
     )  # fmt: skip
@@ -308,13 +316,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher.train()
     for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
         now = {name: per_step[step] for name, per_step in schedule.items()}
-        common.set_schedule(optimizer, now["lr"], None)
-        common.ema_update(teacher, student.encoder, now["momentum"])  # MoCo v3: before the forward
+        optim.set_schedule(optimizer, now["lr"], None)
+        optim.ema_update(teacher, student.encoder, now["momentum"])  # MoCo v3: before the forward
         if sere is not None:  # SERE
             sere.update_teacher(now["momentum"])  # SERE: the teacher's relation heads follow
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
-        with common.autocast(device, precision):
+        with options.autocast(device, precision):
             (q1, q2), s_tokens = student_ddp(views)
             with torch.no_grad():
                 (k1, k2), t_tokens = teacher(views)
@@ -330,11 +338,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         logged = run.mean({"loss": loss, "moco": loss_moco, **terms}, step)
         if run.diagnose(step):  # how alike the teacher's two views relate (Fig. 6)
-            logged |= common.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
-        common.optimizer_step(loss, optimizer, scaler, step=step)
+            logged |= runs.relation_diagnostics(t_tokens, crops.boxes, crops.flips)
+        optim.optimizer_step(loss, optimizer, scaler, step=step)
         run.log(step, epoch, now, logged)
     return run.finish()
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    distributed.run_main(main)

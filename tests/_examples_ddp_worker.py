@@ -2,12 +2,12 @@
 
 Usage: ``torchrun --standalone --nproc_per_node=2 _examples_ddp_worker.py OUT_DIR``.
 
-It runs the examples' distributed plumbing (``common.gather``, ``Run.mean``, ``Run.save`` and
+It runs the examples' distributed plumbing (``distributed.gather``, ``Run.mean``, ``Run.save`` and
 its check that the processes hold the same parameters, DINO's all-reduced centre, MoCo v3's
 InfoNCE over gathered keys) on data that every process can generate in full, and saves what it
 got to ``OUT_DIR/rank<R>.pt``; the test compares it with the same computation done in one
 process on the whole batch. A failure writes ``OUT_DIR/error-rank<R>.txt``. The process ends
-with ``os._exit`` (see ``common.run_main``).
+with ``os._exit`` (see ``training.distributed.run_main``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import nn
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import common  # noqa: E402
 import dino_sere  # noqa: E402
 import mocov3_sere  # noqa: E402
+from training import distributed, runs  # noqa: E402
 
 BATCH = 3  # per process
 
@@ -44,11 +44,11 @@ def full_batch(world_size: int) -> dict[str, torch.Tensor]:
 
 
 def run(out: Path) -> dict[str, Any]:
-    process = common.init_process("cpu", timeout_minutes=1)
+    process = distributed.init_process("cpu", timeout_minutes=1)
     rank, world = process.rank, process.world_size
     mine = {k: v[rank * BATCH : (rank + 1) * BATCH] for k, v in full_batch(world).items()}
     result: dict[str, Any] = {"world_size": world}
-    result["gathered"] = common.gather(torch.tensor([rank, 10 + rank]))
+    result["gathered"] = distributed.gather(torch.tensor([rank, 10 + rank]))
     result["contrastive"] = mocov3_sere.contrastive_loss(mine["query"], mine["key"], 0.2, rank)
     center = torch.zeros(1, 5)
     dino_sere.update_center(center, mine["teacher"], 0.9)
@@ -58,7 +58,7 @@ def run(out: Path) -> dict[str, Any]:
     model = nn.Linear(4, 2)
     args = argparse.Namespace(output_dir=out / "run", max_steps=None, resume=None, no_progress=True)
     state = {"model": model}
-    run = common.Run(
+    run = runs.Run(
         process, args, state, epochs=1, steps_per_epoch=1, batch_size=BATCH, fields=["a"]
     )
     result["mean"] = run.mean({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0)}, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,10 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The modules of examples/training/, the trainers' shared package.
+TRAINING_MODULES = (
+    "checkpoints", "data", "distributed", "faults", "optim", "options", "rundir", "runs",
+)  # fmt: skip
 
 # One tolerance table (kornia's habit): absolute and relative tolerance per dtype.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
@@ -52,15 +57,28 @@ def random_flips(
 
 @pytest.fixture(scope="session")
 def examples() -> Iterator[SimpleNamespace]:
-    """The example modules (``common``, ``dino_sere``, ``ibot_sere``, ``mocov3_sere``), imported
-    as ``python examples/<name>.py`` sees them."""
+    """The trainers (``dino_sere``, ``ibot_sere``, ``mocov3_sere``) and the modules of the
+    ``training`` package they share (``runs``, ``checkpoints``, ``data``...), imported as
+    ``python examples/<name>.py`` sees them."""
     pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
     sys.path.insert(0, str(EXAMPLES))
     try:
-        names = ("common", "dino_sere", "ibot_sere", "mocov3_sere")
-        yield SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+        trainers = ("dino_sere", "ibot_sere", "mocov3_sere")
+        modules = {name: importlib.import_module(name) for name in trainers}
+        for name in TRAINING_MODULES:
+            modules[name] = importlib.import_module(f"training.{name}")
+        yield SimpleNamespace(**modules)
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers() -> Iterator[None]:
+    """A trainer run in the test process catches SIGTERM and SIGINT; put pytest's back after."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The troubleshooting page names every error and warning a user can meet, and cannot rot.
 
 ``docs/troubleshooting.md`` lists each message with what it means and what to do. This test
-reads the messages out of the source itself (the AST of ``src/sere_loss/*.py`` and
-``examples/*.py``), so a message added, removed or reworded in the code fails it until the page
-follows. What counts as a message a user can meet:
+reads the messages out of the source itself (the AST of ``src/sere_loss/*.py``,
+``examples/*.py`` and ``examples/training/*.py``), so a message added, removed or reworded in
+the code fails it until the page follows. What counts as a message a user can meet:
 
 * ``raise X("...")`` with a string, an f-string or a ``+`` of those as its first argument;
 * a call of a function whose name contains ``warn`` (``warnings.warn``, ``TokenTap._warn_once``)
@@ -43,8 +43,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "troubleshooting.md"
-SOURCES = sorted((ROOT / "src" / "sere_loss").glob("*.py")) + sorted(
-    (ROOT / "examples").glob("*.py")
+SOURCES = (
+    sorted((ROOT / "src" / "sere_loss").glob("*.py"))
+    + sorted((ROOT / "examples").glob("*.py"))
+    + sorted((ROOT / "examples" / "training").glob("*.py"))
 )
 # Characters a placeholder may stand for on the page: `<name>`, `'<data>'`, `(<B>, 4)`...
 GAP = 120
@@ -62,20 +64,20 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("src/sere_loss/heads.py", "projections no longer have the same parameters"): (
         "unreachable: the teacher projection is a deep copy of the student's, made in __init__"
     ),
-    ("examples/common.py", "out of range for"): (
+    ("examples/training/data.py", "out of range for"): (
         "Dataset.__getitem__'s IndexError, the sequence protocol: the samplers never ask for an "
         "index outside the dataset"
     ),
     ("examples/seg_data.py", "out of range for"): (
-        "Dataset.__getitem__'s IndexError, the sequence protocol, as in examples/common.py"
+        "Dataset.__getitem__'s IndexError, the sequence protocol, as in examples/training/data.py"
     ),
 }
 MAX_ALLOWED = 8
 # Progress lines a trainer prints through Run.print, which are not notices: (file, fragment of
 # the call) -> what the line is. Each must match exactly one site, as the allow-list's entries.
 PROGRESS: dict[tuple[str, str], str] = {
-    ("examples/common.py", "self.row.items()"): "the per-step row, log.csv's columns",
-    ("examples/common.py", "self.print('done:'"): "the closing summary of a finished run",
+    ("examples/training/runs.py", "self.row.items()"): "the per-step row, log.csv's columns",
+    ("examples/training/runs.py", "self.print('done:'"): "the closing summary of a finished run",
     ("examples/dino_sere.py", "steps/epoch"): "the start-up banner: preset, processes, steps",
     ("examples/ibot_sere.py", "steps/epoch"): "the start-up banner",
     ("examples/mocov3_sere.py", "steps/epoch"): "the start-up banner",

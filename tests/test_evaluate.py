@@ -40,7 +40,8 @@ def ev(examples: SimpleNamespace) -> SimpleNamespace:
         return SimpleNamespace(
             evaluate=importlib.import_module("evaluate"),
             seg=importlib.import_module("seg_data"),
-            common=examples.common,
+            runs=examples.runs,
+            rundir=examples.rundir,
             dino=examples.dino_sere,
             ibot=examples.ibot_sere,
             moco=examples.mocov3_sere,
@@ -254,13 +255,26 @@ def test_any_trainers_checkpoint_loads(
     )
 
 
+def test_a_damaged_checkpoint_is_refused_not_evaluated(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path
+) -> None:
+    # One weight of 0.032 read as 1.1e37 used to be evaluated, exit status 0.
+    from _trainer_runs import flip_a_tensor_byte
+
+    _train(ev.dino, shapes_folder, tmp_path, "--max-steps", "1", "--check-images", "1")
+    damaged = tmp_path / "checkpoint.pth"
+    flip_a_tensor_byte(damaged)
+    with pytest.raises(SystemExit, match=rf"the checkpoint {damaged} fails its checksum"):
+        ev.evaluate.main(["knn", str(damaged), "--images", "8,8", "--no-bounds"])
+
+
 def test_no_sere_starts_from_the_same_weights_and_crops(
     ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The two arms of a seed differ only by SERE: same initial student, same crops; and the
     random-weights bound of the evaluation is that initial backbone."""
     seen: dict[str, dict[str, Any]] = {}
-    original = ev.common.Run
+    original = ev.runs.Run
 
     class Recording(original):  # type: ignore[misc, valid-type]
         def __init__(self, process: Any, args: Any, state: dict[str, Any], **kw: Any) -> None:
@@ -276,7 +290,7 @@ def test_no_sere_starts_from_the_same_weights_and_crops(
                 seen[self._arm]["batches"].append((crops.views, crops.boxes, crops.flips))
                 yield step, epoch, batch
 
-    monkeypatch.setattr(ev.common, "Run", Recording)
+    monkeypatch.setattr(ev.runs, "Run", Recording)
     _train(ev.dino, shapes_folder, tmp_path / "a", "--max-steps", "2", "--seed", "7")
     _train(ev.dino, shapes_folder, tmp_path / "b", "--max-steps", "2", "--seed", "7", "--no-sere")
     plain, sere = seen["plain"], seen["sere"]
@@ -338,16 +352,16 @@ def test_relation_diagnostics_reads_the_two_global_views(ev: SimpleNamespace) ->
     mirrored = first.view(4, 6, 6, 16).flip(2).reshape(4, 36, 16)
     same_box = boxes.clone()
     same_box[:, 1] = same_box[:, 0]
-    out = ev.common.relation_diagnostics(torch.cat([first, mirrored]), same_box, flips)
+    out = ev.runs.relation_diagnostics(torch.cat([first, mirrored]), same_box, flips)
     assert out["inv_spatial"] == pytest.approx(0.0, abs=1e-6)
     assert out["inv_channel"] == pytest.approx(0.0, abs=1e-6)
     noisy = mirrored + torch.randn(4, 36, 16, generator=gen)
     assert (
-        ev.common.relation_diagnostics(torch.cat([first, noisy]), same_box, flips)["inv_spatial"]
+        ev.runs.relation_diagnostics(torch.cat([first, noisy]), same_box, flips)["inv_spatial"]
         > 0.1
     )
     apart = torch.tensor([[0.0, 0.0, 0.4, 1.0], [0.6, 0.0, 1.0, 1.0]]).expand(4, 2, 4)
-    assert ev.common.relation_diagnostics(torch.cat([first, mirrored]), apart, flips) == {}
+    assert ev.runs.relation_diagnostics(torch.cat([first, mirrored]), apart, flips) == {}
 
 
 # The experiment ----------------------------------------------------------------------------------
@@ -444,7 +458,7 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
     assert f"resumed from step {steps_per_epoch}" in (run / "train.log").read_text()
     assert reproduce.finished(run, tier, steps)
     assert reproduce.finished(runs / "dino_sere_s0", tier, steps)
-    logged = [int(row["step"]) for row in ev.common.CSVLog.read(run / "log.csv")]
+    logged = [int(row["step"]) for row in ev.rundir.CSVLog.read(run / "log.csv")]
     assert logged == list(range(1, steps + 1))
     assert [s for s, _ in reproduce.kept_checkpoints(run)] == [steps_per_epoch, steps]
     # Finished: nothing is trained again, nothing in the directories changes.

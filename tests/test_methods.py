@@ -108,7 +108,7 @@ def test_masked_multicrop(examples: Any) -> None:
 def _ibot_model(examples: Any) -> Any:
     torch.manual_seed(0)
     preset = _tiny_preset(examples)
-    backbone = examples.common.build_vit(preset, 0.0)
+    backbone = examples.options.build_vit(preset, 0.0)
     head = examples.dino_sere.DINOHead(backbone.embed_dim, 32, 16, 8)
     model = examples.ibot_sere.MultiCropModel(backbone, head).eval()
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_sincos_width_errors_name_the_preset(
     def narrow(*args: Any, **kwargs: Any) -> VisionTransformer:
         return VisionTransformer(img_size=32, patch_size=8, embed_dim=90, depth=1, num_heads=3)
 
-    monkeypatch.setattr(examples.common, "build_vit", narrow)
+    monkeypatch.setattr(examples.options, "build_vit", narrow)
     preset = examples.mocov3_sere.PRESETS["tiny"]
     with pytest.raises(SystemExit, match=r"preset arch 'tiny' is 90 channels wide.*divisible by 4"):
         examples.mocov3_sere.mocov3_vit(preset)

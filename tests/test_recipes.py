@@ -143,10 +143,9 @@ def _batch(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
 
 
 def test_authors_recipe_reproduces_the_authors_losses(examples: Any) -> None:
-    common = examples.common
     torch.manual_seed(0)
-    vit = common.build_vit(examples.dino_sere.PRESETS["tiny"], 0.0)
-    options = common.RECIPES["authors"].sere_options(vit)
+    vit = examples.options.build_vit(examples.dino_sere.PRESETS["tiny"], 0.0)
+    options = examples.options.RECIPES["authors"].sere_options(vit)
     assert options["num_heads"] == 3  # the tiny ViT's own head count
     sere = SERELoss(C, **options)
     globals_, teacher, locals_, boxes, flips = _batch(torch.Generator().manual_seed(5))
@@ -156,7 +155,7 @@ def test_authors_recipe_reproduces_the_authors_losses(examples: Any) -> None:
     assert float(terms["channel"]) == pytest.approx(channel, rel=2e-6)
     # The paper's recipe (cell centres, border padding, empty pairs masked, 6 heads) is another
     # loss: the comparison above can tell them apart.
-    paper = SERELoss(C, **common.RECIPES["paper"].sere_options(vit))
+    paper = SERELoss(C, **examples.options.RECIPES["paper"].sere_options(vit))
     paper.load_state_dict(sere.state_dict())
     _, other = paper(globals_, teacher, boxes, flips, locals_, return_terms=True)
     assert abs(float(other["spatial"]) - spatial) > 1e-2 * spatial
@@ -187,7 +186,7 @@ def test_each_trainer_builds_its_recipe(
     examples: Any, name: str, recipe: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SERE options and the parameter groups each trainer asks for under ``--recipe``."""
-    module, common, seen = getattr(examples, name), examples.common, {}
+    module, seen = getattr(examples, name), {}
 
     class Stop(Exception):
         pass
@@ -201,7 +200,7 @@ def test_each_trainer_builds_its_recipe(
         raise Stop
 
     monkeypatch.setattr(module, "SERELoss", spy_loss)
-    monkeypatch.setattr(common, "param_groups", spy_groups)
+    monkeypatch.setattr(examples.optim, "param_groups", spy_groups)
     argv = ["--preset", "tiny", "--recipe", recipe, "--output-dir", str(tmp_path)]
     with pytest.raises(Stop):
         module.main([*argv, "--check-images", "0"])
@@ -219,13 +218,12 @@ def test_each_trainer_builds_its_recipe(
 
 def test_parameter_groups_follow_the_authors_and_dino(examples: Any) -> None:
     """Which ViT-S and SERE parameters each rule decays, by name (SPEC 8; DINO's rule)."""
-    common = examples.common
     with torch.device("meta"):
-        vit = common.build_vit(examples.dino_sere.PRESETS["vit_small"], 0.1)
-        sere = SERELoss(384, **common.RECIPES["authors"].sere_options(vit))
+        vit = examples.options.build_vit(examples.dino_sere.PRESETS["vit_small"], 0.1)
+        sere = SERELoss(384, **examples.options.RECIPES["authors"].sere_options(vit))
 
     def decayed(**rule: bool) -> dict[str, bool]:
-        groups = common.param_groups([vit, sere], **rule)
+        groups = examples.optim.param_groups([vit, sere], **rule)
         return {
             name.split(".", 1)[1]: index == 0
             for index, group in enumerate(groups)
@@ -253,10 +251,9 @@ def test_parameter_groups_follow_the_authors_and_dino(examples: Any) -> None:
 
 
 def test_authors_recipe_autocasts_in_fp16_on_cuda(examples: Any) -> None:
-    common = examples.common
-    assert common.RECIPES["authors"].half == "fp16"  # their --use_fp16 True
-    assert common.resolve_precision("auto", torch.device("cuda"), "fp16") == "fp16"
-    assert common.resolve_precision("auto", torch.device("cpu"), "fp16") == "fp32"
+    assert examples.options.RECIPES["authors"].half == "fp16"  # their --use_fp16 True
+    assert examples.options.resolve_precision("auto", torch.device("cuda"), "fp16") == "fp16"
+    assert examples.options.resolve_precision("auto", torch.device("cpu"), "fp16") == "fp32"
 
 
 def test_ibot_vit_base_is_the_authors_command(examples: Any) -> None:
@@ -274,10 +271,10 @@ def test_ibot_vit_base_is_the_authors_command(examples: Any) -> None:
     assert (args.clip_grad, args.alpha, args.beta) == (0.3, 0.2, 0.5)
     assert tuple(args.teacher_temp) == tuple(args.teacher_patch_temp) == (0.04, 0.07)
     with torch.device("meta"):
-        vit = examples.common.build_vit(preset, 0.1)
+        vit = examples.options.build_vit(preset, 0.1)
     assert vit.embed_dim == 768
-    assert examples.common.RECIPES["authors"].sere_options(vit)["num_heads"] == 12
-    assert examples.common.RECIPES["paper"].sere_options(vit)["num_heads"] == 6
+    assert examples.options.RECIPES["authors"].sere_options(vit)["num_heads"] == 12
+    assert examples.options.RECIPES["paper"].sere_options(vit)["num_heads"] == 6
 
 
 def test_the_library_defaults_to_the_authors_recipe_and_the_paper_is_one_argument_away() -> None:
