@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = distributed.distribute(student, process)
     sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
+    options.compile_sere(sere, args, process)  # SERE: one graph on CUDA (--compile-sere)
     # --8<-- [end:build]
 
     # Optimisation: per-iteration schedules over the whole run.

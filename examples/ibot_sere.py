@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = [student] if sere is None else [student, sere]  # SERE: its heads train too
     student_ddp = distributed.distribute(student, process)
     sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
+    options.compile_sere(sere, args, process)  # SERE: one graph on CUDA (--compile-sere)
 
     # Optimisation: DINO's per-iteration schedules, and the patch temperature's warm-up.
     optimizer = torch.optim.AdamW(optim.param_groups(trained, decay_biases=recipe.decay_biases))

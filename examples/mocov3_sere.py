@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student_ddp = distributed.distribute(student, process)
     teacher = distributed.sync_batchnorm(teacher, process)
     sere_ddp = None if sere is None else distributed.distribute(sere, process)  # SERE: DDP too
+    options.compile_sere(sere, args, process)  # SERE: one graph on CUDA (--compile-sere)
 
     # Optimisation: AdamW with weight decay on every parameter, per-iteration schedules.
     params = optim.param_groups(trained, decay_all=True)

@@ -23,11 +23,11 @@ EXPECTED = [  # in the order they run: what the GPU-cost issue needs first
     "compiled_accuracy",
     "cuda_tests",
     "triton",
+    "torchrun_gloo",
+    "run_py",
     "dino_sere_fp32",
     "ibot_sere_fp32",
     "mocov3_sere_fp32",
-    "torchrun_gloo",
-    "run_py",
 ]
 
 

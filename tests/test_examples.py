@@ -60,6 +60,45 @@ def test_trains_two_steps_on_an_image_folder(
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert state["step"] == 2
     assert "sere" in state
+    # The loader's wait beside the step's own time, both measured (no workers: the wait is the
+    # main process making the batch, never nothing).
+    for row in rows:
+        assert 0 < float(row["data_seconds"]) < 60
+        assert 0 < float(row["seconds"]) < 600
+
+
+def test_the_run_says_how_long_it_waited_for_data(
+    examples: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _train(examples.dino_sere, image_folder, tmp_path, "--max-steps", "2")
+    rows = _rows(tmp_path)
+    waited = sum(float(r["data_seconds"]) for r in rows)
+    total = waited + sum(float(r["seconds"]) for r in rows)
+    said = re.search(
+        r"the steps waited ([\d.]+) s of ([\d.]+) s for their batches", capsys.readouterr().out
+    )
+    assert said is not None
+    assert float(said.group(1)) == pytest.approx(waited, abs=0.06)
+    assert float(said.group(2)) == pytest.approx(total, abs=0.06)
+
+
+def test_compile_sere_follows_the_device(examples: Any) -> None:
+    from sere_loss import SERELoss
+
+    options, distributed = examples.options, examples.distributed
+    cpu = distributed.Process(0, 1, torch.device("cpu"))
+    cuda = distributed.Process(0, 1, torch.device("cuda"))  # only its type is read
+
+    def compiled(choice: str, process: Any) -> bool:
+        sere = SERELoss(48, num_heads=4)
+        args = options.argparse.Namespace(compile_sere=choice)
+        done = options.compile_sere(sere, args, process)
+        assert done == (sere._compile_options is not None)
+        return bool(done)
+
+    assert [compiled("auto", cpu), compiled("auto", cuda)] == [False, True]
+    assert [compiled("on", cpu), compiled("off", cuda)] == [True, False]
+    assert options.compile_sere(None, options.argparse.Namespace(compile_sere="on"), cpu) is False
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -102,7 +141,7 @@ def test_resume_gives_the_uninterrupted_next_step(
     _train(module, image_folder, tmp_path / "stopped", "--max-steps", "4", "--resume", *workers)
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "stopped")
     assert [int(r["step"]) for r in resumed] == [1, 2, 3, 4]
-    skip = {"step", "epoch", "seconds"}
+    skip = {"step", "epoch", "seconds", "data_seconds"}  # timings, not values
     assert set(straight[3]) - skip >= {"lr", "momentum", "loss", "spatial", "channel"}
     for term in set(straight[3]) - skip:
         assert float(resumed[3][term]) == pytest.approx(float(straight[3][term]), rel=1e-6), term

@@ -216,6 +216,37 @@ def add_run_arguments(
     p.add_argument("--check-images", type=_image_count, default=16, help=check)
     bad = "use the next image in place of one that cannot be read or transformed (with a warning)"
     p.add_argument("--replace-bad-images", action="store_true", help=bad)
+    compiled = (
+        "compile SERE into one graph (SERELoss.compile(): CUDA graphs on CUDA); 'auto' (default): "
+        "on CUDA, eager on the CPU"
+    )
+    p.add_argument("--compile-sere", choices=["auto", "on", "off"], default="auto", help=compiled)
+
+
+def compile_sere(sere: nn.Module | None, args: argparse.Namespace, process: Process) -> bool:
+    """``sere.compile()`` where ``--compile-sere`` asks for it (``auto``: on CUDA); whether it did.
+
+    Call it after ``distributed.distribute``, which converts SERE's BatchNorms to SyncBatchNorm
+    on CUDA: the graph is then traced with the layers the run uses. The first step compiles (tens
+    of seconds on a GPU), and again when the batch's shape changes (the loaders drop the last
+    incomplete batch, so a run has one shape).
+    """
+    wanted = args.compile_sere == "on" or (
+        args.compile_sere == "auto" and process.device.type == "cuda"
+    )
+    if sere is None or not wanted:
+        return False
+    compile_fn = getattr(sere, "compile", None)
+    if not callable(compile_fn):  # pragma: no cover - every SERE loss has compile()
+        raise SystemExit(f"--compile-sere: {type(sere).__name__} has no compile()")
+    compile_fn()
+    if process.is_main:
+        print(
+            "SERE is compiled: its first step compiles the graph (tens of seconds on a GPU); "
+            "--compile-sere off runs it eager",
+            flush=True,
+        )
+    return True
 
 
 def setup(presets: dict[str, P], args: argparse.Namespace) -> tuple[P, Process, str, OutputDir]:

@@ -50,7 +50,7 @@ NOT_DEFINING = frozenset(
     {
         "max_steps", "workers", "no_progress", "output_dir", "resume", "allow_changed_options",
         "dist_timeout", "check_images", "device", "precision", "save_every", "keep_checkpoints",
-        "replace_bad_images",
+        "replace_bad_images", "compile_sere",
     }
 )  # fmt: skip
 
@@ -125,7 +125,7 @@ class Run:
         self.output_dir = output.path
         self.checkpointer = Checkpointer(output)
         extra = list(DIAGNOSTICS) if getattr(args, "diagnostics_every", 0) else []
-        self.fields = ["step", "epoch", *fields, *extra, "seconds"]
+        self.fields = ["step", "epoch", *fields, *extra, "data_seconds", "seconds"]
         self.csv: CSVLog | None = None
         self.bar: tqdm[Any] | None = None
         self.row: dict[str, Any] = {}
@@ -134,6 +134,8 @@ class Run:
         self.stopped_by: str | None = None  # what stopped the run before its last step
         self._stop_seen: tuple[int, bool] = (-1, False)  # (step, agreed) from mean()'s reduction
         self._tic = time.perf_counter()
+        self._data_seconds = 0.0  # how long the step waited for its batch
+        self.waited = {"data": 0.0, "step": 0.0}  # the run's totals, for its closing line
         if process.is_main:
             self._check_disk_space()
 
@@ -389,6 +391,7 @@ class Run:
             batches = iter(loader)
             stop = False
             while True:
+                waiting = time.perf_counter()
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -403,6 +406,7 @@ class Run:
                         "the file changes the number of images, which a resume refuses)"
                     ) from error
                 self._tic = time.perf_counter()
+                self._data_seconds = self._tic - waiting
                 yield step, epoch, batch
                 step += 1
                 self.steps_run += 1
@@ -471,7 +475,11 @@ class Run:
     ) -> None:
         """Record iteration ``step`` (0-based): ``log.csv``, the progress bar, the console."""
         self.row = {"step": step + 1, "epoch": epoch, **schedules, **values}
+        # The loader's wait beside the step's own time: a GPU that waits for data shows here.
+        self.row["data_seconds"] = self._data_seconds
         self.row["seconds"] = time.perf_counter() - self._tic
+        self.waited["data"] += self.row["data_seconds"]
+        self.waited["step"] += self.row["seconds"]
         if self.csv is not None:
             self.csv.write(self.row)
         if self.bar is not None:
@@ -538,6 +546,14 @@ class Run:
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, self.output.last)
             self.print("done:", json.dumps(summary))
+            total = self.waited["data"] + self.waited["step"]
+            if total > 0:
+                self.print(
+                    f"the steps waited {self.waited['data']:.1f} s of {total:.1f} s for their "
+                    f"batches ({100 * self.waited['data'] / total:.1f} %, log.csv's data_seconds): "
+                    "more than a few per cent means the device waits for the loader (raise "
+                    "--workers)"
+                )
         self.output.release()
         if self.process.distributed:
             dist.destroy_process_group()
