@@ -88,6 +88,7 @@ def test_compile_sere_follows_the_device(examples: Any) -> None:
     options, distributed = examples.options, examples.distributed
     cpu = distributed.Process(0, 1, torch.device("cpu"))
     cuda = distributed.Process(0, 1, torch.device("cuda"))  # only its type is read
+    gpus = distributed.Process(0, 8, torch.device("cuda"))  # one of 8 processes
 
     def compiled(choice: str, process: Any) -> bool:
         sere = SERELoss(48, num_heads=4)
@@ -98,6 +99,7 @@ def test_compile_sere_follows_the_device(examples: Any) -> None:
 
     assert [compiled("auto", cpu), compiled("auto", cuda)] == [False, True]
     assert [compiled("on", cpu), compiled("off", cuda)] == [True, False]
+    assert [compiled("auto", gpus), compiled("on", gpus)] == [False, True]
     assert options.compile_sere(None, options.argparse.Namespace(compile_sere="on"), cpu) is False
 
 

@@ -218,21 +218,23 @@ def add_run_arguments(
     p.add_argument("--replace-bad-images", action="store_true", help=bad)
     compiled = (
         "compile SERE into one graph (SERELoss.compile(): CUDA graphs on CUDA); 'auto' (default): "
-        "on CUDA, eager on the CPU"
+        "on one GPU, eager on the CPU and across several processes"
     )
     p.add_argument("--compile-sere", choices=["auto", "on", "off"], default="auto", help=compiled)
 
 
 def compile_sere(sere: nn.Module | None, args: argparse.Namespace, process: Process) -> bool:
-    """``sere.compile()`` where ``--compile-sere`` asks for it (``auto``: on CUDA); whether it did.
+    """``sere.compile()`` where ``--compile-sere`` asks for it; whether it did.
 
-    Call it after ``distributed.distribute``, which converts SERE's BatchNorms to SyncBatchNorm
-    on CUDA: the graph is then traced with the layers the run uses. The first step compiles (tens
-    of seconds on a GPU), and again when the batch's shape changes (the loaders drop the last
-    incomplete batch, so a run has one shape).
+    ``auto`` compiles on one GPU. Across several processes SERE's heads hold SyncBatchNorm,
+    whose collectives inside a compiled, graph-replayed SERE have not run on GPUs yet: there
+    ``auto`` stays eager, and ``on`` compiles anyway. Call it after ``distributed.distribute``,
+    which converts the BatchNorms: the graph is then traced with the layers the run uses. The
+    first step compiles (tens of seconds on a GPU), and again when the batch's shape changes (the
+    loaders drop the last incomplete batch, so a run has one shape).
     """
     wanted = args.compile_sere == "on" or (
-        args.compile_sere == "auto" and process.device.type == "cuda"
+        args.compile_sere == "auto" and process.device.type == "cuda" and process.world_size == 1
     )
     if sere is None or not wanted:
         return False

@@ -431,7 +431,9 @@ class _Compilable(nn.Module):
           keeps the graph whole): keep the batch size fixed (``drop_last=True`` in the
           ``DataLoader``) and the crop sizes fixed; a run with a different last batch, or an
           evaluation at another size, compiles once more for each;
-        - a new autocast state (on or off, another dtype) compiles again;
+        - a new autocast state (on or off, another dtype) compiles again, and so does a new
+          value of a term's per-call ``teacher_temp=`` or ``student_temp=`` (a constant of the
+          graph): pass schedules as the module's attributes only if they change rarely;
         - under ``mode="reduce-overhead"`` the graph's outputs live in memory that the next
           replay reuses; this module returns copies of them, so a loss or a logged term kept
           from an earlier step stays valid.
