@@ -238,10 +238,7 @@ def compile_sere(sere: nn.Module | None, args: argparse.Namespace, process: Proc
     )
     if sere is None or not wanted:
         return False
-    compile_fn = getattr(sere, "compile", None)
-    if not callable(compile_fn):  # pragma: no cover - every SERE loss has compile()
-        raise SystemExit(f"--compile-sere: {type(sere).__name__} has no compile()")
-    compile_fn()
+    sere.compile()  # SERELoss.compile(): the library's own, the boxes outside the graph
     if process.is_main:
         print(
             "SERE is compiled: its first step compiles the graph (tens of seconds on a GPU); "
