@@ -1,11 +1,14 @@
-"""The public surface: exports, version, typing marker, light import."""
+"""The public surface: exports, version, typing marker, light import; release metadata."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 from torch import nn
 
 import sere_loss
@@ -28,6 +31,34 @@ def test_version_and_typing_marker() -> None:
     assert len(parts) == 3
     assert all(p.isdigit() for p in parts)
     assert (Path(sere_loss.__file__).parent / "py.typed").is_file()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_metadata_carries_the_package_version() -> None:
+    # The wheel's metadata takes its version from sere_loss/__init__.py at build time (.ci/run
+    # runs this file against the installed wheel).
+    try:
+        installed = metadata.version("sere-loss")
+    except metadata.PackageNotFoundError:
+        pytest.skip("sere-loss is on the path but not installed")
+    assert installed == sere_loss.__version__
+
+
+def test_version_is_written_once() -> None:
+    """``__init__.py`` holds the version; pyproject reads it, the release files do not repeat it."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    project = pyproject.split("\n[project]\n", 1)[1].split("\n[", 1)[0]
+    assert 'dynamic = ["version"]' in project
+    assert not re.search(r"^version\s*=", project, flags=re.MULTILINE), "a static version"
+    assert '[tool.hatch.version]\npath = "src/sere_loss/__init__.py"' in pyproject
+    citation = (ROOT / "CITATION.cff").read_text()
+    assert not re.search(r"^version:", citation, flags=re.MULTILINE), "CITATION.cff repeats it"
+    # The changelog has a section for the version (dated when released; see release.yml).
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    heading = rf"^## \[{re.escape(sere_loss.__version__)}\] - (Unreleased|\d{{4}}-\d{{2}}-\d{{2}})$"
+    assert re.search(heading, changelog, flags=re.MULTILINE), "no CHANGELOG section for it"
 
 
 def test_import_stays_light() -> None:

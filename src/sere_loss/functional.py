@@ -322,7 +322,10 @@ def paired_channel_relation_cross_entropy(
         )
     student_temp = check_positive(student_temp, "student_temp")
     teacher_temp = check_positive(teacher_temp, "teacher_temp")
-    widest = max(students + teachers, key=lambda x: x.shape[1])
+    widest = students[0]  # the first widest view, by a loop: torch.compile up to torch 2.12
+    for x in (*students, *teachers):  # breaks the graph at max(..., key=...)
+        if x.shape[1] > widest.shape[1]:
+            widest = x
     backend = _fused.resolve_backend(backend, widest.transpose(1, 2).unsqueeze(1))
     if backend == "reference":
         with _no_autocast(students[0].device):  # the relations in float32, as above
