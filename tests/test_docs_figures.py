@@ -245,3 +245,17 @@ def test_method_figure_shows_the_rows_of_the_loss(script: ModuleType, drawn: dic
     # A flat student scores ln S on every row; this one, at initialisation, is below it on
     # average but not everywhere far from it.
     assert float(rows.mean()) < np.log(rows.numel())
+
+
+def test_healthy_values_on_the_page_are_the_committed_logs(script: ModuleType) -> None:
+    """Getting started's table of window means: recomputed from ``healthy-tiny/log.csv``."""
+    log = script.read_log()
+    assert log["step"] == [float(k) for k in range(1, 401)], "400 steps, one row each"
+    page = (DOCS / "getting-started.md").read_text()
+    for first, last in ((1, 25), (26, 50), (76, 100), (176, 200), (376, 400)):
+        means = [
+            sum(log[term][first - 1 : last]) / (last - first + 1)
+            for term in ("spatial", "channel", "dino")
+        ]
+        row = f"| {first}-{last} | " + " | ".join(f"{m:.3f}" for m in means) + " |"
+        assert row in page, f"the page lacks the log's row {row}"
