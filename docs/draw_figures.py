@@ -378,7 +378,7 @@ def draw_method(path: Path, crops: Crops, data: dict[str, Any]) -> None:
 
     points = lattice_points(crops)
     hs, ws = LATTICE
-    fig = plt.figure(figsize=(15.5, 7.2))
+    fig = plt.figure(figsize=(14, 7.4))
     grid = fig.add_gridspec(2, 6, width_ratios=[1, 1, 1, 1, 1, 1.15], hspace=0.32, wspace=0.12)
     sides = ("teacher", "student")
     edge = ("tab:blue", "tab:orange")
@@ -386,11 +386,11 @@ def draw_method(path: Path, crops: Crops, data: dict[str, Any]) -> None:
     token_rgb, _ = _rgb(tokens)  # one colour basis for both views' tokens
     head_maps = {k: data["channel_features"][k][0].reshape(GRID, GRID, DIM) for k in sides}
     titles = (
-        "1. views\n(MultiCropTransform)\n",
-        "2. patch tokens\n(TokenTap)\n",
-        "3. after the heads\n(RelationHeads)\n",
-        f"4. read at the {hs} x {ws}\nlattice (overlap_grids,\nsample_region)",
-        "5. spatial relation,\nhead 1 (spatial_relation,\nthen a softmax per row)",
+        "1. views\n(MultiCrop-\nTransform)",
+        "2. tokens\n(TokenTap)\n",
+        "3. heads\n(Relation-\nHeads)",
+        f"4. {hs} x {ws} lattice\n(overlap_grids,\nsample_region)",
+        "5. relation,\nhead 1 (row\nsoftmax)",
     )
     for r, side in enumerate(sides):
         axes = [fig.add_subplot(grid[r, c]) for c in range(5)]
@@ -406,34 +406,34 @@ def draw_method(path: Path, crops: Crops, data: dict[str, Any]) -> None:
         axes[4].imshow(relation.log10().numpy(), cmap="magma", vmin=-4, vmax=0)
         flipped = ", flipped" if bool(points["flips"][r]) else ""
         role = "teacher: view 1" if side == "teacher" else f"student: view 2{flipped}"
-        axes[0].set_ylabel(role, fontsize=14, color=edge[r])
+        axes[0].set_ylabel(role, fontsize=16, color=edge[r])
         for c, ax in enumerate(axes):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(titles[c], fontsize=13)
+                ax.set_title(titles[c], fontsize=16)
         branch = "h" if side == "teacher" else "g(h(.))"
-        axes[2].set_xlabel(f"{branch}, {DIM} channels", fontsize=12)
-        axes[3].set_xlabel(f"{hs * ws} points, in the image's order", fontsize=12)
+        axes[2].set_xlabel(f"{branch}", fontsize=15)
+        axes[3].set_xlabel("image order", fontsize=15)
         temp = TEACHER_TEMPS["spatial"] if side == "teacher" else 1.0
-        axes[4].set_xlabel(f"S x S, log10, t = {temp}", fontsize=12)
+        axes[4].set_xlabel(f"log10, t = {temp}", fontsize=15)
     ax = fig.add_subplot(grid[:, 5])
     shown = ax.imshow(data["row_losses"].numpy(), cmap="viridis")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(
-        "6. row-wise cross-entropy\n(relation_cross_entropy)\n"
-        f"per lattice point; mean {data['losses']['spatial']:.2f}\n"
-        f"(a flat student: ln {hs * ws} = {math.log(hs * ws):.2f})",
-        fontsize=13,
+        "6. row-wise cross-\nentropy per point\n"
+        f"mean {data['losses']['spatial']:.2f}\n"
+        f"(flat: ln {hs * ws} = {math.log(hs * ws):.2f})",
+        fontsize=16,
     )
     ax.set_xticks([])
     ax.set_yticks([])
     fig.suptitle(
-        "The spatial term on one (teacher, student) pair, random-weight ViT-Ti/16: colours 2-4 "
-        "are each map's first three principal components",
-        fontsize=14,
+        "The spatial term on one (teacher, student) pair, random-weight ViT-Ti/16 "
+        "(colours 2-4: first 3 principal components)",
+        fontsize=16,
     )
-    fig.subplots_adjust(left=0.03, right=0.98, top=0.80, bottom=0.06)
+    fig.subplots_adjust(left=0.03, right=0.98, top=0.78, bottom=0.06)
     _save(fig, path, dpi=80)
 
 
