@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cases  # noqa: E402
-import record  # noqa: E402
-import stats  # noqa: E402
+import cases
+import record
+import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 # (row of the docs' table, setting of cases.py, implementation): the first is the reference.
@@ -86,6 +86,7 @@ def measure(rows: tuple[tuple[str, str, str], ...], rounds: int) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: ``--rounds``, ``--threads``, ``--quick``, ``--out``; writes the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -150,6 +150,7 @@ class WebSocket:
         return data
 
     def send(self, text: str) -> None:
+        """Send one text frame, masked as a client must."""
         payload = text.encode()
         n = len(payload)
         if n < 126:
@@ -163,6 +164,7 @@ class WebSocket:
         self.sock.sendall(header + mask + masked)
 
     def receive(self) -> str:
+        """The next message, its fragments joined; pings are skipped."""
         message = b""
         while True:
             first, second = self._read(2)
@@ -231,7 +233,10 @@ class Browser:
                 return reply.get("result", {})
 
     def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        """Run ``expression`` in the page; return its value (awaited if a promise)."""
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"the page's script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -256,6 +261,7 @@ class Browser:
         time.sleep(0.3)
 
     def screenshot(self, path: Path, height: int) -> None:
+        """Write the page, ``height`` px of it, to ``path`` as a PNG."""
         shot = self.call(
             "Page.captureScreenshot",
             format="png",
@@ -265,6 +271,7 @@ class Browser:
         path.write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:
+        """Stop the browser and remove its profile."""
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -287,7 +294,10 @@ def serve(site: Path) -> Iterator[str]:
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    """Serve files without a log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
         pass
 
 
@@ -303,6 +313,7 @@ def pages(site: Path) -> list[str]:
 
 
 def build(site: Path) -> None:
+    """``mkdocs build --strict`` into ``site``."""
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -334,13 +345,14 @@ def check(site: Path, out: Path, executable: str) -> list[str]:
         f"{len(lines)} pages, {len(failed)} failures.",
         "",
     ]
-    listed = [""] + ["Failures:"] + failed if failed else []
+    listed = ["", "Failures:", *failed] if failed else []
     if wraps:
         listed += ["", "Code blocks with lines that wrap at this width (not failures):", *wraps]
     return header + lines + listed
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: ``--site``, ``--out``, ``--report``, ``--chromium``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", type=Path, help="a built site (default: build one now)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sere-pages")

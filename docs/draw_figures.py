@@ -471,7 +471,9 @@ def draw_healthy(path: Path, log: dict[str, list[float]]) -> None:
     for ax, term in zip(axes, ("spatial", "channel", "dino"), strict=True):
         ax.plot(steps, log[term], color="tab:blue", lw=0.6, alpha=0.45, label="each step")
         ax.plot(steps, smooth(log[term]), color="tab:blue", lw=2, label="mean of 25 steps")
-        ax.axhline(flat[term], color="black", ls="--", lw=1, label=f"flat student: {flat[term]:.2f}")
+        ax.axhline(
+            flat[term], color="black", ls="--", lw=1, label=f"flat student: {flat[term]:.2f}"
+        )
         ax.set_title(term, fontsize=14)
         ax.set_xlabel("step", fontsize=12)
         ax.tick_params(labelsize=11)

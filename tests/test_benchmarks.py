@@ -219,7 +219,9 @@ def test_backbones_takes_every_ratio_within_rounds_against_the_first_row(tmp_pat
 
     threads = torch.get_num_threads()
     try:
-        code = backbones.main(["--quick", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)])
+        code = backbones.main(
+            ["--quick", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -232,4 +234,5 @@ def test_backbones_takes_every_ratio_within_rounds_against_the_first_row(tmp_pat
         for t, r in zip(other["seconds"]["values"], first["seconds"]["values"], strict=True)
     ]
     assert other["per_image_vs_first"]["values"] == pytest.approx(expected)
-    assert record["rounds"] == 2 and "commit" in record["environment"]
+    assert record["rounds"] == 2
+    assert "commit" in record["environment"]

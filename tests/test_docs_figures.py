@@ -234,7 +234,9 @@ def test_relations_are_what_the_page_says(script: ModuleType, drawn: dict[str, A
     assert data["losses"]["channel"] == pytest.approx(ce_c, rel=1e-4)
 
 
-def test_method_figure_shows_the_rows_of_the_loss(script: ModuleType, drawn: dict[str, Any]) -> None:
+def test_method_figure_shows_the_rows_of_the_loss(
+    script: ModuleType, drawn: dict[str, Any]
+) -> None:
     """Panel 6 of ``method.png``: each lattice point's row cross-entropy, averaged over heads,
     whose mean is the pair's spatial loss; panel 2 the tokens the tap gave, before the heads."""
     data = script.relation_data(drawn["crops"])

@@ -26,10 +26,14 @@ from sere_loss import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss
 # The tiny preset's shapes: 2 global views of 8 x 8 tokens, 4 local views of 4 x 4, 96 channels.
 B, C, HEADS = 4, 96, 3
 FLAT_SPATIAL = (2 * math.log(49) + 8 * math.log(16)) / 10  # 7 x 7 and 4 x 4 lattices
-BOXES = torch.tensor(
-    [[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]
-    + [[0.1, 0.1, 0.5, 0.5], [0.4, 0.2, 0.8, 0.6], [0.3, 0.5, 0.7, 0.9], [0.2, 0.3, 0.6, 0.7]]
-).expand(B, 6, 4)
+GLOBAL_BOXES = [[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]
+LOCAL_BOXES = [
+    [0.1, 0.1, 0.5, 0.5],
+    [0.4, 0.2, 0.8, 0.6],
+    [0.3, 0.5, 0.7, 0.9],
+    [0.2, 0.3, 0.6, 0.7],
+]
+BOXES = torch.tensor([*GLOBAL_BOXES, *LOCAL_BOXES]).expand(B, 6, 4)
 FLIPS = torch.tensor([False, True, False, True, True, False]).expand(B, 6)
 
 
@@ -55,7 +59,7 @@ def test_collapsed_tokens_score_the_flat_values_exactly() -> None:
 
 
 def _train(steps: int, backprop: bool) -> list[float]:
-    """A linear 'backbone' on one fixed batch, its EMA teacher, and SERE; the logged spatial term."""
+    """A linear 'backbone' on one fixed batch, its EMA teacher and SERE: the logged spatial term."""
     torch.manual_seed(0)
     inputs = torch.randn(2 * B, 64, C)  # 2 global views of 8 x 8 tokens
     local_inputs = torch.randn(4 * B, 16, C)

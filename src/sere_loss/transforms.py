@@ -696,7 +696,8 @@ class CropTracker:
     Examples:
         >>> from torchvision.transforms import v2
         >>> def view(px, scale):  # your own pipeline, one per view
-        ...     return v2.Compose([v2.RandomResizedCrop(px, scale=scale), v2.RandomHorizontalFlip()])
+        ...     crop = v2.RandomResizedCrop(px, scale=scale)
+        ...     return v2.Compose([crop, v2.RandomHorizontalFlip()])
         >>> tracker = CropTracker([view(224, (0.35, 1.0))] * 2 + [view(96, (0.05, 0.35))] * 4)
         >>> crops = tracker(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
         >>> len(crops.views), tuple(crops.boxes.shape), crops.flips.dtype
