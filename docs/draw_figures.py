@@ -1,4 +1,4 @@
-"""Draw the figures of the concepts page (``docs/concepts.md``) from real library calls.
+"""Draw the figures of the site (``docs/figures/``) from real library calls and committed logs.
 
     python docs/draw_figures.py              # writes docs/figures/*.png
     python docs/draw_figures.py --out DIR    # somewhere else
@@ -18,11 +18,21 @@ Figures (``FIGURES``):
   points, in the original image and in each view's own frame (the second view flipped).
 * ``relations.png``: the spatial relation (``S x S``, one head) and the channel relation
   (``C x C``) of the teacher and of the student, each after its softmax with its temperature.
+* ``method.png``: the whole spatial term on one (teacher, student) pair: the two views, their
+  patch tokens, the tokens after the heads, the features read at the lattice over the overlap,
+  the relations, and the row-wise cross-entropy at every lattice point.
+* ``healthy.png``: the loss terms of a 400-step run of the ``tiny`` preset, from the committed
+  log ``benchmarks/results/healthy-tiny/log.csv``, beside the values a flat student scores.
+
+The lattice and the padding are the library's defaults, the authors' recipe
+(``sere_loss.losses.RECIPES["authors"]``): points spaced edge to edge over the overlap, zeros
+beyond a view's edge.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,10 +43,15 @@ from torch import Tensor, nn
 
 import sere_loss
 from sere_loss import functional
+from sere_loss.losses import RECIPES
 from sere_loss.transforms import Crops, CropSpec, MultiCropTransform
 
-FIGURES = ("lattice.png", "relations.png")
+FIGURES = ("lattice.png", "relations.png", "method.png", "healthy.png")
 OUT = Path(__file__).resolve().parent / "figures"
+ROOT = Path(__file__).resolve().parent.parent
+HEALTHY_LOG = ROOT / "benchmarks" / "results" / "healthy-tiny" / "log.csv"
+POINTS = RECIPES["authors"]["points"]  # the default recipe's lattice: edge to edge
+PADDING = RECIPES["authors"]["padding"]  # and its padding: zeros beyond a view's edge
 SEED = 0
 IMAGE_HW = (288, 384)  # the original image, (height, width) in pixels
 VIEW_PX = 224  # both views are global views of a ViT-S/16 or ViT-Ti/16 recipe
@@ -92,7 +107,7 @@ def lattice_points(crops: Crops, lattice: tuple[int, int] = LATTICE) -> dict[str
     """
     boxes, flips = crops.boxes.double(), crops.flips
     grid1, grid2, valid = functional.overlap_grids(
-        boxes[0:1], flips[0:1], boxes[1:2], flips[1:2], lattice=lattice
+        boxes[0:1], flips[0:1], boxes[1:2], flips[1:2], lattice=lattice, points=POINTS
     )
     if not bool(valid.all()):
         raise RuntimeError("the two views do not overlap; choose another seed")
@@ -162,6 +177,7 @@ def relation_data(crops: Crops) -> dict[str, Any]:
     spatial features from ``sample_region`` on the lattice of ``overlap_grids``.
 
     Returns:
+        ``tokens``: ``(2, N, C)``, the patch tokens of both views before the heads;
         ``spatial_features``: ``{"teacher", "student"}`` ``(1, S, C)``; ``channel_features``:
         ``{"teacher", "student"}`` ``(1, N, C)``; ``spatial`` and ``channel``: the row-wise
         softmax of head 0's ``(S, S)`` logits and of the ``(C, C)`` logits, each at its
@@ -187,14 +203,17 @@ def relation_data(crops: Crops) -> dict[str, Any]:
             return t.transpose(1, 2).reshape(1, DIM, GRID, GRID)
 
         spatial = {
-            "teacher": functional.sample_region(as_map(teacher), grids[0:1]),
-            "student": functional.sample_region(as_map(student), grids[1:2]),
+            "teacher": functional.sample_region(as_map(teacher), grids[0:1], PADDING),
+            "student": functional.sample_region(as_map(student), grids[1:2], PADDING),
         }
         channel = {"teacher": teacher, "student": student}
         heads_m = DIM // 64
         logits_s = {k: functional.spatial_relation(v, heads_m) for k, v in spatial.items()}
         logits_c = {k: functional.channel_relation(v) for k, v in channel.items()}
         temps = {"spatial": TEACHER_TEMPS["spatial"], "channel": TEACHER_TEMPS["channel"]}
+        log_student = F.log_softmax(logits_s["student"][0], dim=-1)  # (M, S, S)
+        target = F.softmax(logits_s["teacher"][0] / temps["spatial"], dim=-1)
+        row_losses = -(target * log_student).sum(-1).mean(0).reshape(LATTICE)
         losses = {
             "spatial": functional.relation_cross_entropy(
                 logits_s["student"], logits_s["teacher"], 1.0, temps["spatial"]
@@ -204,6 +223,8 @@ def relation_data(crops: Crops) -> dict[str, Any]:
             ),
         }
     return {
+        "tokens": tokens,
+        "row_losses": row_losses,
         "spatial_features": spatial,
         "channel_features": channel,
         "num_heads": heads_m,
@@ -275,8 +296,8 @@ def draw_lattice(path: Path, image: Tensor, crops: Crops) -> None:
     xy = points["image_xy"].reshape(-1, 2)
     ax.scatter(xy[:, 0], xy[:, 1], s=14, c=colours, ec="white", lw=0.3)
     ax.scatter(*xy[0].tolist(), s=90, marker="*", c="white", ec="black", lw=0.8)
-    ax.set_title(f"original image {width} x {height} px: two crops, their overlap", fontsize=10)
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.8)
+    ax.set_title(f"original image {width} x {height} px: two crops, their overlap", fontsize=12)
+    ax.legend(loc="lower left", fontsize=12, framealpha=0.85)
     for k in range(2):
         ax = axes[k + 1]
         ax.imshow(crops.views[k].permute(1, 2, 0).numpy())
@@ -287,14 +308,14 @@ def draw_lattice(path: Path, image: Tensor, crops: Crops) -> None:
         ax.scatter(xy[:, 0], xy[:, 1], s=14, c=colours, ec="white", lw=0.3)
         ax.scatter(*xy[0].tolist(), s=90, marker="*", c="white", ec="black", lw=0.8)
         flipped = "flipped" if bool(points["flips"][k]) else "not flipped"
-        ax.set_title(f"view {k + 1}, {VIEW_PX} px, {flipped}", fontsize=10, color=edge[k])
+        ax.set_title(f"view {k + 1}, {VIEW_PX} px, {flipped}", fontsize=13, color=edge[k])
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(
-        f"The {hs} x {ws} lattice over the overlap (overlap_grids): the same points of the image, "
-        f"read in each view's own frame; {GRID} x {GRID} tokens per view",
-        fontsize=10,
+        f"The {hs} x {ws} lattice over the overlap (overlap_grids, edge to edge): the same points "
+        f"of the image in each view's frame; {GRID} x {GRID} tokens per view",
+        fontsize=13,
     )
     fig.tight_layout()
     _save(fig, path, dpi=80)
@@ -320,17 +341,151 @@ def draw_relations(path: Path, data: dict[str, Any]) -> None:
             )
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
             view = "view 1" if side == "teacher" else "view 2"
-            ax.set_title(f"{term}, {side} ({view}), t = {temp}\n{size}", fontsize=10)
+            ax.set_title(f"{term}, {side} ({view}), t = {temp}\n{size}", fontsize=12)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r, 0].set_ylabel(f"row i, softmax over column j; row CE {data['losses'][term]:.2f}")
+        axes[r, 0].set_ylabel(
+            f"row i, softmax over column j; row CE {data['losses'][term]:.2f}", fontsize=11
+        )
     fig.suptitle(
         "log10 of the row-softmaxed relations of one (teacher, student) pair, random-weight "
         "ViT-Ti/16",
-        fontsize=11,
+        fontsize=12,
     )
     fig.tight_layout()
     _save(fig, path, dpi=72)
+
+
+def _rgb(features: Tensor, basis: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Features ``(..., C)`` as colours: their first three principal components, in [0, 1].
+
+    Returns the colours ``(..., 3)`` and the basis ``(C, 3)``, so that other features can be
+    shown in the same colours (``basis=``).
+    """
+    flat = features.reshape(-1, features.shape[-1]).double()
+    centred = flat - flat.mean(0)
+    if basis is None:
+        basis = torch.linalg.svd(centred, full_matrices=False)[2][:3].T
+    projected = centred @ basis
+    lo, hi = projected.quantile(0.02, dim=0), projected.quantile(0.98, dim=0)
+    colours = ((projected - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)
+    return colours.reshape(*features.shape[:-1], 3).float(), basis
+
+
+def draw_method(path: Path, crops: Crops, data: dict[str, Any]) -> None:
+    """``method.png``: the spatial term on one pair, from the views to the cross-entropy."""
+    import matplotlib.pyplot as plt
+
+    points = lattice_points(crops)
+    hs, ws = LATTICE
+    fig = plt.figure(figsize=(14, 7.4))
+    grid = fig.add_gridspec(2, 6, width_ratios=[1, 1, 1, 1, 1, 1.15], hspace=0.32, wspace=0.12)
+    sides = ("teacher", "student")
+    edge = ("tab:blue", "tab:orange")
+    tokens = data["tokens"].reshape(2, GRID, GRID, DIM)
+    token_rgb, _ = _rgb(tokens)  # one colour basis for both views' tokens
+    head_maps = {k: data["channel_features"][k][0].reshape(GRID, GRID, DIM) for k in sides}
+    titles = (
+        "1. views\n(MultiCrop-\nTransform)",
+        "2. tokens\n(TokenTap)\n",
+        "3. heads\n(Relation-\nHeads)",
+        f"4. {hs} x {ws} lattice\n(overlap_grids,\nsample_region)",
+        "5. relation,\nhead 1 (row\nsoftmax)",
+    )
+    for r, side in enumerate(sides):
+        axes = [fig.add_subplot(grid[r, c]) for c in range(5)]
+        axes[0].imshow(crops.views[r].permute(1, 2, 0).numpy())
+        xy = points["view_xy"][r].reshape(-1, 2)
+        axes[0].scatter(xy[:, 0], xy[:, 1], s=5, c="white", ec="black", lw=0.3)
+        axes[1].imshow(token_rgb[r].numpy(), interpolation="nearest")
+        head_rgb, basis = _rgb(head_maps[side])
+        axes[2].imshow(head_rgb.numpy(), interpolation="nearest")
+        lattice_rgb, _ = _rgb(data["spatial_features"][side][0].reshape(hs, ws, DIM), basis)
+        axes[3].imshow(lattice_rgb.numpy(), interpolation="nearest")
+        relation = data["spatial"][side]
+        axes[4].imshow(relation.log10().numpy(), cmap="magma", vmin=-4, vmax=0)
+        flipped = ", flipped" if bool(points["flips"][r]) else ""
+        role = "teacher: view 1" if side == "teacher" else f"student: view 2{flipped}"
+        axes[0].set_ylabel(role, fontsize=16, color=edge[r])
+        for c, ax in enumerate(axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=16)
+        branch = "h" if side == "teacher" else "g(h(.))"
+        axes[2].set_xlabel(f"{branch}", fontsize=15)
+        axes[3].set_xlabel("image order", fontsize=15)
+        temp = TEACHER_TEMPS["spatial"] if side == "teacher" else 1.0
+        axes[4].set_xlabel(f"log10, t = {temp}", fontsize=15)
+    ax = fig.add_subplot(grid[:, 5])
+    shown = ax.imshow(data["row_losses"].numpy(), cmap="viridis")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(
+        "6. row-wise cross-\nentropy per point\n"
+        f"mean {data['losses']['spatial']:.2f}\n"
+        f"(flat: ln {hs * ws} = {math.log(hs * ws):.2f})",
+        fontsize=16,
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.suptitle(
+        "The spatial term on one (teacher, student) pair, random-weight ViT-Ti/16 "
+        "(colours 2-4: first 3 principal components)",
+        fontsize=16,
+    )
+    fig.subplots_adjust(left=0.03, right=0.98, top=0.78, bottom=0.06)
+    _save(fig, path, dpi=80)
+
+
+def read_log(path: Path = HEALTHY_LOG) -> dict[str, list[float]]:
+    """The columns of a trainer's ``log.csv`` as lists of floats (empty cells as NaN)."""
+    import csv
+
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {k: [float(r[k]) if r[k] else math.nan for r in rows] for k in rows[0]}
+
+
+def smooth(values: list[float], window: int = 25) -> list[float]:
+    """The running mean over the last ``window`` values (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def draw_healthy(path: Path, log: dict[str, list[float]]) -> None:
+    """``healthy.png``: the three loss terms of the committed run, with their flat references."""
+    import matplotlib.pyplot as plt
+
+    # The tiny preset: 7 x 7 lattice for the 2 global-global pairs, 4 x 4 for the 8 with a local
+    # view; 96 channels; DINO's 1024 prototypes.
+    flat = {
+        "spatial": (2 * math.log(49) + 8 * math.log(16)) / 10,
+        "channel": math.log(96),
+        "dino": math.log(1024),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    steps = log["step"]
+    for ax, term in zip(axes, ("spatial", "channel", "dino"), strict=True):
+        ax.plot(steps, log[term], color="tab:blue", lw=0.6, alpha=0.45, label="each step")
+        ax.plot(steps, smooth(log[term]), color="tab:blue", lw=2, label="mean of 25 steps")
+        ax.axhline(
+            flat[term], color="black", ls="--", lw=1, label=f"flat student: {flat[term]:.2f}"
+        )
+        ax.set_title(term, fontsize=14)
+        ax.set_xlabel("step", fontsize=12)
+        ax.tick_params(labelsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=11, loc="best")
+    fig.suptitle(
+        f"DINO + SERE, --preset tiny, {len(steps)} steps (lr 0.004 per 256), seed 0, "
+        "the authors' recipe: benchmarks/results/healthy-tiny/log.csv",
+        fontsize=13,
+    )
+    fig.tight_layout()
+    _save(fig, path, dpi=80)
 
 
 def _save(fig: Any, path: Path, dpi: int) -> None:
@@ -355,8 +510,11 @@ def draw(out: Path = OUT) -> list[Path]:
     image = make_image()
     crops = draw_views(image)
     paths = [out / name for name in FIGURES]
+    data = relation_data(crops)
     draw_lattice(paths[0], image, crops)
-    draw_relations(paths[1], relation_data(crops))
+    draw_relations(paths[1], data)
+    draw_method(paths[2], crops, data)
+    draw_healthy(paths[3], read_log())
     return paths
 
 

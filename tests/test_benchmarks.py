@@ -208,3 +208,31 @@ def test_sere_sends_few_operations_to_the_device() -> None:
     assert counted["total"] <= 350, counted["by_op"]
     bigger = sere_profile.count_device_ops(batch=64)
     assert bigger["total"] <= counted["total"] + 10, "per-image work must not become per-op"
+
+
+def test_backbones_takes_every_ratio_within_rounds_against_the_first_row(tmp_path: Path) -> None:
+    """``backbones.py``: the first row is the reference (ratio 1 in every round), every other
+    row's ratio is per image, from the same rounds, and the record says how it was run."""
+    import json
+
+    import backbones
+
+    threads = torch.get_num_threads()
+    try:
+        code = backbones.main(
+            ["--quick", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    record = json.loads((tmp_path / "backbones-quick.json").read_text())
+    first, other = record["rows"]
+    assert first["per_image_vs_first"]["values"] == [1.0, 1.0]
+    assert len(first["seconds"]["values"]) == len(other["seconds"]["values"]) == 2
+    expected = [
+        (t / other["batch"]) / (r / first["batch"])
+        for t, r in zip(other["seconds"]["values"], first["seconds"]["values"], strict=True)
+    ]
+    assert other["per_image_vs_first"]["values"] == pytest.approx(expected)
+    assert record["rounds"] == 2
+    assert "commit" in record["environment"]

@@ -3,8 +3,9 @@
 * The script runs (its command line, into a folder of its own) and writes every figure that a page
   of the site shows; each of those is committed under ``docs/figures/`` and small.
 * The lattice it plots is the same set of original-image points seen from both views: mapped
-  back through each view's box and flip (restated here), both give the cell centres of the
-  boxes' intersection, computed here from the boxes alone. The views' own pixels, read at those
+  back through each view's box and flip (restated here), both give the points the authors'
+  recipe (the library's default) places, spaced edge to edge over the boxes' intersection,
+  computed here from the boxes alone. The views' own pixels, read at those
   points, agree with the original image; read without the flip, they do not.
 * The relation matrices it plots are the softmaxed ``x_i . x_j / sqrt(D)`` (spatial, per head)
   and ``c^T c / N`` (channel) of the features it returns, restated in NumPy, and the losses it
@@ -100,7 +101,7 @@ def test_lattice_is_the_same_image_points_in_both_views(
     assert (hs, ws) == (13, 13), "14 x 14 tokens: the default global lattice is 13 x 13"
     assert points["grids"].shape == (2, hs, ws, 2)
 
-    # The cell centres of the boxes' intersection, from the boxes alone.
+    # Edge to edge over the boxes' intersection, both ends included, from the boxes alone.
     x0, y0 = max(boxes[0, 0], boxes[1, 0]), max(boxes[0, 1], boxes[1, 1])
     x1, y1 = min(boxes[0, 2], boxes[1, 2]), min(boxes[0, 3], boxes[1, 3])
     assert x0 < x1, "the views overlap"
@@ -108,8 +109,8 @@ def test_lattice_is_the_same_image_points_in_both_views(
     expected = torch.empty(hs, ws, 2, dtype=torch.float64)
     for i in range(hs):
         for j in range(ws):
-            expected[i, j, 0] = x0 + (j + 0.5) / ws * (x1 - x0)
-            expected[i, j, 1] = y0 + (i + 0.5) / hs * (y1 - y0)
+            expected[i, j, 0] = x0 + j / (ws - 1) * (x1 - x0)
+            expected[i, j, 1] = y0 + i / (hs - 1) * (y1 - y0)
     for k in range(2):
         seen = _to_image(points["grids"][k], boxes[k], bool(flips[k]))
         torch.testing.assert_close(seen, expected, rtol=0, atol=1e-12)
@@ -131,7 +132,10 @@ def test_lattice_is_the_same_image_points_in_both_views(
 def _read(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Colours of a (3, H, W) uint8 image at grid_sample points (Hs, Ws, 2): (Hs * Ws, 3)."""
     pixels = image.double()[None] / 255
-    return F.grid_sample(pixels, grid[None], align_corners=False)[0].flatten(1).T
+    # Border padding: the edge-to-edge lattice puts points on a view's outer edge, where the
+    # view's edge pixel, not a blend with zeros, is the image's colour.
+    read = F.grid_sample(pixels, grid[None], align_corners=False, padding_mode="border")
+    return read[0].flatten(1).T
 
 
 def test_views_read_the_same_colours_at_the_lattice(
@@ -158,18 +162,22 @@ def _softmax(logits: np.ndarray, temp: float) -> np.ndarray:
 
 
 def _bilinear(tokens: np.ndarray, grid: np.ndarray, side: int) -> np.ndarray:
-    """Tokens (side * side, C), row-major, read at grid_sample points (Hs, Ws, 2), border padding.
+    """Tokens (side * side, C), row-major, read at grid_sample points (Hs, Ws, 2), zero padding.
 
     A point at ``g`` in [-1, 1] sits at pixel ``((g + 1) * side - 1) / 2`` (pixel centres at
-    integers), clamped into the map, and blends its four neighbours by distance.
+    integers) and blends its four neighbours by distance; a neighbour outside the map reads
+    zero (the authors' padding, the library's default).
     """
     rows = []
     for gx, gy in grid.reshape(-1, 2):
-        px = min(max(((gx + 1) * side - 1) / 2, 0), side - 1)
-        py = min(max(((gy + 1) * side - 1) / 2, 0), side - 1)
-        x0, y0 = min(int(np.floor(px)), side - 2), min(int(np.floor(py)), side - 2)
+        px, py = ((gx + 1) * side - 1) / 2, ((gy + 1) * side - 1) / 2
+        x0, y0 = int(np.floor(px)), int(np.floor(py))
         a, b = px - x0, py - y0
-        at = lambda x, y: tokens[y * side + x]  # noqa: E731
+
+        def at(x: int, y: int) -> np.ndarray:
+            inside = 0 <= x < side and 0 <= y < side
+            return tokens[y * side + x] if inside else np.zeros(tokens.shape[1])
+
         rows.append(
             (1 - a) * (1 - b) * at(x0, y0)
             + a * (1 - b) * at(x0 + 1, y0)
@@ -224,3 +232,32 @@ def test_relations_are_what_the_page_says(script: ModuleType, drawn: dict[str, A
     ce_c = -(channel["teacher"] * np.log(channel["student"])).sum(1).mean()
     assert data["losses"]["spatial"] == pytest.approx(ce_s, rel=1e-4)
     assert data["losses"]["channel"] == pytest.approx(ce_c, rel=1e-4)
+
+
+def test_method_figure_shows_the_rows_of_the_loss(
+    script: ModuleType, drawn: dict[str, Any]
+) -> None:
+    """Panel 6 of ``method.png``: each lattice point's row cross-entropy, averaged over heads,
+    whose mean is the pair's spatial loss; panel 2 the tokens the tap gave, before the heads."""
+    data = script.relation_data(drawn["crops"])
+    rows = data["row_losses"]
+    assert rows.shape == script.LATTICE
+    assert float(rows.mean()) == pytest.approx(data["losses"]["spatial"], rel=1e-5)
+    assert data["tokens"].shape == (2, script.GRID**2, script.DIM)
+    # A flat student scores ln S on every row; this one, at initialisation, is below it on
+    # average but not everywhere far from it.
+    assert float(rows.mean()) < np.log(rows.numel())
+
+
+def test_healthy_values_on_the_page_are_the_committed_logs(script: ModuleType) -> None:
+    """Getting started's table of window means: recomputed from ``healthy-tiny/log.csv``."""
+    log = script.read_log()
+    assert log["step"] == [float(k) for k in range(1, 401)], "400 steps, one row each"
+    page = (DOCS / "getting-started.md").read_text()
+    for first, last in ((1, 25), (26, 50), (76, 100), (176, 200), (376, 400)):
+        means = [
+            sum(log[term][first - 1 : last]) / (last - first + 1)
+            for term in ("spatial", "channel", "dino")
+        ]
+        row = f"| {first}-{last} | " + " | ".join(f"{m:.3f}" for m in means) + " |"
+        assert row in page, f"the page lacks the log's row {row}"

@@ -12,6 +12,13 @@ from torch import Tensor
 from ._checks import check_floating, check_size, check_tensor
 
 Views = Tensor | Sequence[Tensor]
+"""What the losses take for a group of views of one batch: the views' outputs of a backbone.
+
+Either one tensor holding the ``V`` views concatenated along dim 0, ``(V * B, T, C)`` ViT
+tokens or ``(V * B, C, H, W)`` feature maps (the layout of DINO's multi-crop wrapper and of
+``torch.cat(views)``), or a list (or tuple) of ``V`` tensors of batch ``B``, one per view, such
+as ``TokenTap.pop()`` gives for a loop that calls the backbone once per view.
+"""
 
 
 def join_views(

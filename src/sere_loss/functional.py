@@ -68,9 +68,9 @@ def spatial_relation(x: Tensor, num_heads: int) -> Tensor:
         Logits ``(B, M, S, S)``.
 
     Examples:
-        >>> x = torch.randn(2, 9, 12)
-        >>> spatial_relation(x, num_heads=3).shape
-        torch.Size([2, 3, 9, 9])
+        >>> x = torch.randn(2, 13 * 13, 384)  # ViT-S features at a 13 x 13 lattice
+        >>> spatial_relation(x, num_heads=6).shape
+        torch.Size([2, 6, 169, 169])
     """
     x = check_ndim(x, 3, "x", "(B, S, C)")
     num_heads = _check_heads(x, num_heads, "x")
@@ -101,8 +101,8 @@ def channel_relation(x: Tensor) -> Tensor:
         Logits ``(B, C, C)``.
 
     Examples:
-        >>> channel_relation(torch.randn(2, 49, 8)).shape
-        torch.Size([2, 8, 8])
+        >>> channel_relation(torch.randn(2, 14 * 14, 384)).shape  # ViT-S, 224 px views
+        torch.Size([2, 384, 384])
     """
     x = check_ndim(x, 3, "x", "(B, N, C)")
     if x.shape[1] == 0:
@@ -155,9 +155,13 @@ def relation_cross_entropy(
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
 
     Examples:
-        >>> s, t = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+        >>> x_s, x_t = torch.randn(2, 169, 384), torch.randn(2, 169, 384)  # ViT-S, 13 x 13
+        >>> s, t = spatial_relation(x_s, 6), spatial_relation(x_t, 6)  # (2, 6, 169, 169)
         >>> relation_cross_entropy(s, t, teacher_temp=0.5).shape
         torch.Size([])
+        >>> flat = relation_cross_entropy(torch.zeros_like(s), t, teacher_temp=0.5)
+        >>> round(flat.item(), 4), round(torch.tensor(169.0).log().item(), 4)  # flat: ln S
+        (5.1299, 5.1299)
     """
     student_logits = check_tensor(student_logits, "student_logits")
     teacher_logits = check_tensor(teacher_logits, "teacher_logits")
@@ -214,8 +218,9 @@ def paired_relation_cross_entropy(
         ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
 
     Examples:
-        >>> s, t = torch.randn(3, 2, 4, 4), torch.randn(2, 2, 4, 4)
-        >>> paired_relation_cross_entropy(s, t, view_pairs(2, 1)).shape
+        >>> s = torch.randn(3, 2, 384, 384)  # channel logits of 3 student views, batch 2
+        >>> t = torch.randn(2, 2, 384, 384)  # of the 2 teacher (global) views
+        >>> paired_relation_cross_entropy(s, t, view_pairs(2, 1)).shape  # 4 pairs
         torch.Size([4, 2])
     """
     student_logits = check_tensor(student_logits, "student_logits")
@@ -289,7 +294,7 @@ def paired_channel_relation_cross_entropy(
         ``(P, B)`` per pair and item; float32 (or float64), also under autocast.
 
     Examples:
-        >>> views = [torch.randn(2, 49, 8), torch.randn(2, 49, 8), torch.randn(2, 9, 8)]
+        >>> views = [torch.randn(2, 196, 384), torch.randn(2, 196, 384), torch.randn(2, 36, 384)]
         >>> pairs = view_pairs(2, 1)
         >>> out = paired_channel_relation_cross_entropy(views, views[:2], pairs, 1.0, 0.1)
         >>> one = channel_relation_cross_entropy(views[2], views[1], 1.0, 0.1, reduction="none")
@@ -462,9 +467,9 @@ def spatial_relation_cross_entropy(
         autocast.
 
     Examples:
-        >>> s, t = torch.randn(2, 20, 12), torch.randn(2, 20, 12)
-        >>> fused = spatial_relation_cross_entropy(s, t, 3, backend="chunked")
-        >>> ref = relation_cross_entropy(spatial_relation(s, 3), spatial_relation(t, 3))
+        >>> s, t = torch.randn(2, 169, 384), torch.randn(2, 169, 384)  # ViT-S, 13 x 13 points
+        >>> fused = spatial_relation_cross_entropy(s, t, 6, backend="chunked")
+        >>> ref = relation_cross_entropy(spatial_relation(s, 6), spatial_relation(t, 6))
         >>> bool(torch.allclose(fused, ref, atol=1e-5))
         True
     """
@@ -610,7 +615,7 @@ def channel_relation_cross_entropy(
         A scalar, or ``(B,)`` for ``reduction="none"``; float32 (or float64).
 
     Examples:
-        >>> s, t = torch.randn(2, 36, 8), torch.randn(2, 49, 8)
+        >>> s, t = torch.randn(2, 36, 384), torch.randn(2, 196, 384)  # ViT-S: 96 and 224 px
         >>> fused = channel_relation_cross_entropy(s, t, teacher_temp=0.1, backend="chunked")
         >>> ref = relation_cross_entropy(channel_relation(s), channel_relation(t), 1.0, 0.1)
         >>> bool(torch.allclose(fused, ref, atol=1e-5))
@@ -701,6 +706,16 @@ def overlap_grids(
         [0.25, 0.75]
         >>> valid.tolist()
         [True]
+
+        The authors' 13 x 13 lattice between two 224 px views of a batch of 32:
+
+        >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]).repeat(32, 1, 1)
+        >>> flips = torch.zeros(32, dtype=torch.bool)
+        >>> g1, g2, valid = overlap_grids(
+        ...     boxes[:, 0], flips, boxes[:, 1], flips.logical_not(), 13, points="official"
+        ... )
+        >>> g1.shape, bool(valid.all())
+        (torch.Size([32, 13, 13, 2]), True)
     """
     boxes1 = check_boxes(boxes1, "boxes1")
     boxes2 = check_boxes(boxes2, "boxes2")
@@ -796,6 +811,10 @@ def sample_region(features: Tensor, grid: Tensor, padding: str = "border") -> Te
         >>> feats = torch.arange(4.0).view(1, 1, 2, 2)
         >>> sample_region(feats, torch.zeros(1, 1, 1, 2)).tolist()  # the centre
         [[[1.5]]]
+        >>> maps = torch.randn(2, 384, 14, 14)  # ViT-S maps of 224 px views
+        >>> grid = torch.rand(2, 13, 13, 2) * 2 - 1  # 13 x 13 points inside the views
+        >>> sample_region(maps, grid, "zeros").shape
+        torch.Size([2, 169, 384])
     """
     features = check_ndim(features, 4, "features", "(B, C, H, W)")
     check_floating(features, "features")
@@ -844,6 +863,9 @@ def bilinear_taps(
         >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
         >>> index.tolist(), weight.tolist()  # the centre: all four pixels, a quarter each
         ([[0, 1, 2, 3]], [[0.25, 0.25, 0.25, 0.25]])
+        >>> index, weight = bilinear_taps(torch.rand(2, 13, 13, 2) * 2 - 1, (14, 14))
+        >>> index.shape, weight.shape  # a 13 x 13 lattice on 14 x 14 tokens: 4 taps a point
+        (torch.Size([2, 13, 13, 4]), torch.Size([2, 13, 13, 4]))
     """
     height, width = hw
     padding = check_choice(padding, "padding", _PADDINGS)
@@ -904,6 +926,9 @@ def sample_tokens(
         >>> tokens = torch.arange(4.0).view(1, 4, 1)  # a 2 x 2 grid of one channel
         >>> sample_tokens(tokens, (2, 2), torch.zeros(1, 1, 1, 2)).tolist()  # the centre
         [[[1.5]]]
+        >>> vit_s = torch.randn(2, 14 * 14, 384)  # ViT-S tokens of 224 px views
+        >>> sample_tokens(vit_s, (14, 14), torch.rand(2, 13, 13, 2) * 2 - 1).shape
+        torch.Size([2, 169, 384])
     """
     tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
     check_floating(tokens, "tokens")

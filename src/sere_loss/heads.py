@@ -71,12 +71,19 @@ class _TokenHead(nn.Sequential):
 class ProjectionHead(_TokenHead):
     """SERE projection ``h`` (paper Sec. 3.2): BatchNorm over channels, then ReLU.
 
+    BatchNorm takes its statistics over all ``B * N`` tokens of the views it sees.
+
     Args:
         dim: channel count ``C``.
 
     Shape:
         - Input: ``(B, N, C)``.
         - Output: ``(B, N, C)``.
+
+    Examples:
+        >>> h = ProjectionHead(384)  # ViT-S
+        >>> h(torch.randn(2, 14 * 14, 384)).shape  # 2 views of 14 x 14 tokens
+        torch.Size([2, 196, 384])
     """
 
     def __init__(self, dim: int) -> None:
@@ -97,6 +104,11 @@ class PredictionHead(_TokenHead):
     Shape:
         - Input: ``(B, N, C)``.
         - Output: ``(B, N, C)``.
+
+    Examples:
+        >>> g = PredictionHead(384)  # ViT-S
+        >>> g(torch.randn(2, 14 * 14, 384)).shape
+        torch.Size([2, 196, 384])
     """
 
     def __init__(self, dim: int) -> None:
@@ -148,6 +160,26 @@ class RelationHeads(nn.Module):
         local_heads: give local views their own pair of heads (of the same structure as the
             global ones, independently initialised).
         symmetric: no prediction head on the student (paper Table 15, "symmetry").
+
+    Attributes:
+        projection (nn.Module): the student's projection ``h`` for global views.
+        prediction (nn.Module): the student's prediction ``g`` (``nn.Identity`` when
+            ``symmetric``).
+        local_projection (nn.Module): the student's projection for local views (only with
+            ``local_heads``).
+        local_prediction (nn.Module): the student's prediction for local views (only with
+            ``local_heads``).
+        teacher_projection (nn.Module): the teacher's projection, frozen, moved by
+            ``update_teacher``.
+        local_heads (bool): whether local views have their own heads.
+
+    Examples:
+        >>> heads = RelationHeads(384)  # ViT-S
+        >>> tokens = torch.randn(4, 14 * 14, 384)  # 4 global views of 14 x 14 tokens
+        >>> heads.student(tokens).shape, heads.teacher(tokens).requires_grad
+        (torch.Size([4, 196, 384]), False)
+        >>> heads.student(torch.randn(8, 36, 384), local=True).shape  # 96 px views: 6 x 6
+        torch.Size([8, 36, 384])
     """
 
     def __init__(
@@ -178,20 +210,46 @@ class RelationHeads(nn.Module):
         self.teacher_projection = _frozen_copy(self.projection)
 
     def student(self, tokens: Tensor, local: bool = False) -> Tensor:
-        """Student branch ``g(h(tokens))``: ``(B, N, C) -> (B, N, C')``."""
+        """Student branch ``g(h(tokens))``.
+
+        Args:
+            tokens: ``(B, N, C)`` patch tokens of the student's views.
+            local: use the local views' heads (when the module has them).
+
+        Returns:
+            The projected and predicted tokens, ``(B, N, C')`` (``C' = C`` for the default
+            heads).
+        """
         tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
         if local and self.local_heads:
             return self.local_prediction(self.local_projection(tokens))  # type: ignore[no-any-return]
         return self.prediction(self.projection(tokens))  # type: ignore[no-any-return]
 
     def teacher(self, tokens: Tensor) -> Tensor:
-        """Teacher branch ``h_teacher(tokens)`` without gradient: ``(B, N, C) -> (B, N, C')``."""
+        """Teacher branch ``h_teacher(tokens)``, without gradient.
+
+        Args:
+            tokens: ``(B, N, C)`` patch tokens of the teacher's (global) views; detached.
+
+        Returns:
+            The projected tokens, ``(B, N, C')``, with no autograd graph.
+        """
         tokens = check_ndim(tokens, 3, "tokens", "(B, N, C)")
         with torch.no_grad():
             return self.teacher_projection(tokens.detach())  # type: ignore[no-any-return]
 
     def student_parameters_unused(self, used_local: bool) -> list[nn.Parameter]:
-        """Trainable parameters that a forward without local views leaves untouched."""
+        """Trainable parameters that a forward without local views leaves untouched.
+
+        The losses connect them to their output with a zero, so that DDP without
+        ``find_unused_parameters`` gets a gradient for every parameter.
+
+        Args:
+            used_local: whether the forward had local views.
+
+        Returns:
+            The local heads' trainable parameters when they went unused, else an empty list.
+        """
         if used_local or not self.local_heads:
             return []
         modules = (self.local_projection, self.local_prediction)
@@ -202,6 +260,9 @@ class RelationHeads(nn.Module):
         """EMA step ``teacher = m * teacher + (1 - m) * student`` on the projection's parameters.
 
         Call it right after the backbone's own EMA step, with the same momentum.
+
+        Args:
+            momentum: ``m``, in [0, 1] (0.996 -> 1 in DINO).
         """
         momentum = check_unit_interval(momentum, "momentum")
         student: list[Tensor] = [p.detach() for p in self.projection.parameters()]

@@ -590,6 +590,20 @@ class SpatialSelfRelationLoss(_Compilable):
           GPU their checks read one small tensor back.
         - flips: ``(B, G + L)`` bool, horizontal flip of each view, on the boxes' device.
         - Output: scalar.
+
+    Examples:
+        ViT-S/16 maps (384 channels, 6 heads) of 2 global views of 224 px (14 x 14 tokens) and
+        4 local views of 96 px (6 x 6), a batch of 2 images:
+
+        >>> spatial = SpatialSelfRelationLoss(384)  # 13 x 13 and 6 x 6 lattices from the grids
+        >>> student = torch.randn(2 * 2, 384, 14, 14)
+        >>> local = torch.randn(4 * 2, 384, 6, 6)
+        >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]
+        ...                      + [[0.3, 0.3, 0.6, 0.6]] * 4).expand(2, 6, 4)
+        >>> flips = torch.zeros(2, 6, dtype=torch.bool)
+        >>> loss = spatial(student, torch.randn(2 * 2, 384, 14, 14), boxes, flips, local)
+        >>> spatial.num_heads, loss.shape
+        (6, torch.Size([]))
     """
 
     def __init__(
@@ -658,9 +672,10 @@ class SpatialSelfRelationLoss(_Compilable):
         """Compute ``L_p``.
 
         Args:
-            student_global: the student backbone's output for the global views.
+            student_global: the student backbone's output for the ``G`` global views: tokens
+                ``(G * B, T, C)``, maps ``(G * B, C, H, W)`` or a list of ``G`` (``Views``).
             teacher_global: the teacher backbone's output for the same global views.
-            boxes: ``(B, V, 4)`` crop boxes of all views.
+            boxes: ``(B, V, 4)`` crop boxes of all views, globals first.
             flips: ``(B, V)`` flip flags of all views.
             student_local: the student's output for the local views, if any.
             global_grid: ``(H, W)`` token grid of global views when it is not square.
@@ -801,7 +816,12 @@ class SpatialSelfRelationLoss(_Compilable):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
+        """EMA step of the teacher's projection; call it beside the backbone's EMA step.
+
+        Args:
+            momentum: the teacher momentum ``m`` of this iteration, in [0, 1]:
+                ``teacher = m * teacher + (1 - m) * student``.
+        """
         self.heads.update_teacher(momentum)
 
     def extra_repr(self) -> str:
@@ -849,6 +869,16 @@ class ChannelSelfRelationLoss(_Compilable):
           ``G`` tensors.
         - student_local: ``(L * B, ...)`` or a list of ``L``; optional.
         - Output: scalar.
+
+    Examples:
+        ViT-S/16 tokens (384 channels) of 2 global views of 14 x 14 and 4 local views of 6 x 6,
+        a batch of 2 images; the channel term takes no boxes:
+
+        >>> channel = ChannelSelfRelationLoss(384)
+        >>> student = torch.randn(2 * 2, 14 * 14, 384)
+        >>> local = torch.randn(4 * 2, 6 * 6, 384)
+        >>> channel(student, torch.randn(2 * 2, 14 * 14, 384), local).shape
+        torch.Size([])
     """
 
     def __init__(
@@ -888,7 +918,8 @@ class ChannelSelfRelationLoss(_Compilable):
         """Compute ``L_c``.
 
         Args:
-            student_global: the student backbone's output for the global views.
+            student_global: the student backbone's output for the ``G`` global views: tokens
+                ``(G * B, T, C)``, maps ``(G * B, C, H, W)`` or a list of ``G`` (``Views``).
             teacher_global: the teacher backbone's output for the same global views.
             student_local: the student's output for the local views, if any.
             teacher_temp: overrides the stored teacher temperature for this call.
@@ -949,7 +980,12 @@ class ChannelSelfRelationLoss(_Compilable):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA step of the teacher's projection; call it beside the backbone's EMA step."""
+        """EMA step of the teacher's projection; call it beside the backbone's EMA step.
+
+        Args:
+            momentum: the teacher momentum ``m`` of this iteration, in [0, 1]:
+                ``teacher = m * teacher + (1 - m) * student``.
+        """
         self.heads.update_teacher(momentum)
 
     def extra_repr(self) -> str:
@@ -999,18 +1035,27 @@ class SERELoss(_Compilable):
             ``spatial`` or ``channel`` given ready-made).
 
     Shape:
-        As ``SpatialSelfRelationLoss``; output a scalar, or ``(loss, terms)`` with
-        ``return_terms=True``, ``terms`` holding the unweighted, detached ``"spatial"`` and
-        ``"channel"`` values for logging.
+        - student_global, teacher_global: ``(G * B, T, C)`` ViT tokens, ``(G * B, C, H, W)``
+          maps, or a list of ``G`` tensors of batch ``B`` (``Views``).
+        - student_local: ``(L * B, ...)`` or a list of ``L`` tensors; optional.
+        - boxes: ``(B, G + L, 4)``; flips: ``(B, G + L)``.
+        - Output: a scalar, or ``(loss, terms)`` with ``return_terms=True``.
 
     Examples:
-        >>> sere = SERELoss(dim=48, num_heads=6)
-        >>> tokens = torch.randn(2 * 4, 49, 48)  # 2 global views of a batch of 4, 7 x 7 tokens
-        >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]).expand(4, 2, 4)
-        >>> flips = torch.zeros(4, 2, dtype=torch.bool)
-        >>> loss = sere(tokens, tokens.detach(), boxes, flips)
-        >>> loss.shape, bool(loss > 0)
-        (torch.Size([]), True)
+        A ViT-S/16 with DINO's crops: 384 channels, 6 heads, 2 global views of 14 x 14 tokens
+        (224 px) and 4 local views of 6 x 6 (96 px), a batch of 2 images.
+
+        >>> student = torch.randn(2 * 2, 1 + 14 * 14, 384, requires_grad=True)  # CLS + tokens
+        >>> teacher = torch.randn(2 * 2, 1 + 14 * 14, 384)
+        >>> local = torch.randn(4 * 2, 1 + 6 * 6, 384, requires_grad=True)
+        >>> sere = SERELoss(dim=384, num_prefix_tokens=1)  # authors' recipe; drops the CLS
+        >>> boxes = torch.tensor([[0.0, 0.0, 0.8, 0.9], [0.2, 0.1, 1.0, 1.0]]
+        ...                      + [[0.3, 0.3, 0.6, 0.6]] * 4).expand(2, 6, 4)
+        >>> flips = torch.tensor([False, True, False, True, False, True]).expand(2, 6)
+        >>> loss, terms = sere(student, teacher, boxes, flips, local, return_terms=True)
+        >>> loss.backward()
+        >>> sorted(terms), sere.spatial.num_heads, student.grad.shape
+        (['channel', 'spatial'], 6, torch.Size([4, 197, 384]))
     """
 
     def __init__(
@@ -1129,7 +1174,29 @@ class SERELoss(_Compilable):
         local_grid: int | tuple[int, int] | None = None,
         return_terms: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Compute ``alpha * L_p + beta * L_c``; arguments as ``SpatialSelfRelationLoss``."""
+        """Compute ``alpha * L_p + beta * L_c`` for one multi-crop batch.
+
+        Args:
+            student_global: the student backbone's output for the ``G`` global views: ViT
+                tokens ``(G * B, T, C)``, maps ``(G * B, C, H, W)``, or a list of ``G`` tensors
+                of batch ``B`` (``Views``).
+            teacher_global: the teacher backbone's output for the same global views, in any of
+                those layouts; detached inside.
+            boxes: ``(B, V, 4)`` crop boxes of all ``V = G + L`` views, normalised
+                ``(x0, y0, x1, y1)`` in the original image, globals first (unused without the
+                spatial term).
+            flips: ``(B, V)`` bool, whether each view was flipped horizontally.
+            student_local: the student's output for the ``L`` local views, or ``None``.
+            global_grid: the ``(H, W)`` token grid of the global views, for tokens of a
+                non-square grid; ``None`` for a square grid or maps.
+            local_grid: the same for the local views.
+            return_terms: also return each term, unweighted and detached, for logging.
+
+        Returns:
+            The loss, a float32 scalar; with ``return_terms=True``, the pair ``(loss, terms)``
+            where ``terms`` maps ``"spatial"`` and ``"channel"`` (the terms built) to detached
+            scalars.
+        """
         _check_roles(student_global, teacher_global)
         if self.spatial is not None:
             boxes, flips = _geometry(boxes, flips)

@@ -418,12 +418,15 @@ class TokenTap:
         patch_size: the patch size, an int or ``(h, w)``; ``None`` to read it off the model.
 
     Attributes:
-        dim: the channel count of the tokens where the model says it (``SERELoss(tap.dim)``).
-        num_heads: the attention heads of the tapped block where the model says them.
-        num_prefix_tokens: the prefix tokens dropped, ``None`` for CNN maps.
-        patch_size: ``(h, w)``, or ``None`` where unknown.
-        layer: the hooked module.
-        family: what the model was recognised as.
+        dim (int | None): the channel count of the tokens where the model says it
+            (``SERELoss(tap.dim)``): 384 for a ViT-S, 2048 for a ResNet-50; ``None`` otherwise.
+        num_heads (int | None): the attention heads of the tapped block where the model says
+            them (6 for a ViT-S); ``None`` for CNNs.
+        num_prefix_tokens (int | None): the prefix tokens dropped (1 for CLS, 5 with 4
+            registers), ``None`` for CNN maps.
+        patch_size (tuple[int, int] | None): ``(h, w)``, or ``None`` where unknown.
+        layer (nn.Module): the hooked module.
+        family (str): what the model was recognised as (``"timm VisionTransformer"``, ...).
 
     Examples:
         >>> import torch.nn as nn
@@ -583,9 +586,9 @@ class TokenTap:
         """The tokens of every forward since the last pop, in call order, and forget them.
 
         Returns:
-            One feature map ``(B, C, H, W)`` per forward of the tapped layer (DINO's
-            multi-crop wrapper calls the backbone once per resolution: two maps), and per
-            element of a list call (DINOv2's student: two maps as well).
+            A list of feature maps ``(B, C, H, W)``, one per forward of the tapped layer and
+            per element of a list call, in call order: for DINO's multi-crop wrapper, which
+            calls a ViT-S/16 once per resolution, ``[(2B, 384, 14, 14), (4B, 384, 6, 6)]``.
 
         Raises:
             RuntimeError: nothing was captured since the last pop.
@@ -716,7 +719,11 @@ class TokenTap:
 
     @contextmanager
     def paused(self) -> Iterator[TokenTap]:
-        """Capture nothing inside the block (evaluation loops, say)."""
+        """Capture nothing inside the block (evaluation loops, say).
+
+        Returns:
+            A context manager that yields this tap, paused until the block ends.
+        """
         enabled, self._enabled = self._enabled, False
         try:
             yield self

@@ -79,13 +79,24 @@ def _identity(image: Tensor) -> Tensor:
 class Crops(NamedTuple):
     """The views of one image (or, once collated, of a batch) and their geometry.
 
+    What ``MultiCropTransform`` and ``CropTracker`` return for an image; ``default_collate``
+    batches it (a ``DataLoader`` gives ``Crops`` of ``(B, ...)`` tensors), and ``to`` moves it.
+
     Attributes:
-        views: ``V`` image tensors ``(3, H, W)``, global views first; ``(B, 3, H, W)`` once
-            collated.
-        boxes: ``(V, 4)`` float32 crop boxes ``(x0, y0, x1, y1)`` in the original image,
-            normalised to ``[0, 1]``; ``(B, V, 4)`` once collated.
-        flips: ``(V,)`` bool, ``True`` where the view was flipped horizontally; ``(B, V)`` once
-            collated.
+        views (list[Tensor]): ``V`` image tensors ``(3, H, W)``, global views first;
+            ``(B, 3, H, W)`` once collated.
+        boxes (Tensor): ``(V, 4)`` float32 crop boxes ``(x0, y0, x1, y1)`` in the original
+            image, normalised to ``[0, 1]``; ``(B, V, 4)`` once collated.
+        flips (Tensor): ``(V,)`` bool, ``True`` where the view was flipped horizontally;
+            ``(B, V)`` once collated.
+
+    Examples:
+        >>> from torch.utils.data import default_collate
+        >>> transform = dino_sere_transform()
+        >>> image = torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8)
+        >>> batch = default_collate([transform(image) for _ in range(8)])
+        >>> tuple(batch.views[0].shape), tuple(batch.boxes.shape), tuple(batch.flips.shape)
+        ((8, 3, 224, 224), (8, 6, 4), (8, 6))
     """
 
     views: list[Tensor]
@@ -93,7 +104,15 @@ class Crops(NamedTuple):
     flips: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Crops:
-        """Move views (nested lists of them too) and geometry to ``device``."""
+        """Move views (nested lists of them too) and geometry to ``device``.
+
+        Args:
+            device: where to, as ``Tensor.to`` takes it.
+            non_blocking: copy asynchronously from pinned memory (as ``Tensor.to``).
+
+        Returns:
+            A new ``Crops`` whose views, boxes and flips are on ``device``.
+        """
 
         def moved(views: Any) -> Any:
             if isinstance(views, (list, tuple)):
@@ -136,6 +155,12 @@ class CropSpec:
         photometric: colour transforms on the ``uint8`` crop, ending in the tensor the model
             takes (``ToDtype`` and ``Normalize`` in the presets). Must not move pixels.
         interpolation: resampling of the crop to ``size``.
+
+    Examples:
+        >>> from torchvision.transforms import v2
+        >>> to_float = v2.ToDtype(torch.float32, scale=True)
+        >>> CropSpec(224, scale=(0.35, 1.0), photometric=to_float).size
+        224
     """
 
     size: int | tuple[int, int]
@@ -251,13 +276,26 @@ class MultiCropTransform:
             then samples a smaller overlap (or masks the pair out if there is none), and
             nothing fails in a data loader.
 
-    Why a redraw here rather than a mask in the loss: the spatial term already leaves out
-    pairs that do not overlap, so a mask would only drop more of them after the crops have
-    been drawn and resized. Redrawing the box (cheap: before any pixel is resampled) keeps
+    Why a redraw here rather than a mask in the loss: a pair that does not overlap teaches the
+    spatial term nothing (it adds the constant ``ln S`` under the authors' recipe, or is left
+    out of the mean under the paper's), and a mask could only drop more pairs after the crops
+    have been drawn and resized. Redrawing the box (cheap: before any pixel is resampled) keeps
     every view useful to the spatial term. The price is a different crop distribution: local
     views lean towards the global ones, which is what the option asks for.
 
-    Call it on a PIL image or a ``(C, H, W)`` tensor; it returns ``Crops``.
+    Call it on a PIL image or a ``(C, H, W)`` tensor; it returns ``Crops``: the views, their
+    boxes ``(V, 4)`` and flips ``(V,)``.
+
+    Examples:
+        >>> transform = MultiCropTransform(
+        ...     [CropSpec(224, (0.35, 1.0))] * 2 + [CropSpec(96, (0.05, 0.35))] * 4,
+        ...     min_overlap=0.2,
+        ... )
+        >>> crops = transform(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
+        >>> transform.num_local, [tuple(v.shape[1:]) for v in crops.views[1:3]]
+        (4, [(224, 224), (96, 96)])
+        >>> bool((crops.boxes[:, :2] < crops.boxes[:, 2:]).all())  # (x0, y0) < (x1, y1)
+        True
     """
 
     def __init__(
@@ -644,10 +682,26 @@ class CropTracker:
         assume_photometric: classes of yours the tracker may take as not moving pixels,
             though their names suggest they do.
 
+    Returns:
+        Called on an image, what the transform returns, as ``Crops(views, boxes, flips)``: the
+        very views (the same pixels for the same random state), their boxes ``(V, 4)`` and
+        flips ``(V,)``; a transform that returns a dict gives that dict with ``"boxes"`` and
+        ``"flips"`` added.
+
     Raises:
         ValueError: a transform in the pipeline moves pixels in a way a box and a flip cannot
             describe.
         TypeError: no ``RandomResizedCrop`` or ``RandomHorizontalFlip`` was found.
+
+    Examples:
+        >>> from torchvision.transforms import v2
+        >>> def view(px, scale):  # your own pipeline, one per view
+        ...     crop = v2.RandomResizedCrop(px, scale=scale)
+        ...     return v2.Compose([crop, v2.RandomHorizontalFlip()])
+        >>> tracker = CropTracker([view(224, (0.35, 1.0))] * 2 + [view(96, (0.05, 0.35))] * 4)
+        >>> crops = tracker(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
+        >>> len(crops.views), tuple(crops.boxes.shape), crops.flips.dtype
+        (6, (6, 4), torch.bool)
     """
 
     def __init__(self, transform: object, *, assume_photometric: Sequence[type] = ()) -> None:
@@ -1032,8 +1086,31 @@ def dino_sere_transform(
 
     Global view 1 is always blurred; global view 2 is blurred with p = 0.1 and solarised with
     p = 0.2; local views are blurred with p = 0.5. Every view: flip, colour jitter
-    (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2, bicubic resizing. Sizes are
-    ``n`` or ``(height, width)`` in pixels; ``min_overlap`` as in ``MultiCropTransform``.
+    (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2, bicubic resizing. The paper's
+    DINO setting (Sec. 4.1) with its defaults.
+
+    Args:
+        global_size: the global views' size in pixels, ``n`` or ``(height, width)`` (224).
+        local_size: the local views' size (96).
+        num_local: how many local views (4).
+        global_scale: the global crops' area range, as a fraction of the image's.
+        local_scale: the local crops' area range.
+        mean: the normalisation's per-channel mean (ImageNet's).
+        std: the normalisation's per-channel standard deviation (ImageNet's).
+        min_overlap: redraw a local crop until at least this fraction of its area lies inside
+            a global view (0: never), as in ``MultiCropTransform``.
+
+    Returns:
+        A ``MultiCropTransform`` that maps an image (PIL, or a ``(3, H, W)`` tensor) to
+        ``Crops`` of ``2 + num_local`` views, their boxes ``(V, 4)`` and flips ``(V,)``.
+
+    Examples:
+        >>> transform = dino_sere_transform()
+        >>> crops = transform(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
+        >>> [tuple(v.shape) for v in crops.views]
+        [(3, 224, 224), (3, 224, 224), (3, 96, 96), (3, 96, 96), (3, 96, 96), (3, 96, 96)]
+        >>> crops.boxes.shape, crops.flips.shape
+        (torch.Size([6, 4]), torch.Size([6]))
     """
     return _multicrop(
         global_size=global_size,
@@ -1060,7 +1137,28 @@ def ibot_sere_transform(
 ) -> MultiCropTransform:
     """The iBOT multi-crop with SERE's settings: 2 global (0.4, 1) and 10 local (0.05, 0.4).
 
-    The colour and blur recipe is DINO's (see ``dino_sere_transform``).
+    The colour and blur recipe is DINO's (see ``dino_sere_transform``): the authors' iBOT + SERE
+    command for ViT-S/16.
+
+    Args:
+        global_size: the global views' size in pixels, ``n`` or ``(height, width)`` (224).
+        local_size: the local views' size (96).
+        num_local: how many local views (10).
+        global_scale: the global crops' area range, as a fraction of the image's.
+        local_scale: the local crops' area range.
+        mean: the normalisation's per-channel mean (ImageNet's).
+        std: the normalisation's per-channel standard deviation (ImageNet's).
+        min_overlap: as in ``MultiCropTransform`` (0: never redraw).
+
+    Returns:
+        A ``MultiCropTransform`` that maps an image to ``Crops`` of ``2 + num_local`` views
+        with their boxes and flips.
+
+    Examples:
+        >>> transform = ibot_sere_transform()
+        >>> crops = transform(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
+        >>> len(crops.views), tuple(crops.boxes.shape)
+        (12, (12, 4))
     """
     return _multicrop(
         global_size=global_size,
@@ -1087,6 +1185,22 @@ def mocov3_transform(
     View 1: colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2, blur always.
     View 2: the same with blur p = 0.1 and solarisation p = 0.2. As in MoCo v3 the flip comes
     last, after the colour transforms; the flag is recorded all the same.
+
+    Args:
+        size: both views' size in pixels, ``n`` or ``(height, width)`` (224).
+        scale: the crops' area range, as a fraction of the image's.
+        mean: the normalisation's per-channel mean (ImageNet's).
+        std: the normalisation's per-channel standard deviation (ImageNet's).
+        min_overlap: as in ``MultiCropTransform`` (0: never redraw).
+
+    Returns:
+        A ``MultiCropTransform`` that maps an image to ``Crops`` of two global views with their
+        boxes ``(2, 4)`` and flips ``(2,)``.
+
+    Examples:
+        >>> crops = mocov3_transform()(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8))
+        >>> [tuple(v.shape) for v in crops.views], tuple(crops.boxes.shape)
+        ([(3, 224, 224), (3, 224, 224)], (2, 4))
     """
     view1 = _photometric(1.0, 0.0, mean, std)
     view2 = _photometric(0.1, 0.2, mean, std)
