@@ -13,9 +13,12 @@ crop boxes that all overlap, already on the device.
 
 Each round times, in an order that rotates from round to round: the step without SERE, the
 step with SERE, and SERE alone (its forward and backward on the step's tokens, under the same
-precision). Per round: ``share = SERE alone / step with SERE`` (the target: at most 3 %) and
+precision); with ``--compiled``, also the step with a compiled SERE (``SERELoss.compile()``:
+one graph, replayed as a CUDA graph on CUDA) and that SERE alone, in the same rounds. Per
+round: ``share = SERE alone / step with SERE`` (the target: at most 3 %) and
 ``overhead = step with SERE / step without - 1``; the record gives their medians, IQRs and an
-order-statistic interval for the median.
+order-statistic interval for the median, and the seconds the first compiled step took
+(compiling included).
 
 ``measure_dino_step(device, batch=..., preset=..., rounds=...)`` returns that record as a dict
 (``status`` is ``"measured"``, or ``"not measured: <why>"``); the command line writes it as JSON.
@@ -56,8 +59,10 @@ def build_steps(
     device: torch.device,
     sere_options: dict[str, Any] | None = None,
     geometry_device: torch.device | None = None,
+    compiled: bool = False,
+    compile_options: dict[str, Any] | None = None,
 ) -> dict[str, Callable[[], None]]:
-    """The three timed closures: ``dino``, ``dino_sere`` and ``sere_alone``.
+    """The timed closures: ``dino``, ``dino_sere`` and ``sere_alone`` (and the compiled pair).
 
     Both steps are built from the same seed (same weights, same views); ``sere_alone`` runs
     SERE's forward and backward on tokens taken from one forward of the SERE model.
@@ -70,10 +75,16 @@ def build_steps(
         sere_options: more keyword arguments for ``SERELoss`` (``backend="triton"``, say), for
             profiles that compare its settings.
         geometry_device: where the crop boxes and flips live (default: the CPU, as the
-            trainers pass them; on CUDA, the device costs one host wait for their checks).
+            trainers pass them).
+        compiled: also build ``dino_sere_compiled`` and ``sere_alone_compiled``, the same step
+            and SERE alone with ``SERELoss.compile()`` (a model and SERE of their own, from the
+            same seed).
+        compile_options: arguments of ``SERELoss.compile`` (``backend="aot_eager"`` for a quick
+            run on the CPU).
 
     Returns:
-        ``{"dino": ..., "dino_sere": ..., "sere_alone": ...}``, each running once.
+        ``{"dino": ..., "dino_sere": ..., "sere_alone": ...}`` (and the compiled pair), each
+        running once.
     """
     options = importlib.import_module("training.options")
     optim = importlib.import_module("training.optim")
@@ -91,7 +102,9 @@ def build_steps(
     boxes = torch.cat([lo, hi], dim=-1).to(geometry_device or "cpu")
     flips = (torch.rand(batch, num_views, generator=gen) < 0.5).to(boxes.device)
 
-    def build(with_sere: bool) -> tuple[Callable[[], None], Any, Any, Any]:
+    def build(
+        with_sere: bool, compile_sere: bool = False
+    ) -> tuple[Callable[[], None], Any, Any, Any]:
         torch.manual_seed(0)
 
         def model(drop_path: float) -> nn.Module:
@@ -111,6 +124,8 @@ def build_steps(
             heads = vit.blocks[0].attn.num_heads  # the ViT's own, as the trainer passes
             # The lattices follow from the token grids.
             sere = SERELoss(vit.embed_dim, num_heads=heads, **(sere_options or {})).to(device)
+            if compile_sere:
+                sere.compile(**(compile_options or {}))
         trained = [student] if sere is None else [student, sere]
         params = optim.param_groups(trained)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -137,21 +152,28 @@ def build_steps(
 
         return step, student, teacher, sere
 
+    def alone(student: Any, teacher: Any, sere: Any) -> Callable[[], None]:
+        with torch.no_grad(), options.autocast(device, precision):
+            _, s_tokens = student(views)
+            _, t_tokens = teacher(views[:2])
+        tokens = [t.detach() for t in (s_tokens[0], t_tokens[0], s_tokens[1])]
+
+        def sere_alone() -> None:
+            student_global = tokens[0].detach().requires_grad_()  # a new leaf, no copy
+            student_local = tokens[2].detach().requires_grad_()
+            with options.autocast(device, precision):
+                loss = sere(student_global, tokens[1], boxes, flips, student_local)
+            loss.backward()
+
+        return sere_alone
+
     dino, _, _, _ = build(False)
     dino_sere, student, teacher, sere = build(True)
-    with torch.no_grad(), options.autocast(device, precision):
-        _, s_tokens = student(views)
-        _, t_tokens = teacher(views[:2])
-    tokens = [t.detach() for t in (s_tokens[0], t_tokens[0], s_tokens[1])]
-
-    def sere_alone() -> None:
-        student_global = tokens[0].detach().requires_grad_()  # a new leaf, no copy
-        student_local = tokens[2].detach().requires_grad_()
-        with options.autocast(device, precision):
-            loss = sere(student_global, tokens[1], boxes, flips, student_local)
-        loss.backward()
-
-    return {"dino": dino, "dino_sere": dino_sere, "sere_alone": sere_alone}
+    steps = {"dino": dino, "dino_sere": dino_sere, "sere_alone": alone(student, teacher, sere)}
+    if compiled:
+        step, student, teacher, sere = build(True, compile_sere=True)
+        steps |= {"dino_sere_compiled": step, "sere_alone_compiled": alone(student, teacher, sere)}
+    return steps
 
 
 def measure_dino_step(
@@ -159,6 +181,8 @@ def measure_dino_step(
     batch: int = 8,
     preset: str = "vit_small",
     rounds: int = 7,
+    compiled: bool = False,
+    compile_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time the step without SERE, with SERE, and SERE alone, in interleaved rounds.
 
@@ -168,11 +192,16 @@ def measure_dino_step(
         preset: the trainer's preset (``vit_small`` = DINO ViT-S/16, 2 x 224 + 4 x 96;
             ``tiny`` for a smoke run).
         rounds: timed rounds (7 or more for a claim; 2 for a smoke run).
+        compiled: also time the step with a compiled SERE and that SERE alone.
+        compile_options: arguments of ``SERELoss.compile`` for it.
 
     Returns:
         ``status`` ("measured" or "not measured: <why>") and, when measured, the per-step
         seconds of each variant, ``share`` and ``step_ratio`` (per-round summaries),
-        ``overhead`` (the median step ratio minus one) and ``met`` (median share <= 3 %).
+        ``overhead`` (the median step ratio minus one) and ``met`` (median share <= 3 %);
+        with ``compiled``, ``compiled`` holds the same for the compiled SERE, with
+        ``compile_seconds`` (the first compiled step, compiling included) and
+        ``step_ms_vs_eager`` (compiled step / eager step).
     """
     base: dict[str, Any] = {
         "batch": batch,
@@ -184,7 +213,8 @@ def measure_dino_step(
     }
     try:
         trainer = _load_trainer()
-        steps = build_steps(trainer, preset, batch, device)
+        steps = build_steps(trainer, preset, batch, device, compiled=compiled,
+                            compile_options=compile_options)  # fmt: skip
     except Exception as exc:  # the example and its optional dependencies (timm, tqdm)
         return {**base, "status": f"not measured: cannot build the trainer's step ({exc!r})"}
 
@@ -193,7 +223,13 @@ def measure_dino_step(
             torch.cuda.synchronize(device)
 
     names = list(steps)
-    for name in names:  # warm-up, twice: allocations, kernels, the optimizer's state
+    first_call: dict[str, float] = {}
+    for name in names:  # warm-up, three times: compiling, allocations, the optimizer's state
+        sync()
+        tic = time.perf_counter()
+        steps[name]()
+        sync()
+        first_call[name] = time.perf_counter() - tic
         steps[name]()
         steps[name]()
     sync()
@@ -212,6 +248,22 @@ def measure_dino_step(
     share = stats.ratio_summary(times["sere_alone"], times["dino_sere"])
     step_ratio = stats.ratio_summary(times["dino_sere"], times["dino"])
     overhead = step_ratio["median"] - 1.0
+    extra: dict[str, Any] = {}
+    if compiled:
+        c_share = stats.ratio_summary(times["sere_alone_compiled"], times["dino_sere_compiled"])
+        c_ratio = stats.ratio_summary(times["dino_sere_compiled"], times["dino"])
+        extra["compiled"] = {
+            "share": c_share,
+            "step_ratio": c_ratio,
+            "overhead": c_ratio["median"] - 1.0,
+            "step_ms_vs_eager": stats.ratio_summary(
+                times["dino_sere_compiled"], times["dino_sere"]
+            ),
+            "compile_seconds": first_call["dino_sere_compiled"],
+            "met": bool(c_share["median"] <= TARGET_SHARE)
+            if math.isfinite(c_share["median"])
+            else False,
+        }
     return {
         **base,
         "status": "measured",
@@ -225,6 +277,8 @@ def measure_dino_step(
         "cpu_step_ratio": stats.ratio_summary(cpu["dino_sere"], cpu["dino"]),
         "overhead": overhead,
         "met": bool(share["median"] <= TARGET_SHARE) if math.isfinite(share["median"]) else False,
+        "first_call_seconds": first_call,
+        **extra,
     }
 
 
@@ -236,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="vit_small", help="the trainer's preset (vit_small, tiny)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--compiled", action="store_true", help="also time SERE compiled (SERELoss.compile())"
+    )
     p.add_argument("--out", type=Path, help="write the record here as JSON")
     args = p.parse_args(argv)
     if args.threads:
@@ -244,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = args.batch or (64 if device.type == "cuda" else 8)
     result = {
         **record.environment(device),
-        **measure_dino_step(device, batch, args.preset, args.rounds),
+        **measure_dino_step(device, batch, args.preset, args.rounds, args.compiled),
     }
     text = json.dumps(result, indent=1)
     if args.out:
@@ -260,6 +317,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"in process CPU time: share {100 * result['cpu_share']['median']:.2f} %, ratio "
             f"{result['cpu_step_ratio']['median']:.3f}"
         )
+        if "compiled" in result:
+            c = result["compiled"]
+            summary += (
+                f"\ncompiled SERE: {100 * c['share']['median']:.2f} % of the step (IQR "
+                f"{100 * c['share']['q25']:.2f}-{100 * c['share']['q75']:.2f} %); step with it / "
+                f"without: {c['step_ratio']['median']:.3f}; first step (compiling) "
+                f"{c['compile_seconds']:.1f} s"
+            )
     print(summary)
     return result
 

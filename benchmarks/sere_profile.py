@@ -364,6 +364,8 @@ def profile_sere_device(
     rounds: int = 10,
     preset: str = "vit_small",
     backends: tuple[str, ...] = ("auto", "dense", "chunked", "triton"),
+    compiled: bool = True,
+    compile_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """SERE alone on a GPU: kernel time against wall time, launches, host waits, backends.
 
@@ -378,7 +380,9 @@ def profile_sere_device(
         counts per call), ``geometry_on_device`` (``wall_ms`` and ``sync_sites`` with the boxes
         and flips on the device instead), ``top_device`` and ``top_host`` (the operations with
         the most device and host self time per call) and ``backends`` (wall ms per call for each
-        ``SERELoss(backend=...)`` that runs here; an error message for one that does not).
+        ``SERELoss(backend=...)`` that runs here; an error message for one that does not); with
+        ``compiled``, ``compiled`` holds ``wall_ms``, ``kernel_ms``, ``kernels``,
+        ``sync_sites`` and ``first_call_s`` of SERE compiled (``SERELoss.compile()``).
     """
     trainer = dino_step._load_trainer()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -398,11 +402,15 @@ def profile_sere_device(
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(rounds):
-            sere_alone()
-        sync()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    def profiled(fn: Callable[[], None]) -> tuple[Any, list[Any]]:
+        with profile(activities=activities) as prof:
+            for _ in range(rounds):
+                fn()
+            sync()
+        return prof, [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    prof, kernels = profiled(sere_alone)
     averages = prof.key_averages()
 
     def top(key: str) -> list[dict[str, Any]]:
@@ -428,6 +436,27 @@ def profile_sere_device(
         "backends": {},
     }
     del sere_alone
+    if compiled:
+        fast = dino_step.build_steps(
+            trainer, preset, batch, device, compiled=True, compile_options=compile_options
+        )
+        fast_alone = fast["sere_alone_compiled"]
+        sync()
+        tic = time.perf_counter()
+        fast_alone()  # compiles
+        sync()
+        first_call = time.perf_counter() - tic
+        fast_wall = timed(fast_alone)
+        fast_sites = _sync_sites(fast_alone)
+        _, fast_kernels = profiled(fast_alone)
+        result["compiled"] = {
+            "wall_ms": fast_wall,
+            "kernel_ms": sum(e.device_time_total for e in fast_kernels) / rounds / 1e3,
+            "kernels": len(fast_kernels) / rounds,
+            "sync_sites": fast_sites,
+            "first_call_s": first_call,
+        }
+        del fast, fast_alone
     for backend in backends:
         try:
             steps = dino_step.build_steps(

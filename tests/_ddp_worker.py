@@ -119,11 +119,18 @@ def run_scenario(
     alpha: float = 1.0,
     beta: float = 1.0,
     update_teacher: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
-    """Train ``steps`` SGD steps in DDP on this rank's fixed batch; return what to compare."""
+    """Train ``steps`` SGD steps in DDP on this rank's fixed batch; return what to compare.
+
+    ``compiled`` compiles the student's SERE (``SERELoss.compile``, with AOTAutograd alone:
+    the same forward and backward graphs as inductor's, compiled in seconds) before DDP wraps it.
+    """
     torch.manual_seed(MODEL_SEED)
     model = Student(alpha, beta)
     reference = copy.deepcopy(model)  # the same initial model, never wrapped in DDP
+    if compiled:
+        model.sere.compile(backend="aot_eager")
     batch = make_batch(rank, overlap=overlap, local=local)
     result: dict[str, Any] = {"initial": all_params(model)}
 
@@ -204,6 +211,7 @@ def run_tap_scenario(rank: int) -> dict[str, Any]:
 # name -> options of run_scenario; run in this order by every rank.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "train": {"steps": 20, "overlap": True, "local": True, "update_teacher": True},
+    "train_compiled": {"steps": 3, "overlap": True, "local": True, "compiled": True},
     "disjoint_rank0": {"steps": 2, "overlap": None, "local": False},
     "disjoint_both": {"steps": 2, "overlap": False, "local": False},
     "spatial_only_disjoint_both": {"steps": 2, "overlap": False, "local": False, "beta": 0.0},

@@ -17,15 +17,17 @@ import pytest
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED = [
+EXPECTED = [  # in the order they run: what the GPU-cost issue needs first
+    "dino_step",
+    "sere_profile",
+    "compiled_accuracy",
     "cuda_tests",
     "triton",
     "dino_sere_fp32",
     "ibot_sere_fp32",
     "mocov3_sere_fp32",
     "torchrun_gloo",
-    "dino_step",
-    "sere_profile",
+    "run_py",
 ]
 
 
@@ -60,3 +62,11 @@ def test_dry_run_passes_every_check(tmp_path: Path) -> None:
     assert profile["top_host"]
     assert isinstance(profile["backends"]["auto"], float)
     assert isinstance(profile["backends"]["triton"], str)  # cannot run on a CPU: reported
+    assert profile["compiled"]["wall_ms"] > 0
+    step = checks["dino_step"]["details"]
+    assert step["compiled"]["compile_seconds"] > 0
+    assert 0 < step["compiled"]["share"]["median"] < 1
+    accuracy = checks["compiled_accuracy"]["details"]
+    assert len(accuracy["rows"]) > 10
+    assert all(row["ok"] for row in accuracy["rows"])
+    assert "whole SERE loss" in checks["run_py"]["note"]

@@ -191,6 +191,23 @@ def test_ddp_loss_is_finite_and_decreases(run: Launch) -> None:
     assert (mean[1:] < mean[:-1]).sum() >= 15, mean.tolist()
 
 
+def test_compiled_sere_under_ddp_trains_as_eager(run: Launch) -> None:
+    # SERELoss.compile() inside a DDP-wrapped student: the same losses and gradients, step by
+    # step, as the eager run from the same start, and the ranks stay in sync.
+    eager, compiled = run.load("train"), run.load("train_compiled")
+    names = _trainable_names()
+    for rank in range(WORLD_SIZE):
+        _assert_same(compiled[rank]["losses"], eager[rank]["losses"][:3], "compiled losses", **MEAN)
+        for step in range(2):
+            grads = compiled[rank]["ddp_grads"][step]
+            assert set(grads) == names
+            for name in sorted(names):
+                _assert_same(
+                    grads[name], eager[rank]["ddp_grads"][step][name], f"{name} step {step}", **MEAN
+                )
+    _check_in_sync(compiled, "final")
+
+
 def test_update_teacher_after_ddp_steps(run: Launch) -> None:
     # The worker calls sere_loss.update_teacher(ddp, m) on the DDP wrapper of a student that
     # nests the SERELoss: the free function finds the heads without `.module`.

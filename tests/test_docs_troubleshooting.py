@@ -64,12 +64,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("src/sere_loss/heads.py", "projections no longer have the same parameters"): (
         "unreachable: the teacher projection is a deep copy of the student's, made in __init__"
     ),
-    ("src/sere_loss/_fused.py", "row features must agree in (B, M, R)"): (
-        "private kernel entry (sere_loss._fused); the public functions check the shapes first"
-    ),
-    ("src/sere_loss/_fused.py", "need at least one row R"): (
-        "private kernel entry (sere_loss._fused); the public functions check the token counts"
-    ),
     ("examples/training/data.py", "out of range for"): (
         "Dataset.__getitem__'s IndexError, the sequence protocol: the samplers never ask for an "
         "index outside the dataset"

@@ -386,6 +386,53 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         _sere_call(boxes=torch.tensor([[0.5, 0.0, 0.4, 1.0]]).expand(B, 2, 4).clone()),
     ),
     (
+        "boxes last dim",
+        ValueError,
+        r"boxes must have shape \(B, V, 4\) as \(x0, y0, x1, y1\) per view, got \(2, 2, 3\)",
+        _sere_call(boxes=torch.rand(B, 2, 3)),
+    ),
+    (
+        "student and teacher swapped",
+        ValueError,
+        r"teacher_global requires grad but student_global does not: the two look swapped",
+        _sere_call(teacher_global=torch.randn(2 * B, 16, 12, requires_grad=True)),
+    ),
+    (
+        "spatial term swapped",
+        ValueError,
+        r"look swapped",
+        lambda: SpatialSelfRelationLoss(12, 3)(
+            [torch.randn(B, 16, 12)] * 2, torch.randn(2 * B, 16, 12, requires_grad=True),
+            BOX.expand(B, 2, 4), NO2,
+        ),
+    ),
+    (
+        "channel term swapped",
+        ValueError,
+        r"look swapped",
+        lambda: ChannelSelfRelationLoss(12)(
+            torch.randn(2 * B, 16, 12), [torch.randn(B, 16, 12, requires_grad=True)] * 2
+        ),
+    ),
+    (
+        "reference logits beyond memory",
+        MemoryError,
+        r"backend='reference' would hold at least .* GiB of relation logits \(4 items x 3 heads x "
+        r"102400 x 102400 rows, 5 copies\), more than the .* GiB of cpu: use backend='auto'",
+        lambda: SpatialSelfRelationLoss(12, 3, backend="reference", global_lattice=320)(
+            torch.randn(2 * B, 16, 12), torch.randn(2 * B, 16, 12), BOX.expand(B, 2, 4), NO2
+        ),
+    ),
+    (
+        "dense logits beyond memory",
+        MemoryError,
+        r"backend='dense' would hold at least",
+        lambda: SF.spatial_relation_cross_entropy(
+            torch.randn(1, 102400, 3).expand(64, -1, -1), torch.randn(1, 102400, 3).expand(64, -1, -1),
+            3, backend="dense",
+        ),
+    ),
+    (
         "not square",
         ValueError,
         r"15 patch tokens \(15 minus 0 prefix\), not a square grid.*num_prefix_tokens",

@@ -78,7 +78,7 @@ def _oracle(
     """The reference path in float64 on the same (possibly rounded) inputs."""
     y64 = y.double()
     return _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(a, y64, backend="reference", **kw),
+        lambda a: SF.gram_relation_cross_entropy(a, y64, backend="reference", **kw),
         x.double(),
         weights.double(),
     )
@@ -100,7 +100,7 @@ def _check_rule(
     errors = {}
     for name in ("reference", backend):
         value, grad = _value_and_grad(
-            lambda a, b=name: _fused.gram_relation_cross_entropy(a, y, backend=b, **kw), x, weights
+            lambda a, b=name: SF.gram_relation_cross_entropy(a, y, backend=b, **kw), x, weights
         )
         assert value.dtype == torch.float32
         assert grad.dtype == x.dtype
@@ -126,7 +126,7 @@ def test_reference_backend_is_the_functional_reference(gen: torch.Generator) -> 
     rows = "b s (m d) -> b m s d"
     from einops import rearrange
 
-    got = _fused.gram_relation_cross_entropy(
+    got = SF.gram_relation_cross_entropy(
         rearrange(s, rows, m=4), rearrange(t, rows, m=4), 3**-0.5, *TEMPS, backend="reference"
     )
     want = SF.relation_cross_entropy(
@@ -151,7 +151,7 @@ def test_blocked_backends_match_reference_in_float64(
     scale = shape[-1] ** -0.5
     value64, grad64 = _oracle(x, y, w, scale=scale, student_temp=0.7, teacher_temp=0.3)
     value, grad = _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(
+        lambda a: SF.gram_relation_cross_entropy(
             a, y, scale, *TEMPS, backend=backend, chunk_size=chunk_size
         ),
         x,
@@ -180,7 +180,7 @@ def test_blocks_sized_from_the_budget(
     value64, grad64 = _oracle(x, y, w, scale=0.3, student_temp=0.7, teacher_temp=0.3)
     for backend in ("chunked", "dense"):
         value, grad = _value_and_grad(
-            lambda a, b=backend: _fused.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend=b),
+            lambda a, b=backend: SF.gram_relation_cross_entropy(a, y, 0.3, *TEMPS, backend=b),
             x,
             w,
         )
@@ -195,7 +195,7 @@ def test_teacher_of_other_width(gen: torch.Generator, backend: str) -> None:
     kw = dict(scale=1 / 16, teacher_scale=1 / 49, student_temp=1.0, teacher_temp=0.1)
     value64, grad64 = _oracle(x, y, w, **kw)
     value, grad = _value_and_grad(
-        lambda a: _fused.gram_relation_cross_entropy(a, y, backend=backend, chunk_size=4, **kw),
+        lambda a: SF.gram_relation_cross_entropy(a, y, backend=backend, chunk_size=4, **kw),
         x,
         w,
     )
@@ -216,7 +216,7 @@ def test_chunked_gradcheck(gen: torch.Generator) -> None:
     x = _rows((2, 2, 6, 3), gen).requires_grad_()
     y = _rows((2, 2, 6, 3), gen)
     assert torch.autograd.gradcheck(
-        lambda a: _fused.gram_relation_cross_entropy(
+        lambda a: SF.gram_relation_cross_entropy(
             a, y, 0.6, *TEMPS, backend="chunked", chunk_size=4
         ),
         (x,),
@@ -264,9 +264,7 @@ def test_chunked_saves_linear_in_rows_not_quadratic(gen: torch.Generator) -> Non
         y = _rows((1, 2, rows, 16), gen, torch.float32)
         for backend in ("reference", "chunked"):
             saved[backend, rows] = _saved_bytes(
-                lambda b=backend, x=x, y=y: _fused.gram_relation_cross_entropy(
-                    x, y, 0.25, backend=b
-                )
+                lambda b=backend, x=x, y=y: SF.gram_relation_cross_entropy(x, y, 0.25, backend=b)
             )
     # The inputs and four per-row statistics: exactly linear in R.
     assert saved["chunked", 256] == 4 * saved["chunked", 64]
@@ -280,7 +278,7 @@ def test_dense_saves_the_inputs_and_one_factor(gen: torch.Generator) -> None:
     rows = 50
     x = _rows((2, 3, rows, 16), gen, torch.float32).requires_grad_()
     y = _rows((2, 3, rows, 16), gen, torch.float32)
-    saved = _saved_bytes(lambda: _fused.gram_relation_cross_entropy(x, y, 0.25, backend="dense"))
+    saved = _saved_bytes(lambda: SF.gram_relation_cross_entropy(x, y, 0.25, backend="dense"))
     # The student (R x 16 per item and head) and G + G^T (R x R), nothing else.
     assert saved == 2 * 3 * (rows * 16 + rows * rows) * 4
 
@@ -290,11 +288,11 @@ def test_chunked_never_builds_an_r_by_r_tensor(gen: torch.Generator) -> None:
     x = _rows((batch, heads, rows, dim), gen, torch.float32).requires_grad_()
     y = _rows((batch, heads, rows, dim), gen, torch.float32)
     with _LargestTensor() as mode:
-        out = _fused.gram_relation_cross_entropy(x, y, 0.3, backend="chunked", chunk_size=chunk)
+        out = SF.gram_relation_cross_entropy(x, y, 0.3, backend="chunked", chunk_size=chunk)
         out.sum().backward()
     assert mode.largest <= batch * heads * chunk * rows
     with _LargestTensor() as ref_mode:
-        _fused.gram_relation_cross_entropy(x, y, 0.3, backend="reference").sum().backward()
+        SF.gram_relation_cross_entropy(x, y, 0.3, backend="reference").sum().backward()
     assert ref_mode.largest >= batch * heads * rows * rows
 
 
@@ -458,7 +456,7 @@ def test_sere_loss_passes_backend_on() -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: _fused.gram_relation_cross_entropy(
+        lambda: SF.gram_relation_cross_entropy(
             torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2), 1.0, backend="fast"
         ),
         lambda: spatial_relation_cross_entropy(
@@ -499,7 +497,7 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch: pytest.MonkeyPatch) -
 
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match=r"agree in \(B, M, R\)"):
-        _fused.gram_relation_cross_entropy(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 4, 2), 1.0)
+        SF.gram_relation_cross_entropy(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 4, 2), 1.0)
     with pytest.raises(ValueError, match=r"same shape \(B, S, C\)"):
         spatial_relation_cross_entropy(torch.randn(1, 3, 4), torch.randn(1, 5, 4), 2)
     with pytest.raises(ValueError, match="must divide by num_heads"):
@@ -569,7 +567,7 @@ class _TritonInterpretedChecks:
     def test_no_second_derivative(self, gen: torch.Generator) -> None:
         x = _rows((1, 1, 20, 16), gen, torch.float32).requires_grad_()
         y = _rows((1, 1, 20, 16), gen, torch.float32)
-        out = _fused.gram_relation_cross_entropy(x, y, 0.25, backend="triton").sum()
+        out = SF.gram_relation_cross_entropy(x, y, 0.25, backend="triton").sum()
         with pytest.raises(RuntimeError, match="'triton' relation kernels have no second"):
             torch.autograd.grad(out, x, create_graph=True)
 

@@ -8,6 +8,7 @@ are in ``sere_loss.functional``. ``TokenTap`` takes the patch tokens out of a ba
 """
 
 from . import diagnostics, functional
+from ._checks import set_value_checks
 from .functional import channel_relation_cross_entropy, spatial_relation_cross_entropy
 from .heads import PredictionHead, ProjectionHead, RelationHeads
 from .losses import ChannelSelfRelationLoss, SERELoss, SpatialSelfRelationLoss, update_teacher
@@ -29,6 +30,7 @@ __all__ = [
     "channel_relation_cross_entropy",
     "diagnostics",
     "functional",
+    "set_value_checks",
     "spatial_relation_cross_entropy",
     "update_teacher",
 ]

@@ -63,11 +63,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_floating, check_ndim, check_positive, check_positive_int
+from ._checks import check_choice
 
 __all__ = [
     "BACKENDS",
-    "gram_relation_cross_entropy",
+    "fused_gram_cross_entropy",
     "paired_channel_cross_entropy",
     "refuse_second_derivative",
     "resolve_backend",
@@ -180,6 +180,8 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
         _check_triton(student)
         return backend
     if backend != "auto":
+        if backend in ("reference", "dense"):
+            _check_logits_fit(backend, student)
         return backend
     _, heads, rows, dim = student.shape
     if teacher is not None:
@@ -197,77 +199,68 @@ def resolve_backend(backend: str, student: Tensor, teacher: Tensor | None = None
     return "chunked"
 
 
+# The reference path holds at least this many (B, M, R, R) float32 tensors at once under
+# autograd (both sides' logits, the target, the log-probabilities and their product); the dense
+# path keeps one and makes about as many in its blocks.
+_LOGIT_COPIES = {"reference": 5, "dense": 2}
+
+
+def _memory_of(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (the host's physical memory for the CPU); ``None``: unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def _check_logits_fit(backend: str, student: Tensor) -> None:
+    """Refuse, before allocating, a materialising backend whose logits cannot fit the device.
+
+    ``"reference"`` and ``"dense"`` hold every ``R x R`` relation of the batch; at a lattice far
+    denser than ``auto`` would choose for them, that is more memory than the machine has, and
+    the process would be killed with no word. The estimate is a lower bound.
+    """
+    if torch.compiler.is_compiling() or student.device.type == "meta":
+        return
+    batch, heads, rows, _ = student.shape
+    itemsize = 8 if student.dtype == torch.float64 else 4
+    need = _LOGIT_COPIES[backend] * batch * heads * rows * rows * itemsize
+    have = _memory_of(student.device)
+    if have is not None and need > have:
+        raise MemoryError(
+            f"backend={backend!r} would hold at least {need / 2**30:.1f} GiB of relation logits "
+            f"({batch} items x {heads} heads x {rows} x {rows} rows, {_LOGIT_COPIES[backend]} "
+            f"copies), more than the {have / 2**30:.1f} GiB of {student.device}: use "
+            "backend='auto' or 'chunked', whose memory grows with the rows, not their square, or "
+            "a coarser lattice (global_lattice= / local_lattice=)"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry
 # --------------------------------------------------------------------------------------------
 
 
-def gram_relation_cross_entropy(
+def fused_gram_cross_entropy(
     student: Tensor,
     teacher: Tensor,
-    scale: float,
-    student_temp: float = 1.0,
-    teacher_temp: float = 1.0,
-    *,
-    teacher_scale: float | None = None,
-    backend: str = "auto",
+    student_factor: float,
+    teacher_factor: float,
+    backend: str,
     chunk_size: int | None = None,
 ) -> Tensor:
-    r"""Per-item relation cross-entropy between the Gram relations of two row features.
+    """The fused paths of ``functional.gram_relation_cross_entropy``, inputs checked there.
 
-    Logits ``A = scale * X X^T`` (student) and ``T = teacher_scale * Y Y^T`` (teacher, detached)
-    per item and head; per row ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``;
-    the result is the mean over heads and rows. The ``"reference"`` backend materialises the
-    ``R x R`` logits of the whole batch under autograd, ``"dense"`` keeps one ``R x R`` factor
-    per item and head for its backward, the others keep ``O(R)``.
-
-    Args:
-        student: ``(B, M, R, D)`` row features of the student.
-        teacher: ``(B, M, R, D_t)``, the teacher's (``D_t = D`` but for the channel term of a
-            local view); no gradient reaches it.
-        scale: ``> 0``, the factor of the student's Gram logits.
-        student_temp: ``t_s > 0``.
-        teacher_temp: ``t_t > 0``.
-        teacher_scale: the factor of the teacher's logits; ``None`` for ``scale``.
-        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``
-            (``resolve_backend``).
-        chunk_size: rows per chunk of the chunked backend; ``None`` sizes chunks from the block
-            budget (``CPU_BLOCK_BYTES`` on the CPU, ``CHUNK_BUDGET_BYTES`` elsewhere).
-
-    Returns:
-        Per-item losses ``(B,)``, float32 (float64 for float64 input), also under autocast.
-
-    Examples:
-        >>> x, y = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
-        >>> ref = gram_relation_cross_entropy(x, y, 0.5, backend="reference")
-        >>> fused = gram_relation_cross_entropy(x, y, 0.5, backend="chunked", chunk_size=3)
-        >>> ref.shape, bool(torch.allclose(ref, fused, atol=1e-5))
-        (torch.Size([2]), True)
+    ``student_factor = scale / t_s`` and ``teacher_factor = teacher_scale / t_t`` multiply the
+    Gram products; ``backend`` is ``"dense"``, ``"chunked"`` or ``"triton"``.
     """
-    student = check_ndim(student, 4, "student", "(B, M, R, D)")
-    teacher = check_ndim(teacher, 4, "teacher", "(B, M, R, D_t)")
-    check_floating(student, "student")
-    check_floating(teacher, "teacher")
-    if student.shape[:3] != teacher.shape[:3]:
-        raise ValueError(
-            "student and teacher row features must agree in (B, M, R), got shapes "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
-    if student.shape[2] == 0:
-        raise ValueError(f"the row features need at least one row R, got {tuple(student.shape)}")
-    scale = check_positive(scale, "scale")
-    t_scale = scale if teacher_scale is None else check_positive(teacher_scale, "teacher_scale")
-    student_temp = check_positive(student_temp, "student_temp")
-    teacher_temp = check_positive(teacher_temp, "teacher_temp")
-    if chunk_size is not None:
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-    backend = resolve_backend(backend, student, teacher)
     teacher = teacher.detach()
-    if backend == "reference":
-        return _reference(student, teacher, scale, t_scale, student_temp, teacher_temp)
     if teacher.dtype != student.dtype or teacher.device != student.device:
         teacher = teacher.to(dtype=student.dtype, device=student.device)
-    student_factor, teacher_factor = scale / student_temp, t_scale / teacher_temp
     if backend in ("dense", "chunked"):
         out: Tensor = _BlockedGramCE.apply(
             student, teacher, student_factor, teacher_factor, chunk_size, backend == "dense"
@@ -275,17 +268,6 @@ def gram_relation_cross_entropy(
         return out
     out = _TritonGramCE.apply(student, teacher, student_factor, teacher_factor)
     return out
-
-
-def _reference(
-    student: Tensor, teacher: Tensor, scale: float, teacher_scale: float, ts: float, tt: float
-) -> Tensor:
-    """The materialised path: Gram logits, then the reference cross-entropy."""
-    from .functional import relation_cross_entropy  # functional imports this module
-
-    student_logits = (student @ student.transpose(-1, -2)) * scale
-    teacher_logits = (teacher @ teacher.transpose(-1, -2)) * teacher_scale
-    return relation_cross_entropy(student_logits, teacher_logits, ts, tt, reduction="none")
 
 
 def _item_coefficients(grad: Tensor, heads: int, rows: int, student_scale: float) -> Tensor:
@@ -335,7 +317,11 @@ def _block_plan(
 
 
 def _block_budget(device: torch.device) -> int:
-    return CPU_BLOCK_BYTES if device.type == "cpu" else CHUNK_BUDGET_BYTES
+    # Under torch.compile the blocks are unrolled into the graph, and the compiler fuses the
+    # passes that cache-sized blocks save on the CPU: large blocks there, on every device.
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return CPU_BLOCK_BYTES
+    return CHUNK_BUDGET_BYTES
 
 
 def _gram(x: Tensor, factor: float, rows: slice | None = None) -> Tensor:
@@ -519,7 +505,7 @@ def _inner(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     On the CPU one BLAS dot per item reads both operands once and writes nothing else, where
     ``(a * b).sum()`` writes and rereads a product of the operands' size.
     """
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or torch.compiler.is_compiling():  # one fused reduction there
         return torch.sum(a * b, dim=(-2, -1), out=out)
     for j in range(a.shape[0]):
         torch.dot(a[j].view(-1), b[j].view(-1), out=out[j])

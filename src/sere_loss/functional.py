@@ -10,7 +10,7 @@ points.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -492,7 +492,7 @@ def spatial_relation_cross_entropy(
             mask,
             reduction=reduction,
         )
-    per_item = _fused.gram_relation_cross_entropy(
+    per_item = gram_relation_cross_entropy(
         student_rows,
         rearrange(teacher.detach(), pattern, m=num_heads),
         student_rows.shape[-1] ** -0.5,
@@ -501,6 +501,78 @@ def spatial_relation_cross_entropy(
         backend=backend,
     )
     return _reduce(per_item, mask, reduction)
+
+
+def gram_relation_cross_entropy(
+    student: Tensor,
+    teacher: Tensor,
+    scale: float,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+    *,
+    teacher_scale: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Per-item relation cross-entropy between the Gram relations of two row features.
+
+    Logits ``A = scale * X X^T`` (student) and ``T = teacher_scale * Y Y^T`` (teacher, detached)
+    per item and head; per row ``CE_i = -sum_j softmax(T_i / t_t)_j * log_softmax(A_i / t_s)_j``;
+    the result is the mean over heads and rows. The ``"reference"`` backend materialises the
+    ``R x R`` logits of the whole batch under autograd, ``"dense"`` keeps one ``R x R`` factor
+    per item and head for its backward, the others keep ``O(R)``.
+
+    Args:
+        student: ``(B, M, R, D)`` row features of the student.
+        teacher: ``(B, M, R, D_t)``, the teacher's (``D_t = D`` but for the channel term of a
+            local view); no gradient reaches it.
+        scale: ``> 0``, the factor of the student's Gram logits.
+        student_temp: ``t_s > 0``.
+        teacher_temp: ``t_t > 0``.
+        teacher_scale: the factor of the teacher's logits; ``None`` for ``scale``.
+        backend: ``"auto"``, ``"reference"``, ``"dense"``, ``"chunked"`` or ``"triton"``
+            (``sere_loss._fused.resolve_backend``).
+        chunk_size: rows per chunk of the chunked backend; ``None`` sizes chunks from the block
+            budget (``CPU_BLOCK_BYTES`` on the CPU, ``CHUNK_BUDGET_BYTES`` elsewhere).
+
+    Returns:
+        Per-item losses ``(B,)``, float32 (float64 for float64 input), also under autocast.
+
+    Examples:
+        >>> x, y = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+        >>> ref = gram_relation_cross_entropy(x, y, 0.5, backend="reference")
+        >>> fused = gram_relation_cross_entropy(x, y, 0.5, backend="chunked", chunk_size=3)
+        >>> ref.shape, bool(torch.allclose(ref, fused, atol=1e-5))
+        (torch.Size([2]), True)
+    """
+    student = check_ndim(student, 4, "student", "(B, M, R, D)")
+    teacher = check_ndim(teacher, 4, "teacher", "(B, M, R, D_t)")
+    check_floating(student, "student")
+    check_floating(teacher, "teacher")
+    if student.shape[:3] != teacher.shape[:3]:
+        raise ValueError(
+            "student and teacher row features must agree in (B, M, R), got shapes "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[2] == 0:
+        raise ValueError(f"the row features need at least one row R, got {tuple(student.shape)}")
+    scale = check_positive(scale, "scale")
+    t_scale = scale if teacher_scale is None else check_positive(teacher_scale, "teacher_scale")
+    student_temp = check_positive(student_temp, "student_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    backend = _fused.resolve_backend(backend, student, teacher)
+    teacher = teacher.detach()
+    if backend == "reference":  # the materialised logits, then the reference cross-entropy
+        student_logits = (student @ student.transpose(-1, -2)) * scale
+        teacher_logits = (teacher @ teacher.transpose(-1, -2)) * t_scale
+        return relation_cross_entropy(
+            student_logits, teacher_logits, student_temp, teacher_temp, reduction="none"
+        )
+    return _fused.fused_gram_cross_entropy(
+        student, teacher, scale / student_temp, t_scale / teacher_temp, backend, chunk_size
+    )
 
 
 def channel_relation_cross_entropy(
@@ -571,7 +643,7 @@ def channel_relation_cross_entropy(
             mask,
             reduction=reduction,
         )
-    per_item = _fused.gram_relation_cross_entropy(
+    per_item = gram_relation_cross_entropy(
         student_rows,
         teacher_rows,
         1.0 / student.shape[1],
@@ -678,9 +750,12 @@ def _overlap_grids_unchecked(
     hi = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])  # (B, 2): overlap x1, y1
     valid = (lo < hi).all(dim=1)
 
-    def offsets(n: int) -> Tensor:
-        k = torch.arange(n, dtype=boxes1.dtype, device=boxes1.device)
-        return (k + 0.5) / n if points == "center" else k / (n - 1)
+    def offsets(n: int) -> Tensor:  # where the points sit in the overlap, in [0, 1]
+        def make() -> Tensor:
+            k = torch.arange(n, dtype=boxes1.dtype)
+            return _moved((k + 0.5) / n if points == "center" else k / (n - 1), boxes1.device)
+
+        return _constant(("offsets", n, points, boxes1.dtype, boxes1.device), make)
 
     # Lattice points in original-image coordinates: xs (B, Ws), ys (B, Hs).
     xs = lo[:, :1] + offsets(ws) * (hi[:, :1] - lo[:, :1])
@@ -759,8 +834,8 @@ def bilinear_taps(
         padding: ``"border"`` or ``"zeros"``.
 
     Returns:
-        ``(index, weight)``: ``(..., 4)`` int64 pixel indices (clamped into the map, so valid
-        for a finite grid) and ``(..., 4)`` weights in the grid's dtype.
+        ``(index, weight)``: ``(..., 4)`` int64 pixel indices, always inside the map, and
+        ``(..., 4)`` weights in the grid's dtype (NaN for a NaN point).
 
     Examples:
         >>> index, weight = bilinear_taps(torch.tensor([[0.0, 0.0]]), (2, 2))
@@ -793,6 +868,10 @@ def bilinear_taps(
     uu, vv = torch.stack([u0, u1, u0, u1], dim=-1), torch.stack([v0, v0, v1, v1], dim=-1)
     weight = torch.stack([not_a, a, not_a, a], dim=-1) * torch.stack([not_b, not_b, b, b], dim=-1)
     index = (vv.clamp(0, height - 1) * width + uu.clamp(0, width - 1)).long()
+    # A NaN coordinate (boxes left unchecked, set_value_checks("off")) converts to an arbitrary
+    # integer: clamped, it reads a pixel of the map (its weight is NaN, so the loss says so)
+    # instead of memory outside it.
+    index = index.clamp_(0, height * width - 1)
     if padding == "zeros":  # with "border" a tap outside the map already weighs exactly 0
         inside = (uu >= 0) & (uu <= width - 1) & (vv >= 0) & (vv <= height - 1)
         weight = torch.where(inside, weight, 0.0)
@@ -838,12 +917,14 @@ def sample_tokens(
             f"{tuple(tokens.shape)}, got {tuple(grid.shape)}"
         )
     padding = check_choice(padding, "padding", _PADDINGS)
-    items = torch.arange(tokens.shape[0], device=tokens.device)
-    return _gather_taps(tokens.flatten(0, 1), items, (height, width), grid, padding)
+    maps = range(tokens.shape[0])
+    first = _index(tuple(m * height * width for m in maps), tokens.device)
+    grid = _moved(grid, tokens.device)
+    return _gather_taps(tokens.flatten(0, 1), first, (height, width), grid, padding)
 
 
 def _moved(x: Tensor, device: torch.device) -> Tensor:
-    """``x`` on ``device``; from the CPU (grids of boxes as a loader gives them) without a wait.
+    """``x`` on ``device``; from the CPU (boxes as a loader gives them) without a wait.
 
     A copy from host memory to a GPU is staged before the call returns, so it need not block
     the host; a copy the other way must, since the host reads its values next.
@@ -851,18 +932,43 @@ def _moved(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device, non_blocking=x.device.type == "cpu")
 
 
+# Tensors that depend on shapes only (index lists, lattice offsets), made once per device.
+_CONSTANTS: dict[tuple[object, ...], Tensor] = {}
+_MAX_CONSTANTS = 4096
+
+
+def _constant(key: tuple[object, ...], make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, cached under ``key`` outside ``torch.compile`` (which folds it into its graph).
+
+    Built on the CPU and copied once, such a tensor costs a GPU no kernel launch per call.
+    """
+    if torch.compiler.is_compiling():
+        return make()
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:  # a bound for pathological streams of shapes
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = make()
+    return value
+
+
+def _index(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """The int64 tensor of ``values`` on ``device``, made once (``_constant``)."""
+    return _constant(("index", values, device), lambda: _moved(torch.tensor(values), device))
+
+
 def _gather_taps(
-    table: Tensor, items: Tensor, hw: tuple[int, int], grid: Tensor, padding: str
+    table: Tensor, first: Tensor, hw: tuple[int, int], grid: Tensor, padding: str
 ) -> Tensor:
     """Bilinear reads of many maps stored as token rows, without checks.
 
     ``table`` ``(R, C)`` holds maps of ``H * W`` tokens one after the other; grid ``k``
-    ``(K, Hs, Ws, 2)`` reads map ``items[k]``. Returns ``(K, Hs * Ws, C)``.
+    ``(K, Hs, Ws, 2)``, on the table's device, reads the map whose first row is ``first[k]``
+    (int64, ``(K,)``). Returns ``(K, Hs * Ws, C)``.
     """
-    index, weight = bilinear_taps(_moved(grid, table.device), hw, padding)
-    first = (_moved(items, table.device) * (hw[0] * hw[1])).view(-1, 1, 1, 1)
+    index, weight = bilinear_taps(grid, hw, padding)
     rows = F.embedding_bag(
-        (index + first).view(-1, 4),
+        (index + first.view(-1, 1, 1, 1)).view(-1, 4),
         table,
         per_sample_weights=weight.view(-1, 4).to(table.dtype),
         mode="sum",

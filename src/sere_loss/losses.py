@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Literal, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._checks import (
     check_boxes,
@@ -30,6 +31,7 @@ from ._views import Views, join_views, patch_tokens, to_maps, to_tokens
 from .functional import (
     _check_lattice,
     _gather_taps,
+    _index,
     _moved,
     _overlap_grids_unchecked,
     paired_channel_relation_cross_entropy,
@@ -55,12 +57,20 @@ def _zero_touch(params: Iterable[nn.Parameter], like: Tensor) -> Tensor:
     return zero
 
 
-def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]:
+def _geometry(boxes: object, flips: object) -> tuple[Tensor, Tensor]:
+    """Boxes ``(B, V, 4)`` and flips ``(B, V)`` checked, the flips as bool.
+
+    Values are checked where they are (``set_value_checks``): on the host when they come on the
+    CPU, as a loader gives them. The geometry is then computed where they are, and only its
+    results reach the tokens' device, in copies that do not wait for it. A compiled loss
+    (``compile()``) moves them to the tokens' device first, and computes the geometry inside its
+    graph: no value ever returns to the host.
+    """
     boxes_t = check_ndim(boxes, 3, "boxes", "(B, V, 4)")
-    if boxes_t.shape[1] != views or boxes_t.shape[2] != 4:
+    if boxes_t.shape[2] != 4:
         raise ValueError(
-            f"boxes must have shape (B, V, 4) with V={views} views (globals first, then locals), "
-            f"got {tuple(boxes_t.shape)}"
+            f"boxes must have shape (B, V, 4) as (x0, y0, x1, y1) per view, got "
+            f"{tuple(boxes_t.shape)}"
         )
     check_boxes(boxes_t.reshape(-1, 4), "boxes (flattened to (B * V, 4))")
     flips_t = check_ndim(flips, 2, "flips", "(B, V)")
@@ -70,7 +80,45 @@ def _geometry(boxes: object, flips: object, views: int) -> tuple[Tensor, Tensor]
             f"{tuple(flips_t.shape)}"
         )
     flips_t = check_flips(flips_t.reshape(-1), flips_t.numel(), "flips").view(flips_t.shape)
-    return boxes_t, flips_t.to(boxes_t.device)  # the geometry is computed where the boxes are
+    return boxes_t, flips_t.to(boxes_t.device)
+
+
+def _first_tensor(views: object) -> Tensor | None:
+    if isinstance(views, Tensor):
+        return views
+    if isinstance(views, Sequence) and views and isinstance(views[0], Tensor):
+        return views[0]
+    return None
+
+
+def _check_roles(student_global: object, teacher_global: object) -> None:
+    """Refuse a teacher that carries a gradient beside a student that does not.
+
+    The teacher's tokens are detached inside the loss; were the two swapped, the loss would
+    still come back, but no gradient would reach the student's backbone, without a word.
+    """
+    student, teacher = _first_tensor(student_global), _first_tensor(teacher_global)
+    if student is None or teacher is None:
+        return  # their own checks name the argument
+    if teacher.requires_grad and not student.requires_grad:
+        raise ValueError(
+            "teacher_global requires grad but student_global does not: the two look swapped. "
+            "The student's tokens come first (the backbone being trained, whose gradient SERE "
+            "gives), the teacher's second (the EMA copy, run under torch.no_grad())"
+        )
+
+
+def _check_geometry(boxes: Tensor, views: int, batch: int) -> None:
+    """Boxes ``(B, V, 4)`` (checked by ``_geometry``) must describe ``views`` views of ``batch``."""
+    if boxes.shape[1] != views:
+        raise ValueError(
+            f"boxes must have shape (B, V, 4) with V={views} views (globals first, then locals), "
+            f"got {tuple(boxes.shape)}"
+        )
+    if boxes.shape[0] != batch:
+        raise ValueError(
+            f"boxes describe a batch of {boxes.shape[0]} images, the views a batch of {batch}"
+        )
 
 
 def _sample_pairs(
@@ -115,21 +163,25 @@ def _sample_pairs(
         ``(teacher, student, valid)``: features ``(P * B, Hs * Ws, C)`` twice and ``(P * B,)``,
         pair-major in the order of ``pairs``.
     """
-    batch = boxes.shape[0]
+    batch, num_views = boxes.shape[0], boxes.shape[1]
+    device = boxes.device
     t_idx, s_idx = [i for i, _ in pairs], [v for _, v in pairs]
 
-    # The group's grids stacked pair-major, (P * B, Hs, Ws, 2). The geometry was checked once by
-    # the caller, so no per-pair check syncs with the host here; views are picked by integer
-    # indexing, as indexing with a list of ints copies the list to the device and waits for it.
+    # The group's geometry stacked pair-major, (P * B, ...): one indexed read per side, of
+    # index lists made once per shape.
     def pick(values: Tensor, views: list[int]) -> Tensor:
-        return torch.stack([values[:, v] for v in views]).flatten(0, 1)
+        rows = _index(tuple(b * num_views + v for v in views for b in range(batch)), device)
+        return values.flatten(0, 1).index_select(0, rows)
 
     grid_t, grid_s, valid = _overlap_grids_unchecked(
         pick(boxes, t_idx), pick(flips, t_idx), pick(boxes, s_idx), pick(flips, s_idx),
         lattice, points,
     )  # fmt: skip
+    # Made where the boxes are (the host, as a loader gives them), the grids reach the tokens'
+    # device in one copy each that does not wait.
+    grid_t, grid_s = _moved(grid_t, teacher.device), _moved(grid_s, student.device)
+    valid = _moved(valid, teacher.device)
     if not gather:
-        grid_t, grid_s = _moved(grid_t, teacher.device), _moved(grid_s, student.device)
         t_maps = torch.split(to_maps(teacher, teacher_hw), batch)
         s_maps = torch.split(to_maps(student, student_hw), batch)
         t_grids, s_grids = torch.split(grid_t, batch), torch.split(grid_s, batch)
@@ -144,15 +196,20 @@ def _sample_pairs(
         )
         return t_feats, s_feats, valid
 
-    # Pair p, image b reads teacher map i_p * B + b and student map (v_p - first) * B + b. The
-    # numbers are made on the CPU and reach the tokens' device in one copy that does not wait.
-    def maps(views: list[int], offset: int) -> Tensor:
-        starts = torch.tensor([(v - offset) * batch for v in views])
-        return (starts[:, None] + torch.arange(batch)).flatten()
+    # Pair p, image b reads the teacher map i_p * B + b and the student map (v_p - first) * B + b:
+    # their first token rows, made once per shape.
+    def starts(views: list[int], offset: int, hw: tuple[int, int]) -> Tensor:
+        n = hw[0] * hw[1]
+        rows = tuple(((v - offset) * batch + b) * n for v in views for b in range(batch))
+        return _index(rows, teacher.device)
 
     with torch.no_grad():
-        t_feats = _gather_taps(teacher.flatten(0, 1), maps(t_idx, 0), teacher_hw, grid_t, padding)
-    s_feats = _gather_taps(student.flatten(0, 1), maps(s_idx, first), student_hw, grid_s, padding)
+        t_feats = _gather_taps(
+            teacher.flatten(0, 1), starts(t_idx, 0, teacher_hw), teacher_hw, grid_t, padding
+        )
+    s_feats = _gather_taps(
+        student.flatten(0, 1), starts(s_idx, first, student_hw), student_hw, grid_s, padding
+    )
     return t_feats, s_feats, valid
 
 
@@ -309,7 +366,115 @@ def _temps(
     return tt, ts
 
 
-class SpatialSelfRelationLoss(nn.Module):
+# torch.compile modes that replay the compiled kernels as CUDA graphs.
+_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class _Compilable(nn.Module):
+    """``compile()`` for the SERE losses: their computation as one graph, the boxes' copy outside.
+
+    A loss's ``forward`` checks its arguments, moves the crop geometry to the tokens' device and
+    calls ``_loss``, the computation; ``compile()`` makes that call a ``torch.compile`` of
+    ``_loss``. The state dict, the module tree and the maths stay those of the eager module.
+    """
+
+    _compile_options: dict[str, Any] | None = None
+
+    def compile(
+        self, *, mode: str | None = None, dynamic: bool | None = False, **options: Any
+    ) -> None:
+        """Compile this loss's forward and backward into one graph, from its next call on.
+
+        One line, after the loss is built (and moved, wrapped or converted to SyncBatchNorm as
+        your trainer does): ``sere.compile()``. The computation (heads, crop geometry, sampling
+        and both relation cross-entropies, forward and backward) becomes one ``torch.compile``
+        graph (``fullgraph=True``: it never breaks into pieces), and on CUDA it is replayed as
+        a CUDA graph (``mode="reduce-overhead"``), so that SERE costs its arithmetic, not the
+        launch of hundreds of small kernels. The boxes' copy to the device and their value
+        checks stay outside the graph (``set_value_checks``).
+
+        The maths is the eager module's, within the rounding of a fused kernel (the tests hold
+        values, gradients and BatchNorm buffers to the rule of the fused paths). What compiling
+        costs:
+
+        - the first call compiles (tens of seconds on a GPU, minutes on a small CPU);
+        - every new shape compiles again (``dynamic=False``: shapes are specialised, which
+          keeps the graph whole): keep the batch size fixed (``drop_last=True`` in the
+          ``DataLoader``) and the crop sizes fixed; a run with a different last batch, or an
+          evaluation at another size, compiles once more for each;
+        - a new autocast state (on or off, another dtype) compiles again;
+        - under ``mode="reduce-overhead"`` the graph's outputs live in memory that the next
+          replay reuses; this module returns copies of them, so a loss or a logged term kept
+          from an earlier step stays valid.
+
+        On the CPU compiling is for tests: eager is as fast there.
+
+        Args:
+            mode: ``torch.compile``'s mode; ``None`` (default) for ``"reduce-overhead"`` (CUDA
+                graphs) on CUDA and the compiler's default elsewhere, chosen at the first call.
+                ``"default"`` compiles without CUDA graphs.
+            dynamic: ``torch.compile``'s ``dynamic`` (``False``: one graph per shape).
+            **options: passed on to ``torch.compile`` (``backend``, ``options``).
+
+        Examples:
+            >>> sere = SERELoss(dim=384)
+            >>> sere.compile()  # compiles at the first call
+        """
+        self._compile_options = {"fullgraph": True, "dynamic": dynamic, "mode": mode, **options}
+        self.__dict__.pop("_compiled_loss", None)
+
+    def _computed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, compiled when ``compile()`` asked for it."""
+        options = self._compile_options
+        if options is None or torch.compiler.is_compiling():
+            return fn(*args)
+        compiled = self.__dict__.get("_compiled_loss")
+        device = next((a.device for a in tree_leaves(args) if isinstance(a, Tensor)), None)
+        on_cuda = device is not None and device.type == "cuda"
+        # Every input on the tokens' device (the boxes, given on the CPU): the graph then
+        # holds no copy from the host, and a CUDA graph can replay it with new values.
+        if device is not None:
+            args = tree_map(lambda t: _moved(t, device) if isinstance(t, Tensor) else t, args)
+        if compiled is None:
+            if options["mode"] is None:
+                options = {**options, "mode": "reduce-overhead" if on_cuda else None}
+            compiled = torch.compile(fn, **options)
+            self.__dict__["_compiled_loss"] = compiled
+            self.__dict__["_compiled_mode"] = options["mode"]
+        try:
+            out = compiled(*args)
+        except Exception as error:
+            # Inside the graph an error of the caller's (a wrong shape, say) comes out as the
+            # compiler's; eager raises it with its own message. Where eager runs, the compiler
+            # itself failed: the loss stays eager, and says so.
+            out = fn(*args)
+            self._compile_options = None
+            self.__dict__.pop("_compiled_loss", None)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            said = " ".join(lines[:2])[:300]
+            warnings.warn(
+                f"compiling {type(self).__name__} failed ({type(error).__name__}: {said});"
+                " it runs eager from here on, with the same maths and its usual cost. Report "
+                "the error with your torch version; call compile() again to retry",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return out
+        if on_cuda and self.__dict__.get("_compiled_mode") in _GRAPH_MODES:
+            # CUDA graphs reuse their output memory at the next replay: hand back copies.
+            out = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickling) compiles its own graph: the compiled function is bound to
+        # this module.
+        state = dict(self.__dict__)
+        state.pop("_compiled_loss", None)
+        state.pop("_compiled_mode", None)
+        return state
+
+
+class SpatialSelfRelationLoss(_Compilable):
     r"""Spatial self-relation loss ``L_p`` over a multi-crop batch (paper Eq. 2-3).
 
     Both branches project every token of a view (``h``: BatchNorm + ReLU), the student then
@@ -464,17 +629,32 @@ class SpatialSelfRelationLoss(nn.Module):
             The loss, a float32 scalar.
         """
         tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        _check_roles(student_global, teacher_global)
+        boxes, flips = _geometry(boxes, flips)
+        args = (student_global, teacher_global, boxes, flips, student_local)
+        out: Tensor = self._computed(self._loss, *args, global_grid, local_grid, tt, ts)
+        return out
+
+    def _loss(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None,
+        global_grid: int | tuple[int, int] | None,
+        local_grid: int | tuple[int, int] | None,
+        tt: float,
+        ts: float,
+    ) -> Tensor:
+        """``L_p`` from checked geometry on the tokens' device: what ``compile()`` compiles."""
         g = self.num_global_views
         teacher, _, batch = join_views(teacher_global, g, None, "teacher_global")
         student, _, _ = join_views(student_global, g, batch, "student_global")
         local, num_local = None, 0
         if student_local is not None:
             local, num_local, _ = join_views(student_local, None, batch, "student_local")
-        boxes, flips = _geometry(boxes, flips, g + num_local)
-        if boxes.shape[0] != batch:
-            raise ValueError(
-                f"boxes describe a batch of {boxes.shape[0]} images, the views a batch of {batch}"
-            )
+        _check_geometry(boxes, g + num_local, batch)
         pairs = view_pairs(g, num_local)
         if not pairs:
             raise ValueError(
@@ -521,7 +701,6 @@ class SpatialSelfRelationLoss(nn.Module):
                 self.padding,
                 gather=self.backend != "reference",
             )
-            mask = _moved(mask, t_feats.device)  # from the boxes' device
             total = total + spatial_relation_cross_entropy(
                 s_feats,
                 t_feats,
@@ -594,7 +773,7 @@ class SpatialSelfRelationLoss(nn.Module):
         )
 
 
-class ChannelSelfRelationLoss(nn.Module):
+class ChannelSelfRelationLoss(_Compilable):
     r"""Channel self-relation loss ``L_c`` over a multi-crop batch (paper Eq. 4-5).
 
     Each view's tokens are projected (and, on the student, predicted) as in the spatial term,
@@ -676,6 +855,21 @@ class ChannelSelfRelationLoss(nn.Module):
             The loss, a float32 scalar.
         """
         tt, ts = _temps(teacher_temp, student_temp, (self.teacher_temp, self.student_temp))
+        _check_roles(student_global, teacher_global)
+        out: Tensor = self._computed(
+            self._loss, student_global, teacher_global, student_local, tt, ts
+        )
+        return out
+
+    def _loss(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        student_local: Views | None,
+        tt: float,
+        ts: float,
+    ) -> Tensor:
+        """``L_c``: what ``compile()`` compiles."""
         g = self.num_global_views
         teacher, _, batch = join_views(teacher_global, g, None, "teacher_global")
         student, _, _ = join_views(student_global, g, batch, "student_global")
@@ -724,7 +918,7 @@ class ChannelSelfRelationLoss(nn.Module):
         )
 
 
-class SERELoss(nn.Module):
+class SERELoss(_Compilable):
     r"""Both SERE terms for a multi-crop batch: ``alpha * L_p + beta * L_c`` (paper Eq. 6).
 
     Add it to the method's own loss ``L_I``: ``loss = dino_loss + sere(...)``. The paper's
@@ -888,25 +1082,54 @@ class SERELoss(nn.Module):
         return_terms: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Compute ``alpha * L_p + beta * L_c``; arguments as ``SpatialSelfRelationLoss``."""
+        _check_roles(student_global, teacher_global)
+        if self.spatial is not None:
+            boxes, flips = _geometry(boxes, flips)
+        args = (student_global, teacher_global, boxes, flips, student_local)
+        out: Tensor | tuple[Tensor, dict[str, Tensor]] = self._computed(
+            self._loss, *args, global_grid, local_grid, return_terms
+        )
+        return out
+
+    def _loss(
+        self,
+        student_global: Views,
+        teacher_global: Views,
+        boxes: Tensor,
+        flips: Tensor,
+        student_local: Views | None,
+        global_grid: int | tuple[int, int] | None,
+        local_grid: int | tuple[int, int] | None,
+        return_terms: bool,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Both terms from checked geometry on the tokens' device: what ``compile()`` compiles."""
         student_global, teacher_global, student_local = self._joined(
             student_global, teacher_global, student_local
         )
         terms: dict[str, Tensor] = {}
         loss: Tensor | None = None
         if self.spatial is not None:
-            spatial = self.spatial(
+            spatial = self.spatial._loss(
                 student_global,
                 teacher_global,
                 boxes,
                 flips,
                 student_local,
-                global_grid=global_grid,
-                local_grid=local_grid,
+                global_grid,
+                local_grid,
+                self.spatial.teacher_temp,
+                self.spatial.student_temp,
             )
             terms["spatial"] = spatial.detach()
             loss = self.alpha * spatial
         if self.channel is not None:
-            channel = self.channel(student_global, teacher_global, student_local)
+            channel = self.channel._loss(
+                student_global,
+                teacher_global,
+                student_local,
+                self.channel.teacher_temp,
+                self.channel.student_temp,
+            )
             terms["channel"] = channel.detach()
             loss = self.beta * channel if loss is None else loss + self.beta * channel
         if loss is None:  # pragma: no cover - the constructor forbids it
