@@ -8,6 +8,7 @@ teacher's backbone is read (``--which student`` for the student's).
     python examples/evaluate.py knn runs/*/checkpoint.pth --feature mean
     python examples/evaluate.py invariance runs/*/checkpoint.pth
     python examples/evaluate.py all runs/*/checkpoint.pth --data /path/to/VOC --size 224
+    python examples/evaluate.py all runs/*/checkpoint.pth --data /usr/share/datasets/fashion-mnist
 
 - ``probe``: a linear layer on the frozen patch tokens (after the final norm) predicts each
   token's class mix; its logits, upsampled bilinearly, give every pixel a class. Reported:
@@ -25,7 +26,10 @@ feature** (each patch's colour mean and spread and the magnitude spectrum of its
 a fixed feature that sees texture, an upper-ish bound for a model that has learnt little).
 
 Data: ``--data generated`` (the default; :class:`seg_data.ShapesSegmentation`, textured objects
-of 4 classes, ``--images TRAIN,VAL``) or a folder in VOC's layout (``JPEGImages/``,
+of 4 classes, ``--images TRAIN,VAL``), a folder of Fashion-MNIST's four idx files
+(:class:`seg_data.FashionScenes`, real items on plain backgrounds with exact masks, 10 classes,
+``--images TRAIN,VAL``; Debian's ``dataset-fashion-mnist`` puts them in
+``/usr/share/datasets/fashion-mnist``), or a folder in VOC's layout (``JPEGImages/``,
 ``SegmentationClass/``, ``ImageSets/Segmentation/train.txt`` and ``val.txt``).
 """
 
@@ -211,14 +215,19 @@ class EvalData:
 def build_data(data: str, images: Sequence[int], size: int | None, seed: int) -> EvalData:
     """Train and val splits of ``(image, mask)``, loaded, with the class count and names.
 
-    ``data`` is ``"generated"`` (``images`` = the train and val counts, ``seed`` the train
-    split's seed, ``seed + 1`` the val split's) or a VOC-style folder (every image of its
-    ``train`` and ``val`` lists, resized to ``size``, 224 by default).
+    ``data`` is ``"generated"`` or a folder of Fashion-MNIST's idx files (scenes: ``images``
+    = the train and val counts, ``seed`` the train split's seed, ``seed + 1`` the val
+    split's), or a VOC-style folder (every image of its ``train`` and ``val`` lists, resized
+    to ``size``, 224 by default).
     """
     if data == "generated":
         train: Dataset[Any] = seg_data.ShapesSegmentation(images[0], size or 96, seed=seed)
         val: Dataset[Any] = seg_data.ShapesSegmentation(images[1], size or 96, seed=seed + 1)
         names = list(seg_data.ShapesSegmentation.CLASSES)
+    elif seg_data.is_idx_folder(data):
+        train = seg_data.FashionScenes(data, "train", images[0], size or 96, seed=seed)
+        val = seg_data.FashionScenes(data, "val", images[1], size or 96, seed=seed + 1)
+        names = list(seg_data.FashionScenes.CLASSES)
     else:
         side = size or 224
         train = Resized(seg_data.VOCSegmentationFolder(data, "train"), side)
@@ -501,8 +510,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("task", choices=["probe", "knn", "invariance", "all"])
     p.add_argument("checkpoints", nargs="+", type=Path)
-    p.add_argument("--data", default="generated", help="'generated' or a VOC-style folder")
-    p.add_argument("--images", default="1024,256", help="generated TRAIN,VAL image counts")
+    p.add_argument(
+        "--data", default="generated",
+        help="'generated', a folder of Fashion-MNIST's idx files, or a VOC-style folder",
+    )  # fmt: skip
+    p.add_argument("--images", default="1024,256", help="generated TRAIN,VAL scene counts")
     p.add_argument("--size", type=int, help="image side (generated: 96; a folder: 224)")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
     p.add_argument("--feature", choices=["cls", "mean"], default="cls", help="k-NN's vector")

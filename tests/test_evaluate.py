@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import importlib
 import json
 import math
@@ -91,6 +92,98 @@ def test_generated_images_are_textured_by_class(ev: SimpleNamespace) -> None:
     labels = [ev.seg.image_label(data[i][1], data.num_classes) for i in range(len(data))]
     assert set(labels) <= {1, 2, 3, 4}
     assert len(set(labels)) >= 3
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An idx file written from the format's statement: 0, 0, type 0x08, dims, sizes, bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def tiny_fashion(root: Path, train: int = 12, test: int = 6) -> Path:
+    """Fashion-MNIST's four idx files, tiny: train items of labels 0-4, test items of 5-9
+    (so a scene's classes tell which file its items came from); train gzipped, test not."""
+    root.mkdir(parents=True, exist_ok=True)
+    gen = np.random.default_rng(0)
+    for name, count, labels, ext in (
+        ("train", train, range(5), ".gz"),
+        ("t10k", test, range(5, 10), ""),
+    ):
+        items = np.zeros((count, 28, 28), dtype=np.uint8)
+        for k in range(count):
+            top, left = gen.integers(2, 8, size=2)
+            items[k, top : top + 16, left : left + 14] = gen.integers(60, 256)
+        write_idx(root / f"{name}-images-idx3-ubyte{ext}", items)
+        write_idx(root / f"{name}-labels-idx1-ubyte{ext}", gen.choice(list(labels), size=count))
+    return root
+
+
+def test_idx_files_are_read_as_written(ev: SimpleNamespace, tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    for name in ("a.idx", "a.idx.gz"):
+        np.testing.assert_array_equal(ev.seg.read_idx(write_idx(tmp_path / name, array)), array)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")
+    with pytest.raises(ValueError, match=r"bad: not an idx file of unsigned bytes .*00 00 0d 01"):
+        ev.seg.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(write_idx(tmp_path / "ok", array).read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"announces 2 x 3 x 5 = 30 values, the file holds 29"):
+        ev.seg.read_idx(tmp_path / "short")
+
+
+def test_fashion_scenes_from_any_idx_folder(ev: SimpleNamespace, tmp_path: Path) -> None:
+    """Scenes of the train file's items for "train", the test file's for "val"; a plain
+    background wherever the mask says background; a function of (seed, index)."""
+    root = tiny_fashion(tmp_path / "fm")
+    assert ev.seg.is_idx_folder(root)
+    train = ev.seg.FashionScenes(root, "train", 24, 64, seed=0)
+    val = ev.seg.FashionScenes(root, "val", 24, 64, seed=1)
+    assert train.num_classes == 11
+    seen: dict[str, set[int]] = {"train": set(), "val": set()}
+    for split, data in (("train", train), ("val", val)):
+        for i in range(len(data)):
+            image, mask = data[i]
+            assert image.dtype == torch.uint8
+            assert image.shape == (3, 64, 64)
+            assert mask.shape == (64, 64)
+            background = image[:, mask == 0]
+            assert background.shape[1] > 0
+            assert (background == background[:, :1]).all(), "the background is one colour"
+            assert float(background.max()) <= 0.25 * 255 + 0.5
+            assert (mask > 0).any(), "every scene holds an item"
+            seen[split] |= set(mask.unique().tolist()) - {0}
+    assert seen["train"] <= {1, 2, 3, 4, 5}
+    assert seen["val"] <= {6, 7, 8, 9, 10}
+    assert len(seen["train"]) >= 3
+    image, mask = train[3]
+    assert torch.equal(image, train[3][0])
+    assert torch.equal(mask, train[3][1])
+    assert not torch.equal(image, ev.seg.FashionScenes(root, "train", 24, 64, seed=5)[3][0])
+    loaded = ev.evaluate.build_data(str(root), (8, 4), 64, seed=0)
+    assert loaded.train_images.shape == (8, 3, 64, 64)
+    assert loaded.val_masks.shape == (4, 64, 64)
+    assert loaded.names == list(ev.seg.FashionScenes.CLASSES)
+    assert torch.equal(loaded.train_images[2], train[2][0])
+
+
+def test_fashion_folder_errors(ev: SimpleNamespace, tmp_path: Path) -> None:
+    root = tiny_fashion(tmp_path / "fm")
+    with pytest.raises(ValueError, match="split must be one of"):
+        ev.seg.FashionScenes(root, "test", 4)
+    with pytest.raises(ValueError, match="size >= 56"):
+        ev.seg.FashionScenes(root, "train", 4, 48)
+    write_idx(root / "t10k-labels-idx1-ubyte", np.array([3, 12, 4, 4, 4, 4]))
+    with pytest.raises(ValueError, match=r"labels must be 0-9, got up to 12"):
+        ev.seg.FashionScenes(root, "val", 4)
+    (root / "train-images-idx3-ubyte.gz").unlink()
+    assert not ev.seg.is_idx_folder(root)
+    with pytest.raises(
+        FileNotFoundError, match=r"train-images-idx3-ubyte\[\.gz\].*dataset-fashion"
+    ):
+        ev.seg.FashionScenes(root, "train", 4)
 
 
 def test_image_label_is_the_largest_object(ev: SimpleNamespace) -> None:
@@ -298,6 +391,45 @@ def test_no_sere_starts_from_the_same_weights_and_crops(
     random = ev.evaluate.random_extractor(preset, 7)
     for key, value in random.vit.state_dict().items():
         assert torch.equal(value, plain["student"][f"backbone.{key}"]), key
+
+
+def test_device_crops_are_a_function_of_seed_and_step(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device-crops: both arms see the same views and geometry at each step, a resumed run
+    sees what an uninterrupted one saw, and another seed sees others."""
+    from sere_loss.batch_transforms import BatchMultiCrop
+
+    seen: list[tuple[Any, ...]] = []
+    original = BatchMultiCrop.__call__
+
+    def recording(self: Any, images: Any, **kw: Any) -> Any:
+        crops = original(self, images, **kw)
+        seen.append((crops.views, crops.boxes, crops.flips))
+        return crops
+
+    monkeypatch.setattr(BatchMultiCrop, "__call__", recording)
+
+    def train(out: str, *extra: str) -> list[tuple[Any, ...]]:
+        seen.clear()
+        _train(ev.dino, shapes_folder, tmp_path / out, "--device-crops", *extra)
+        return list(seen)
+
+    sere = train("a", "--max-steps", "3", "--seed", "7")
+    plain = train("b", "--max-steps", "3", "--seed", "7", "--no-sere")
+    first = train("c", "--max-steps", "1", "--seed", "7")
+    resumed = train("c", "--max-steps", "3", "--seed", "7", "--resume")
+    other = train("d", "--max-steps", "1", "--seed", "8")
+    assert len(sere) == len(plain) == 3
+    for runs in (plain, first + resumed):
+        for (v1, b1, f1), (v2, b2, f2) in zip(sere, runs, strict=True):
+            assert torch.equal(b1, b2)
+            assert torch.equal(f1, f2)
+            assert all(torch.equal(x, y) for x, y in zip(v1, v2, strict=True))
+    assert not torch.equal(other[0][1], sere[0][1])
+    assert not torch.equal(sere[1][1], sere[0][1])  # each step its own crops
+    # The geometry reached SERE: its views are those of the images' crops, 6 of them.
+    assert sere[0][1].shape == (4, 6, 4)
 
 
 def test_trainer_options_of_the_experiment(

@@ -7,6 +7,7 @@
   are functions of ``(seed, epoch, index)``, sharded over processes, so a resumed run sees
   exactly the batches an uninterrupted run would have seen, whatever the number of workers.
 - :class:`ImageReadError`: an image that cannot be used, named by its file.
+- :func:`collate_images`: batches of decoded images of one or several sizes (``--device-crops``).
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def build_loader(
     batch_size: int,
     workers: int,
     seed: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[DataLoader[Any], ResumableSampler]:
     """This process's loader of augmented batches; content depends on ``seed`` and epoch only."""
     length = len(dataset)  # type: ignore[arg-type]
@@ -253,9 +255,23 @@ def build_loader(
         num_workers=workers,
         pin_memory=process.device.type == "cuda",
         drop_last=True,
+        collate_fn=collate_fn,
         persistent_workers=False,
         # A generator of its own: creating the iterator must not draw from the global RNG,
         # which the model's stochastic depth uses (resume would drift otherwise).
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
+
+
+def collate_images(batch: Sequence[tuple[Tensor, Any]]) -> tuple[Tensor | list[Tensor], Tensor]:
+    """Batch ``(image, target)`` pairs of decoded images (``--device-crops``).
+
+    Images are stacked ``(B, C, H, W)`` when they share a size, else kept as a list
+    (``BatchMultiCrop`` takes either); targets become a tensor.
+    """
+    images = [image for image, _ in batch]
+    targets = torch.as_tensor([target for _, target in batch])
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images), targets
+    return images, targets

@@ -54,12 +54,13 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from ._checks import check_int, check_positive_int, check_unit_interval
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Crops, _check_pixels, _hw
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Crops, _as_image, _check_pixels, _hw
 
 __all__ = [
     "BatchColour",
     "BatchCropSpec",
     "BatchMultiCrop",
+    "as_uint8",
     "batch_dino_sere_transform",
 ]
 
@@ -181,8 +182,9 @@ class BatchMultiCrop:
 
     Call it on ``(B, C, H, W)`` images (``uint8``, or floats in ``[0, 1]``; ``C`` is 3 or 1),
     or on a list of ``(C, H_i, W_i)`` images of any sizes (each crop is drawn in its own
-    image), with an optional ``torch.Generator`` on the images' device. Everything is drawn
-    and computed on that device, without waiting for it; it returns ``Crops`` with views
+    image), with an optional ``torch.Generator`` on the images' device (or on ``device``, where
+    the call moves them). Everything is drawn and computed on that device, without waiting
+    for it; it returns ``Crops`` with views
     ``(B, 3, h, w)`` (float32), boxes ``(B, V, 4)`` (float32, normalised ``(x0, y0, x1, y1)``)
     and flips ``(B, V)`` (bool), all on the images' device.
     """
@@ -213,9 +215,22 @@ class BatchMultiCrop:
 
     @torch.no_grad()
     def __call__(
-        self, images: Tensor | Sequence[Tensor], generator: torch.Generator | None = None
+        self,
+        images: Tensor | Sequence[Tensor],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
     ) -> Crops:
-        """Every view of every image, and their geometry."""
+        """Every view of every image, and their geometry.
+
+        On ``device`` when given (the images are moved there first, without waiting), else on
+        the images' own device.
+        """
+        if device is not None:
+            if isinstance(images, Tensor):
+                images = images.to(device, non_blocking=True)
+            elif isinstance(images, Sequence) and not isinstance(images, str):
+                images = [i.to(device, non_blocking=True) if isinstance(i, Tensor) else i
+                          for i in images]  # fmt: skip
         batch, heights, widths = _stack(images)
         device = batch.device
         if generator is not None and generator.device != device:
@@ -259,6 +274,20 @@ class BatchMultiCrop:
             for c in self.crops
         ]
         return f"{type(self).__name__}(num_global={self.num_global},\n" + ",\n".join(lines) + ")"
+
+
+def as_uint8(image: object) -> Tensor:
+    """An image as a ``DataLoader`` should hand it to ``BatchMultiCrop``: ``(3, H, W)`` uint8.
+
+    PIL images of any mode and tensors are read as ``sere_loss.transforms`` reads them (16-bit
+    and float levels scaled to 8 bits, not clipped; one channel made three), so that the two
+    paths see the same levels. Use it as the dataset's transform; the loader's workers then
+    only decode.
+    """
+    levels = _as_image(image).as_subclass(Tensor)
+    if levels.is_floating_point():
+        levels = (levels.clamp(0, 1) * 255).round().to(torch.uint8)
+    return levels.contiguous()
 
 
 def _levels(image: Tensor, what: str) -> Tensor:
