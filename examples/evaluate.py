@@ -66,7 +66,7 @@ class Extractor:
     """
 
     name: str
-    kind: str  # "model", "lower bound" or "upper bound"
+    kind: str  # "model", "lower bound", "upper bound" (hand-made) or "ceiling" (supervised)
     patch: int
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
@@ -165,6 +165,60 @@ def random_extractor(preset: dict[str, Any], seed: int) -> ViTExtractor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ViTExtractor(build_backbone(preset), "random weights", "lower bound")
+
+
+def supervised_extractor(
+    preset: dict[str, Any],
+    data: EvalData,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch: int = 32,
+    lr: float = 1e-3,
+    log: Callable[[str], None] = print,
+) -> ViTExtractor:
+    """The ceiling: the same ViT trained with the labels the probe is scored on.
+
+    A linear layer on the final-norm patch tokens predicts each token's class mix (the probe's
+    target, :func:`token_targets`) on the train split's images, flipped at random; AdamW,
+    ``steps`` steps of ``batch`` images, linear warm-up over the first tenth then cosine, from
+    the seed's random initial weights. Its features then go through the same frozen probe as
+    every model: what this architecture reaches on this data when its features are learnt for
+    the task, in about the compute the tier gives it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = build_backbone(preset)
+        head = nn.Conv2d(vit.embed_dim, data.num_classes, 1)
+    patch = int(vit.patch_embed.patch_size[0])
+    grid = (data.train_images.shape[-2] // patch, data.train_images.shape[-1] // patch)
+    targets = token_targets(data.train_masks, grid, data.num_classes)
+    params = [*vit.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    warm = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    vit.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(targets), (batch,), generator=gen)
+        images, target = normalise(data.train_images[idx]), targets[idx]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        target = torch.where(flip[:, None, None, None], target.flip(-1), target)
+        tokens = vit.forward_features(images)[:, vit.num_prefix_tokens :]
+        dense = tokens.transpose(1, 2).reshape(batch, -1, *grid)
+        log_p = F.log_softmax(head(dense), dim=1)
+        loss = -(target * log_p).sum(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"supervised ceiling: step {step + 1}/{steps}, loss {loss.item():.3f}")
+    return ViTExtractor(vit, f"supervised ({steps} steps)", "ceiling")
 
 
 # Data --------------------------------------------------------------------------------------------

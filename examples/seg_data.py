@@ -417,14 +417,18 @@ def write_voc(root: str | Path, splits: dict[str, Dataset[tuple[Tensor, Tensor]]
 
 
 def write_image_folder(
-    root: str | Path, dataset: Dataset[tuple[Tensor, Tensor]], num_classes: int
+    root: str | Path,
+    dataset: Dataset[tuple[Tensor, Tensor]],
+    num_classes: int,
+    indices: Sequence[int] | None = None,
 ) -> Path:
     """Save the images as an ``ImageFolder`` (``root/<label>/<index>.png``), for the trainers.
 
     The folder name is :func:`image_label` of the mask; PNG keeps the pixels exact.
+    ``indices`` (all by default) lets several processes write one dataset, a share each.
     """
     root = Path(root)
-    for index in range(len(dataset)):  # type: ignore[arg-type]
+    for index in range(len(dataset)) if indices is None else indices:  # type: ignore[arg-type]
         image, mask = dataset[index]
         folder = root / f"{image_label(mask, num_classes):02d}"
         folder.mkdir(parents=True, exist_ok=True)

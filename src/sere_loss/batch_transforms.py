@@ -518,18 +518,29 @@ def _apply_colour(x: Tensor, c: BatchColour, d: ColourDraw) -> Tensor:
         return values.to(x.dtype).view(n, 1, 1, 1)
 
     jitter = per_view(d.jitter) > 0
-    factors = [per_view(f) for f in (d.brightness, d.contrast, d.saturation, d.hue)]
-    for position in range(4):
-        step = d.order[:, position].view(n, 1, 1, 1)
-        # Each view's operation at this position; the others get the identity's factor.
-        b, k, s, h = (
-            torch.where(jitter & (step == op), f, 0.0 if op == 3 else 1.0)
-            for op, f in enumerate(factors)
-        )
-        x = _brightness(x, b)
-        x = _contrast(x, k)
-        x = _saturation(x, s)
-        x = torch.where(h != 0, _adjust_hue(x, h.view(n, 1, 1)), x)
+    brightness, contrast, saturation = (
+        per_view(f) for f in (d.brightness, d.contrast, d.saturation)
+    )
+
+    def cheap(x: Tensor, op: Tensor) -> Tensor:
+        """Each view's operation ``op`` (0 brightness, 1 contrast, 2 saturation, else none)."""
+        op = op.view(n, 1, 1, 1)
+        x = _brightness(x, torch.where(jitter & (op == 0), brightness, 1.0))
+        x = _contrast(x, torch.where(jitter & (op == 1), contrast, 1.0))
+        return _saturation(x, torch.where(jitter & (op == 2), saturation, 1.0))
+
+    # ColorJitter's order, with the costly hue turned once: the operations before it in each
+    # view's order, the hue, then those after it.
+    hue_at = (d.order == 3).to(torch.int64).argmax(dim=1)
+    none = torch.full_like(hue_at, -1)
+    for position in range(3):
+        x = cheap(x, torch.where(hue_at > position, d.order[:, position], none))
+    turn = torch.where(d.jitter, d.hue, 0.0).to(x.dtype).view(n, 1, 1)
+    x = torch.where(turn[:, None] != 0, _adjust_hue(x, turn), x)
+    for after in range(1, 4):
+        position = (hue_at + after).clamp(max=3)
+        op = d.order.gather(1, position[:, None])[:, 0]
+        x = cheap(x, torch.where(hue_at + after <= 3, op, none))
     x = torch.where(per_view(d.grayscale) > 0, _gray(x).expand_as(x), x)
     if c.blur_p > 0:
         x = torch.where(per_view(d.blur) > 0, _blur(x, d.sigma, c.blur_taps), x)
