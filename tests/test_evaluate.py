@@ -562,13 +562,14 @@ def test_epochs_are_planned_to_end_on_time(reproduce: Any) -> None:
     cal = {"startup_s": 20.0, "step_s": 0.1}
     epochs, plan = reproduce.plan_epochs(tier, cal, spent_s=100.0, reserve_s=30.0,
                                          steps_per_epoch=128)  # fmt: skip
-    # 450 - 100 - 30 = 320 s; one wave of 8 runs: 300 s of steps at 0.1 s = 3000 steps.
-    assert plan["steps_fit"] == 3000
-    assert epochs == 3000 // 128
+    # 450 - 100 - 30 = 320 s; one wave of 8 runs: 300 s after the start-up, 0.9 of it in
+    # steps of 0.1 s = 2700 steps.
+    assert plan["steps_fit"] == 2700
+    assert epochs == 2700 // 128
     two_waves = dataclasses.replace(tier, jobs=4)
     epochs, plan = reproduce.plan_epochs(two_waves, cal, 100.0, 30.0, 128)
     assert plan["waves"] == 2
-    assert plan["steps_fit"] == 1400  # (320 / 2 - 20) / 0.1
+    assert plan["steps_fit"] == 1260  # 0.9 (320 / 2 - 20) / 0.1
     assert reproduce.pack_points(list(range(1, 13))) == [3, 6, 9, 12]
     assert reproduce.pack_points([4, 8]) == [4, 8]
 

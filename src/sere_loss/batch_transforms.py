@@ -233,7 +233,7 @@ class BatchMultiCrop:
                           for i in images]  # fmt: skip
         batch, heights, widths = _stack(images)
         device = batch.device
-        if generator is not None and generator.device != device:
+        if generator is not None and not _same_device(generator.device, device):
             raise ValueError(
                 f"generator is on {generator.device} but the images are on {device}: give a "
                 f"torch.Generator(device={str(device)!r})"
@@ -274,6 +274,11 @@ class BatchMultiCrop:
             for c in self.crops
         ]
         return f"{type(self).__name__}(num_global={self.num_global},\n" + ",\n".join(lines) + ")"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` alike when the index is left out on one side."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def as_uint8(image: object) -> Tensor:
@@ -323,8 +328,12 @@ def _stack(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
             )
         batch = _levels(images, "images")
         n, _, height, width = batch.shape
-        sizes = torch.tensor([[height, width]] * n, device=batch.device, dtype=torch.float64)
-        return batch, sizes[:, 0], sizes[:, 1]
+
+        # Filled on the device: a copy from the host would wait for the device's queue.
+        def full(value: int) -> Tensor:
+            return torch.full((n,), float(value), device=batch.device, dtype=torch.float64)
+
+        return batch, full(height), full(width)
     if not isinstance(images, Sequence) or not images:
         raise TypeError(
             f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got "
@@ -345,7 +354,7 @@ def _stack(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         for i in items
     ]
     sizes = torch.tensor([i.shape[1:] for i in items], dtype=torch.float64)
-    sizes = sizes.to(items[0].device)
+    sizes = sizes.to(items[0].device, non_blocking=True)
     return torch.stack(padded), sizes[:, 0], sizes[:, 1]
 
 
@@ -546,9 +555,7 @@ def _apply_colour(x: Tensor, c: BatchColour, d: ColourDraw) -> Tensor:
         x = torch.where(per_view(d.blur) > 0, _blur(x, d.sigma, c.blur_taps), x)
     if c.solarize_p > 0:
         x = torch.where(per_view(d.solarize) > 0, _solarize(x), x)
-    mean = torch.tensor(c.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(c.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return torch.stack([(x[:, k] - c.mean[k]) / c.std[k] for k in range(3)], dim=1)
 
 
 def batch_dino_sere_transform(
