@@ -164,8 +164,7 @@ TIERS = {
 def dry_run_tier(tier: Tier) -> Tier:
     """The same plan, tiny, on the CPU: to check a tier's commands without its device or time.
 
-    The calibration (when the tier has one) runs too, with a budget that gives 2 epochs at
-    most.
+    The calibration (when the tier has one) runs too; the epochs it gives are capped at 2.
     """
     return dataclasses.replace(
         tier, train_images=32, eval_images=(32, 16), curve_images=8, batch_size=8, lr=0.004,
@@ -179,7 +178,7 @@ def dry_run_tier(tier: Tier) -> Tier:
 
 def scenes(tier: Tier, data: str, split: str, count: int, seed: int) -> Any:
     """The tier's scenes: ``(image, mask)`` datasets of ``count`` items."""
-    if tier.data == "generated" or data == "generated":
+    if data == "generated":
         return seg_data.ShapesSegmentation(count, tier.image_size, seed=seed)
     return seg_data.FashionScenes(data, split, count, tier.image_size, seed=seed)
 
@@ -493,6 +492,8 @@ def pack(tier: Tier, runs: Path, out: Path, log: Callable[[str], None]) -> list[
     if not common:
         raise SystemExit(f"no step has a checkpoint in every run of {runs}: nothing to pack")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("backbones-*.pt"):  # of an earlier run: not to be read with these
+        stale.unlink()
     written = []
     for step in pack_points(common):
         entry: dict[str, Any] = {"step": step, "runs": {}}
@@ -1177,14 +1178,18 @@ def train_tier(
     stopped = train_all(tier, scenes_dir, work / "runs", epochs, schedule.steps, log,
                         deadline=deadline)  # fmt: skip
     phase("training")
-    written = pack(tier, work / "runs", packs, log)
-    phase("packing")
-    record |= {"stopped": stopped, "phases_s": phases, "load_end": load()}
     record["schedule"] = dataclasses.asdict(schedule) | {"steps": schedule.steps}
-    record["runs"] = training_record(tier, work / "runs")
-    record["packs"] = [p.name for p in written]
-    record["wall_s"] = time.perf_counter() - tic
-    (packs / "train.json").write_text(json.dumps(record, indent=1, default=float))
+    record["stopped"] = stopped
+    try:
+        written = pack(tier, work / "runs", packs, log)
+    finally:  # the record comes back even when nothing could be packed
+        phase("packing")
+        record |= {"phases_s": phases, "load_end": load()}
+        record["runs"] = training_record(tier, work / "runs")
+        record["packs"] = sorted(p.name for p in packs.glob("backbones-*.pt"))
+        record["wall_s"] = time.perf_counter() - tic
+        packs.mkdir(parents=True, exist_ok=True)
+        (packs / "train.json").write_text(json.dumps(record, indent=1, default=float))
     log(f"{len(written)} packs and train.json in {packs}: {record['wall_s']:.0f} s in all")
     return record
 
