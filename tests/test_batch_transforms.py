@@ -407,6 +407,8 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
         ({"blur_taps": 12}, ValueError, "blur_taps must be odd"),
         ({"hue": 0.7}, ValueError, r"hue must lie in \[0, 0.5\]"),
         ({"jitter_p": -0.1}, ValueError, "jitter_p must lie in"),
+        ({"brightness": -0.5}, ValueError, r"brightness must be a number >= 0"),
+        ({"mean": 0.5}, ValueError, "mean must be three numbers"),
         ({"blur_sigma": (0.0, 1.0)}, ValueError, "blur_sigma must be > 0"),
         ({"std": (1.0, 0.0, 1.0)}, ValueError, "std must be three numbers"),
     ],

@@ -115,8 +115,10 @@ class BatchColour:
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             check_unit_interval(getattr(self, name), name)
         for name in ("brightness", "contrast", "saturation"):
-            check_unit_interval(getattr(self, name), name)
-        if not 0 <= self.hue <= 0.5:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0 (ColorJitter's), got {value!r}")
+        if check_unit_interval(self.hue, "hue") > 0.5:
             raise ValueError(f"hue must lie in [0, 0.5], got {self.hue}")
         sigma = _check_range(self.blur_sigma, "blur_sigma", 0.0, math.inf)
         if sigma[0] <= 0:
@@ -126,7 +128,11 @@ class BatchColour:
             raise ValueError(f"blur_taps must be odd, got {taps}")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if len(value) != 3 or (name == "std" and min(value) <= 0):
+            if (
+                not isinstance(value, Sequence)
+                or len(value) != 3
+                or (name == "std" and min(value) <= 0)
+            ):
                 raise ValueError(f"{name} must be three numbers (std > 0), got {value!r}")
 
 
@@ -547,8 +553,8 @@ def _apply_colour(x: Tensor, c: BatchColour, d: ColourDraw) -> Tensor:
     turn = torch.where(d.jitter, d.hue, 0.0).to(x.dtype).view(n, 1, 1)
     x = torch.where(turn[:, None] != 0, _adjust_hue(x, turn), x)
     for after in range(1, 4):
-        position = (hue_at + after).clamp(max=3)
-        op = d.order.gather(1, position[:, None])[:, 0]
+        at = (hue_at + after).clamp(max=3)
+        op = d.order.gather(1, at[:, None])[:, 0]
         x = cheap(x, torch.where(hue_at + after <= 3, op, none))
     x = torch.where(per_view(d.grayscale) > 0, _gray(x).expand_as(x), x)
     if c.blur_p > 0:
