@@ -170,7 +170,7 @@ def dry_run_tier(tier: Tier) -> Tier:
         tier, train_images=32, eval_images=(32, 16), curve_images=8, batch_size=8, lr=0.004,
         epochs=tier.epochs and 2, seeds=tier.seeds[:2], device="cpu", jobs=min(tier.jobs, 2),
         workers=0, probe_steps=20, knn_k=5, diagnostics_every=2, supervised_steps=4,
-        calibration_steps=tier.calibration_steps and 6,
+        calibration_steps=tier.calibration_steps and 3,
         budget_s=tier.budget_s and 600,
         note=f"a dry run of the {tier.note.split(':')[0]} plan; its numbers mean nothing",
     )  # fmt: skip
@@ -353,12 +353,18 @@ def calibrate(tier: Tier, data: Path, work: Path, log: Callable[[str], None]) ->
     train_all(cal_tier, data, cal, 1000, 0, lambda line: None, max_steps=steps, watch=watch)
     warm = steps // 3
     per_step, startup = [], []
-    for history in seen.values():
+    for name, history in seen.items():
         first = next((t for t, n in history if n >= 1), math.nan)
         points = [(t, n) for t, n in history if n >= warm]
         if len(points) >= 2 and points[-1][1] > points[0][1]:
             per_step.append((points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1]))
+        else:  # steps faster than the polling: the steps' own times, in log.csv
+            from training.rundir import CSVLog
+
+            times = [float(r["seconds"]) for r in CSVLog.read(cal / name / "log.csv")[warm:]]
+            per_step.append(statistics.median(times) if times else math.nan)
         startup.append(first)
+    per_step = [t for t in per_step if not math.isnan(t)]
     if not per_step:
         raise SystemExit(f"the calibration logged too few steps: {seen}")
     out = {
@@ -366,7 +372,7 @@ def calibrate(tier: Tier, data: Path, work: Path, log: Callable[[str], None]) ->
         "steps": steps,
         "step_s": max(per_step),
         "step_s_each": sorted(per_step),
-        "startup_s": max(startup),
+        "startup_s": max((t for t in startup if not math.isnan(t)), default=0.0),
         "wall_s": time.perf_counter() - tic,
     }
     log(f"calibration: {len(seen)} runs at once, {out['step_s'] * 1e3:.0f} ms a step (slowest), "
@@ -395,71 +401,54 @@ def plan_epochs(
     return epochs, plan
 
 
-def crop_rates(tier: Tier, data: str, log: Callable[[str], None]) -> dict[str, Any]:
-    """Images per second of DINO's multi-crop (the tiny preset's views), both ways.
+def crop_rates(
+    tier: Tier, data: str, log: Callable[[str], None], passes: int = 3
+) -> dict[str, Any]:
+    """Images per second of DINO's multi-crop (the tiny preset's views), both ways, one thread.
 
-    The CPU transform on one core, as a loader worker runs it on PIL images, and
-    ``BatchMultiCrop`` on the tier's device at the tier's batch size. Best of three passes
-    (the least disturbed).
+    The CPU transform, as a loader worker runs it on PIL images (one core), and
+    ``BatchMultiCrop`` on the tier's device at the tier's batch size. Best of ``passes``
+    passes (the least disturbed).
     """
     from PIL import Image
 
+    from sere_loss.batch_transforms import batch_dino_sere_transform
     from sere_loss.transforms import dino_sere_transform
 
     views = {"global_size": 64, "local_size": 32, "num_local": 4}
     dataset = scenes(tier, data, "train", 64, seed=0)
     pil = [Image.fromarray(dataset[i][0].permute(1, 2, 0).numpy()) for i in range(32)]
-    cpu = dino_sere_transform(**views)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core each way (a loader worker has one thread)
-    try:
-        return _crop_rates(tier, dataset, pil, cpu, views, log)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _crop_rates(tier: Tier, dataset: Any, pil: list[Any], cpu: Any, views: dict[str, int],
-                log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    from sere_loss.batch_transforms import batch_dino_sere_transform
-
-    passes = []
-    with torch.random.fork_rng(devices=[]):
-        cpu(pil[0])
-        for _ in range(3):
-            tic = time.perf_counter()
-            for image in pil:
-                cpu(image)
-            passes.append(len(pil) / (time.perf_counter() - tic))
     device = torch.device(tier.device)
     batch = torch.stack([dataset[i % len(dataset)][0] for i in range(tier.batch_size)]).to(device)
-    gpu = batch_dino_sere_transform(**views)
+    cpu, gpu = dino_sere_transform(**views), batch_dino_sere_transform(**views)
     gen = torch.Generator(device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def rate(images: int, work: Callable[[], object]) -> float:
+        work()  # warm-up
+        best = math.inf
+        for _ in range(passes):
+            sync()
+            tic = time.perf_counter()
+            work()
+            sync()
+            best = min(best, time.perf_counter() - tic)
+        return images / best
 
-    gpu(batch, generator=gen)
-    rates = []
-    for _ in range(3):
-        sync()
-        tic = time.perf_counter()
-        for _ in range(5):
-            gpu(batch, generator=gen)
-        sync()
-        rates.append(5 * len(batch) / (time.perf_counter() - tic))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loader worker has one thread
+    try:
+        with torch.random.fork_rng(devices=[]):
+            per_core = rate(len(pil), lambda: [cpu(image) for image in pil])
+        on_device = rate(5 * len(batch), lambda: [gpu(batch, generator=gen) for _ in range(5)])
+    finally:
+        torch.set_num_threads(threads)
     cores = os.cpu_count() or 1
-    out = {
-        "cpu_per_core": max(passes),
-        "cpu_all_cores": max(passes) * cores,
-        "cores": cores,
-        "device": str(device),
-        "device_batch": len(batch),
-        "device_crops": max(rates),
-    }
-    log(f"multi-crop: CPU {out['cpu_per_core']:.0f} images/s per core "
-        f"({out['cpu_all_cores']:.0f} on all {cores}), {device.type} batch of {len(batch)}: "
-        f"{out['device_crops']:.0f} images/s (one CPU thread each way)")  # fmt: skip
+    out = {"cpu_per_core": per_core, "cpu_all_cores": per_core * cores, "cores": cores,
+           "device": str(device), "device_batch": len(batch),
+           "device_crops": on_device}  # fmt: skip
+    log(f"multi-crop: CPU {per_core:.0f} images/s per core ({per_core * cores:.0f} on all "
+        f"{cores}), {device.type} batch of {len(batch)}: {on_device:.0f} images/s")  # fmt: skip
     return out
 
 
@@ -1152,7 +1141,7 @@ def train_tier(
     write_scenes(tier, data, scenes_dir, log)  # forks: before CUDA starts in this process
     phase("scenes")
     record["environment"] = environment(torch.device(tier.device))
-    record["crop_rates"] = crop_rates(tier, data, log)
+    record["crop_rates"] = crop_rates(tier, data, log, passes=1 if args.dry_run else 3)
     phase("crop_rates")
     steps_per_epoch = tier.train_images // tier.batch_size
     epochs, plan = tier.epochs, None
