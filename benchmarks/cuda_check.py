@@ -7,7 +7,8 @@
 The checks, each in a subprocess of its own with its own timeout, the whole run bounded by
 ``--budget`` (480 s); a failing or timed-out check is recorded and the run goes on:
 
-1. ``cuda_tests``: the CUDA-only tests (``tests/test_fused.py -k cuda``).
+1. ``cuda_tests``: the CUDA-only tests (``tests/test_fused.py tests/test_batch_transforms.py
+   -k cuda``).
 2. ``triton``: the Triton kernels of both relation cross-entropies against the reference, in
    float32, bfloat16 and float16: values and gradients against a float64 oracle, the fused
    error at most twice the reference's error in the same precision (the rule of
@@ -160,8 +161,8 @@ def build_checks(dry_run: bool, work: Path) -> list[Check]:
     checks = [
         Check(
             "cuda_tests",
-            [python, "-m", "pytest", "tests/test_fused.py", "-k", "cuda", "-q", "-rs",
-             "-p", "no:cacheprovider"],
+            [python, "-m", "pytest", "tests/test_fused.py", "tests/test_batch_transforms.py",
+             "-k", "cuda", "-q", "-rs", "-p", "no:cacheprovider"],
             180,
             _judge_pytest(skips_allowed=dry_run),
         ),

@@ -38,6 +38,7 @@ from training import data, distributed, optim, options, runs
 from training.options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 
 from sere_loss import SERELoss  # SERE
+from sere_loss.batch_transforms import as_uint8, batch_dino_sere_transform  # SERE: on the device
 from sere_loss.transforms import dino_sere_transform  # SERE: crops with their boxes and flips
 
 # Presets -----------------------------------------------------------------------------------------
@@ -262,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sere", action="store_true", help="plain DINO, the baseline")  # SERE
     p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="spatial term weight")  # SERE
     p.add_argument("--beta", type=NON_NEGATIVE, default=1.0, help="channel term weight")  # SERE
+    crops = "draw the multi-crop views on --device, a batch at a time; the loader only decodes"
+    p.add_argument("--device-crops", action="store_true", help=crops)
     args = p.parse_args(argv)
     if not args.no_sere and args.alpha == args.beta == 0:  # SERE: SERELoss would refuse it
         p.error("--alpha 0 and --beta 0 leave SERE nothing to add: use --no-sere")  # SERE
@@ -275,10 +278,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recipe, device = options.RECIPES[args.recipe], process.device
 
     # Data: multi-crop views with their crop boxes and flips, this process's share of them.
-    transform = dino_sere_transform(  # SERE: records each view's box and flip
+    views_of = dict(
         global_size=preset.global_px, local_size=preset.local_px, num_local=preset.num_local,
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
+    transform = dino_sere_transform(**views_of)  # SERE: records each view's box and flip
+    device_crops = None  # --device-crops: the loader decodes, the views are drawn on the device
+    if args.device_crops:
+        transform, device_crops = as_uint8, batch_dino_sere_transform(**views_of)  # SERE: same
+    crop_seed = torch.Generator(device)  # each step's device crops: a function of its seed
     dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
     data.check_images(
         dataset, transform, process, args.check_images, preset.workers,
@@ -287,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loader, sampler = data.build_loader(
         dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
         seed=args.seed, replace_bad=args.replace_bad_images,
+        collate_fn=data.collate_images if device_crops else None,
     )  # fmt: skip
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
@@ -349,6 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step, epoch, (crops, _) in run.iterations(loader, sampler, start):
         now = {name: per_step[step] for name, per_step in schedule.items()}
         optim.set_schedule(optimizer, now["lr"], now["wd"])
+        if device_crops is not None:  # views drawn from the seed, the step and the rank alone
+            crop_seed.manual_seed((args.seed * 1_000_003 + step) * 10_007 + process.rank)
+            crops = device_crops(crops, generator=crop_seed, device=device)
         views = [v.to(device, non_blocking=True) for v in crops.views]
 
         # --8<-- [start:step]
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if sere_ddp is not None:  # SERE: patch tokens of globals (student, teacher), locals
                 s_local = s_tokens[1] if len(s_tokens) > 1 else None  # SERE
                 tokens = s_tokens[0], t_tokens[0]  # SERE: student and teacher, global views
-                geometry = crops.boxes, crops.flips  # SERE: as the loader gives them, on the CPU
+                geometry = crops.boxes, crops.flips  # SERE: from the loader (CPU) or the device
                 loss_sere, terms = sere_ddp(*tokens, *geometry, s_local, return_terms=True)  # SERE
                 loss = loss + loss_sere  # SERE
         # --8<-- [end:step]

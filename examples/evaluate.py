@@ -8,6 +8,7 @@ teacher's backbone is read (``--which student`` for the student's).
     python examples/evaluate.py knn runs/*/checkpoint.pth --feature mean
     python examples/evaluate.py invariance runs/*/checkpoint.pth
     python examples/evaluate.py all runs/*/checkpoint.pth --data /path/to/VOC --size 224
+    python examples/evaluate.py all runs/*/checkpoint.pth --data /usr/share/datasets/fashion-mnist
 
 - ``probe``: a linear layer on the frozen patch tokens (after the final norm) predicts each
   token's class mix; its logits, upsampled bilinearly, give every pixel a class. Reported:
@@ -25,7 +26,10 @@ feature** (each patch's colour mean and spread and the magnitude spectrum of its
 a fixed feature that sees texture, an upper-ish bound for a model that has learnt little).
 
 Data: ``--data generated`` (the default; :class:`seg_data.ShapesSegmentation`, textured objects
-of 4 classes, ``--images TRAIN,VAL``) or a folder in VOC's layout (``JPEGImages/``,
+of 4 classes, ``--images TRAIN,VAL``), a folder of Fashion-MNIST's four idx files
+(:class:`seg_data.FashionScenes`, real items on plain backgrounds with exact masks, 10 classes,
+``--images TRAIN,VAL``; Debian's ``dataset-fashion-mnist`` puts them in
+``/usr/share/datasets/fashion-mnist``), or a folder in VOC's layout (``JPEGImages/``,
 ``SegmentationClass/``, ``ImageSets/Segmentation/train.txt`` and ``val.txt``).
 """
 
@@ -63,7 +67,7 @@ class Extractor:
     """
 
     name: str
-    kind: str  # "model", "lower bound" or "upper bound"
+    kind: str  # "model", "lower bound", "upper bound" (hand-made) or "ceiling" (supervised)
     patch: int
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
@@ -166,6 +170,60 @@ def random_extractor(preset: dict[str, Any], seed: int) -> ViTExtractor:
         return ViTExtractor(build_backbone(preset), "random weights", "lower bound")
 
 
+def supervised_extractor(
+    preset: dict[str, Any],
+    data: EvalData,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch: int = 32,
+    lr: float = 1e-3,
+    log: Callable[[str], None] = print,
+) -> ViTExtractor:
+    """The ceiling: the same ViT trained with the labels the probe is scored on.
+
+    A linear layer on the final-norm patch tokens predicts each token's class mix (the probe's
+    target, :func:`token_targets`) on the train split's images, flipped at random; AdamW,
+    ``steps`` steps of ``batch`` images, linear warm-up over the first tenth then cosine, from
+    the seed's random initial weights. Its features then go through the same frozen probe as
+    every model: what this architecture reaches on this data when its features are learnt for
+    the task, in about the compute the tier gives it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = build_backbone(preset)
+        head = nn.Conv2d(vit.embed_dim, data.num_classes, 1)
+    patch = int(vit.patch_embed.patch_size[0])
+    grid = (data.train_images.shape[-2] // patch, data.train_images.shape[-1] // patch)
+    targets = token_targets(data.train_masks, grid, data.num_classes)
+    params = [*vit.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    warm = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    vit.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(targets), (batch,), generator=gen)
+        images, target = normalise(data.train_images[idx]), targets[idx]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        target = torch.where(flip[:, None, None, None], target.flip(-1), target)
+        tokens = vit.forward_features(images)[:, vit.num_prefix_tokens :]
+        dense = tokens.transpose(1, 2).reshape(batch, -1, *grid)
+        log_p = F.log_softmax(head(dense), dim=1)
+        loss = -(target * log_p).sum(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"supervised ceiling: step {step + 1}/{steps}, loss {loss.item():.3f}")
+    return ViTExtractor(vit, f"supervised ({steps} steps)", "ceiling")
+
+
 # Data --------------------------------------------------------------------------------------------
 
 
@@ -214,14 +272,19 @@ class EvalData:
 def build_data(data: str, images: Sequence[int], size: int | None, seed: int) -> EvalData:
     """Train and val splits of ``(image, mask)``, loaded, with the class count and names.
 
-    ``data`` is ``"generated"`` (``images`` = the train and val counts, ``seed`` the train
-    split's seed, ``seed + 1`` the val split's) or a VOC-style folder (every image of its
-    ``train`` and ``val`` lists, resized to ``size``, 224 by default).
+    ``data`` is ``"generated"`` or a folder of Fashion-MNIST's idx files (scenes: ``images``
+    = the train and val counts, ``seed`` the train split's seed, ``seed + 1`` the val
+    split's), or a VOC-style folder (every image of its ``train`` and ``val`` lists, resized
+    to ``size``, 224 by default).
     """
     if data == "generated":
         train: Dataset[Any] = seg_data.ShapesSegmentation(images[0], size or 96, seed=seed)
         val: Dataset[Any] = seg_data.ShapesSegmentation(images[1], size or 96, seed=seed + 1)
         names = list(seg_data.ShapesSegmentation.CLASSES)
+    elif seg_data.is_idx_folder(data):
+        train = seg_data.FashionScenes(data, "train", images[0], size or 96, seed=seed)
+        val = seg_data.FashionScenes(data, "val", images[1], size or 96, seed=seed + 1)
+        names = list(seg_data.FashionScenes.CLASSES)
     else:
         side = size or 224
         train = Resized(seg_data.VOCSegmentationFolder(data, "train"), side)
@@ -504,8 +567,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("task", choices=["probe", "knn", "invariance", "all"])
     p.add_argument("checkpoints", nargs="+", type=Path)
-    p.add_argument("--data", default="generated", help="'generated' or a VOC-style folder")
-    p.add_argument("--images", default="1024,256", help="generated TRAIN,VAL image counts")
+    p.add_argument(
+        "--data", default="generated",
+        help="'generated', a folder of Fashion-MNIST's idx files, or a VOC-style folder",
+    )  # fmt: skip
+    p.add_argument("--images", default="1024,256", help="generated TRAIN,VAL scene counts")
     p.add_argument(
         "--size", type=Number(16, integer=True), help="image side (generated: 96; a folder: 224)"
     )

@@ -5,6 +5,13 @@
   vertical stripes, checks, dots) with a random period, tilt and pair of colours, so neither
   colour nor shape gives it away: a probe has to see the texture. Shapes (ellipse, rectangle,
   triangle) and sizes are random; later objects occlude earlier ones.
+- :class:`FashionScenes`: real photographs of fashion items (Fashion-MNIST's 28 x 28 gray
+  silhouettes on black), 1 to 3 per scene on a plain dark background, tinted and scaled; an
+  item's pixels above a threshold are its mask, so the masks are exact. 10 classes and the
+  background. Read from any folder that holds Fashion-MNIST's four idx files (``.gz`` or not),
+  such as Debian's package ``dataset-fashion-mnist`` (:data:`FASHION_MNIST_DEBIAN`); the train
+  split's scenes use the train file's items, the val split's the test file's, so no item is in
+  both.
 - :class:`VOCSegmentationFolder`: PASCAL VOC's layout (``JPEGImages/``, ``SegmentationClass/``
   palette PNGs whose indices are the classes, 255 ignored, ``ImageSets/Segmentation/*.txt``).
 - :func:`write_voc` and :func:`write_image_folder` save a dataset in those layouts, so that the
@@ -16,13 +23,16 @@ Every dataset gives ``(image, mask)``: a ``(3, H, W)`` uint8 tensor and an ``(H,
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -149,6 +159,160 @@ def _colour_pair(gen: torch.Generator) -> tuple[Tensor, Tensor]:
     return (dark, light) if float(torch.rand((), generator=gen)) < 0.5 else (light, dark)
 
 
+# Fashion-MNIST scenes ----------------------------------------------------------------------------
+
+FASHION_MNIST_DEBIAN = Path(
+    "/usr/share/datasets/fashion-mnist"
+)  # apt-get install dataset-fashion-mnist
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_TYPES = {0x08: np.uint8}  # the idx format's type codes that Fashion-MNIST uses
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An idx file (LeCun's MNIST format, gzipped or not) as a numpy array.
+
+    The header is two zero bytes, a type code (``0x08``: unsigned bytes), the number of
+    dimensions, then each dimension as a big-endian 32-bit integer; the data follow.
+    """
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise ValueError(
+            f"{path}: not an idx file of unsigned bytes (expected the header 00 00 08 <dims>, "
+            f"got {raw[:4].hex(' ') or 'nothing'})"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = math.prod(shape)
+    if len(raw) - header != count:
+        raise ValueError(
+            f"{path}: the header announces {' x '.join(map(str, shape))} = {count} values, the "
+            f"file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=header).reshape(shape)
+
+
+def is_idx_folder(root: str | Path) -> bool:
+    """Whether ``root`` holds Fashion-MNIST's four idx files (each ``.gz`` or not)."""
+    return all(
+        _idx_path(Path(root), name) is not None for pair in IDX_FILES.values() for name in pair
+    )
+
+
+def _idx_path(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_fashion_mnist(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """Items ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of a split of Fashion-MNIST.
+
+    ``split`` is ``"train"`` (the train files) or ``"val"`` (the test files); ``root`` is a
+    folder of the idx files.
+    """
+    root = Path(root)
+    if split not in IDX_FILES:
+        raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split!r}")
+    paths = [_idx_path(root, name) for name in IDX_FILES[split]]
+    if any(p is None for p in paths):
+        names = ", ".join(f"{n}[.gz]" for pair in IDX_FILES.values() for n in pair)
+        raise FileNotFoundError(
+            f"{root} does not hold Fashion-MNIST's idx files ({names}); Debian's package "
+            f"dataset-fashion-mnist puts them in {FASHION_MNIST_DEBIAN}"
+        )
+    images, labels = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{root}: {split} images {images.shape} and labels {labels.shape} do not match: "
+            "expected (N, H, W) and (N,)"
+        )
+    if labels.size and int(labels.max()) >= len(FashionScenes.CLASSES) - 1:
+        raise ValueError(f"{paths[1]}: labels must be 0-9, got up to {int(labels.max())}")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class FashionScenes(Dataset[tuple[Tensor, Tensor]]):
+    """Scenes of 1 to 3 Fashion-MNIST items on a plain dark background, with exact masks.
+
+    Each scene is a function of ``(seed, index)``: a background colour (each channel in
+    ``[0, 0.25]``), then for each item a random one of the split's items, scaled 1 to 2 times
+    (28 to 56 px, bilinear), tinted by a colour (each channel in ``[0.35, 1]``) and placed
+    wholly inside; later items occlude earlier ones. The item's pixels whose gray level is
+    above ``THRESHOLD`` are its mask and are drawn; the others show what lies beneath. Class
+    ``k + 1`` is Fashion-MNIST's label ``k``; 0 is the background.
+
+    Args:
+        root: a folder holding the four idx files.
+        split: ``"train"`` (the train file's 60,000 items) or ``"val"`` (the test file's).
+        length: number of scenes.
+        size: side in pixels (at least 56).
+        seed: changes every scene (use different seeds for the train and val splits).
+        transform: applied to each uint8 image (the mask is not transformed).
+    """
+
+    CLASSES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
+               "shirt", "sneaker", "bag", "ankle boot")  # fmt: skip
+    THRESHOLD = 0.1  # gray level (of 1) above which an item's pixel is the item's
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        length: int,
+        size: int = 96,
+        seed: int = 0,
+        transform: Callable[[Tensor], Any] | None = None,
+    ) -> None:
+        if length < 1 or size < 56:
+            raise ValueError(f"need length >= 1 and size >= 56, got length={length}, size={size}")
+        self.items, self.labels = read_fashion_mnist(root, split)
+        if len(self.items) == 0:
+            raise ValueError(f"{root}: the {split} split holds no items")
+        self.length, self.size, self.seed, self.transform = length, size, seed, transform
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background (0)."""
+        return len(self.CLASSES)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        image, mask = self.sample(index)
+        return (image if self.transform is None else self.transform(image)), mask
+
+    def sample(self, index: int) -> tuple[Tensor, Tensor]:
+        """Scene ``index``: ``(3, S, S)`` uint8 and its mask ``(S, S)`` int64."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} scenes")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 29)
+        n = self.size
+        image = (torch.rand(3, 1, 1, generator=gen) * 0.25).expand(3, n, n).clone()
+        mask = torch.zeros(n, n, dtype=torch.int64)
+        for _ in range(int(torch.randint(1, 4, (), generator=gen))):
+            k = int(torch.randint(0, len(self.items), (), generator=gen))
+            side = round(28 * _uniform(gen, 1.0, 2.0))
+            item = self.items[k].float()[None, None] / 255
+            item = F.interpolate(item, size=(side, side), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
+            tint = 0.35 + 0.65 * torch.rand(3, 1, 1, generator=gen)
+            top = int(torch.randint(0, n - side + 1, (), generator=gen))
+            left = int(torch.randint(0, n - side + 1, (), generator=gen))
+            inside = item > self.THRESHOLD
+            region = (slice(None), slice(top, top + side), slice(left, left + side))
+            image[region] = torch.where(inside, tint * item, image[region])
+            mask[region[1:]] = torch.where(inside, int(self.labels[k]) + 1, mask[region[1:]])
+        return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask
+
+
 def image_label(mask: Tensor, num_classes: int) -> int:
     """One class per image: the object class with the most pixels (0 when there is none)."""
     counts = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes]
@@ -253,14 +417,18 @@ def write_voc(root: str | Path, splits: dict[str, Dataset[tuple[Tensor, Tensor]]
 
 
 def write_image_folder(
-    root: str | Path, dataset: Dataset[tuple[Tensor, Tensor]], num_classes: int
+    root: str | Path,
+    dataset: Dataset[tuple[Tensor, Tensor]],
+    num_classes: int,
+    indices: Sequence[int] | None = None,
 ) -> Path:
     """Save the images as an ``ImageFolder`` (``root/<label>/<index>.png``), for the trainers.
 
     The folder name is :func:`image_label` of the mask; PNG keeps the pixels exact.
+    ``indices`` (all by default) lets several processes write one dataset, a share each.
     """
     root = Path(root)
-    for index in range(len(dataset)):  # type: ignore[arg-type]
+    for index in range(len(dataset)) if indices is None else indices:  # type: ignore[arg-type]
         image, mask = dataset[index]
         folder = root / f"{image_label(mask, num_classes):02d}"
         folder.mkdir(parents=True, exist_ok=True)

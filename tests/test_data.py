@@ -104,6 +104,27 @@ def test_16_bit_and_float_images_keep_their_levels(examples: Any, tmp_path: Path
         image = _as_image(dataset[index][0])
         assert image.dtype == torch.uint8
         assert torch.equal(image.as_subclass(torch.Tensor), expected.expand(3, 2, 3))
+    # --device-crops' loader transform reads them the same way.
+    from sere_loss.batch_transforms import as_uint8
+
+    for index in range(len(dataset)):
+        assert torch.equal(as_uint8(dataset[index][0]), expected.expand(3, 2, 3))
+    floats = torch.tensor([[0.0, 0.5, 1.0]]).expand(3, 1, 3)  # float tensors: [0, 1] levels
+    assert as_uint8(floats).tolist() == [[[0, 128, 255]]] * 3
+
+
+def test_decoded_images_are_batched_by_size(examples: Any) -> None:
+    """--device-crops' collate: one tensor when the images share a size, else a list."""
+    same = [(torch.full((3, 4, 5), k, dtype=torch.uint8), k) for k in range(3)]
+    images, targets = examples.data.collate_images(same)
+    assert images.shape == (3, 3, 4, 5)
+    assert images[:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert targets.tolist() == [0, 1, 2]
+    mixed = [*same, (torch.zeros(3, 6, 5, dtype=torch.uint8), 7)]
+    images, targets = examples.data.collate_images(mixed)
+    assert isinstance(images, list)
+    assert [tuple(i.shape) for i in images] == [(3, 4, 5)] * 3 + [(3, 6, 5)]
+    assert targets.tolist() == [0, 1, 2, 7]
 
 
 def test_a_bad_image_met_mid_run_is_replaced_on_resume_exactly(

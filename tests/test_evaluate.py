@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import importlib
 import json
 import math
@@ -91,6 +92,98 @@ def test_generated_images_are_textured_by_class(ev: SimpleNamespace) -> None:
     labels = [ev.seg.image_label(data[i][1], data.num_classes) for i in range(len(data))]
     assert set(labels) <= {1, 2, 3, 4}
     assert len(set(labels)) >= 3
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An idx file written from the format's statement: 0, 0, type 0x08, dims, sizes, bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def tiny_fashion(root: Path, train: int = 12, test: int = 6) -> Path:
+    """Fashion-MNIST's four idx files, tiny: train items of labels 0-4, test items of 5-9
+    (so a scene's classes tell which file its items came from); train gzipped, test not."""
+    root.mkdir(parents=True, exist_ok=True)
+    gen = np.random.default_rng(0)
+    for name, count, labels, ext in (
+        ("train", train, range(5), ".gz"),
+        ("t10k", test, range(5, 10), ""),
+    ):
+        items = np.zeros((count, 28, 28), dtype=np.uint8)
+        for k in range(count):
+            top, left = gen.integers(2, 8, size=2)
+            items[k, top : top + 16, left : left + 14] = gen.integers(60, 256)
+        write_idx(root / f"{name}-images-idx3-ubyte{ext}", items)
+        write_idx(root / f"{name}-labels-idx1-ubyte{ext}", gen.choice(list(labels), size=count))
+    return root
+
+
+def test_idx_files_are_read_as_written(ev: SimpleNamespace, tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    for name in ("a.idx", "a.idx.gz"):
+        np.testing.assert_array_equal(ev.seg.read_idx(write_idx(tmp_path / name, array)), array)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")
+    with pytest.raises(ValueError, match=r"bad: not an idx file of unsigned bytes .*00 00 0d 01"):
+        ev.seg.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(write_idx(tmp_path / "ok", array).read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"announces 2 x 3 x 5 = 30 values, the file holds 29"):
+        ev.seg.read_idx(tmp_path / "short")
+
+
+def test_fashion_scenes_from_any_idx_folder(ev: SimpleNamespace, tmp_path: Path) -> None:
+    """Scenes of the train file's items for "train", the test file's for "val"; a plain
+    background wherever the mask says background; a function of (seed, index)."""
+    root = tiny_fashion(tmp_path / "fm")
+    assert ev.seg.is_idx_folder(root)
+    train = ev.seg.FashionScenes(root, "train", 24, 64, seed=0)
+    val = ev.seg.FashionScenes(root, "val", 24, 64, seed=1)
+    assert train.num_classes == 11
+    seen: dict[str, set[int]] = {"train": set(), "val": set()}
+    for split, data in (("train", train), ("val", val)):
+        for i in range(len(data)):
+            image, mask = data[i]
+            assert image.dtype == torch.uint8
+            assert image.shape == (3, 64, 64)
+            assert mask.shape == (64, 64)
+            background = image[:, mask == 0]
+            assert background.shape[1] > 0
+            assert (background == background[:, :1]).all(), "the background is one colour"
+            assert float(background.max()) <= 0.25 * 255 + 0.5
+            assert (mask > 0).any(), "every scene holds an item"
+            seen[split] |= set(mask.unique().tolist()) - {0}
+    assert seen["train"] <= {1, 2, 3, 4, 5}
+    assert seen["val"] <= {6, 7, 8, 9, 10}
+    assert len(seen["train"]) >= 3
+    image, mask = train[3]
+    assert torch.equal(image, train[3][0])
+    assert torch.equal(mask, train[3][1])
+    assert not torch.equal(image, ev.seg.FashionScenes(root, "train", 24, 64, seed=5)[3][0])
+    loaded = ev.evaluate.build_data(str(root), (8, 4), 64, seed=0)
+    assert loaded.train_images.shape == (8, 3, 64, 64)
+    assert loaded.val_masks.shape == (4, 64, 64)
+    assert loaded.names == list(ev.seg.FashionScenes.CLASSES)
+    assert torch.equal(loaded.train_images[2], train[2][0])
+
+
+def test_fashion_folder_errors(ev: SimpleNamespace, tmp_path: Path) -> None:
+    root = tiny_fashion(tmp_path / "fm")
+    with pytest.raises(ValueError, match="split must be one of"):
+        ev.seg.FashionScenes(root, "test", 4)
+    with pytest.raises(ValueError, match="size >= 56"):
+        ev.seg.FashionScenes(root, "train", 4, 48)
+    write_idx(root / "t10k-labels-idx1-ubyte", np.array([3, 12, 4, 4, 4, 4]))
+    with pytest.raises(ValueError, match=r"labels must be 0-9, got up to 12"):
+        ev.seg.FashionScenes(root, "val", 4)
+    (root / "train-images-idx3-ubyte.gz").unlink()
+    assert not ev.seg.is_idx_folder(root)
+    with pytest.raises(
+        FileNotFoundError, match=r"train-images-idx3-ubyte\[\.gz\].*dataset-fashion"
+    ):
+        ev.seg.FashionScenes(root, "train", 4)
 
 
 def test_image_label_is_the_largest_object(ev: SimpleNamespace) -> None:
@@ -313,6 +406,45 @@ def test_no_sere_starts_from_the_same_weights_and_crops(
         assert torch.equal(value, plain["student"][f"backbone.{key}"]), key
 
 
+def test_device_crops_are_a_function_of_seed_and_step(
+    ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device-crops: both arms see the same views and geometry at each step, a resumed run
+    sees what an uninterrupted one saw, and another seed sees others."""
+    from sere_loss.batch_transforms import BatchMultiCrop
+
+    seen: list[tuple[Any, ...]] = []
+    original = BatchMultiCrop.__call__
+
+    def recording(self: Any, images: Any, **kw: Any) -> Any:
+        crops = original(self, images, **kw)
+        seen.append((crops.views, crops.boxes, crops.flips))
+        return crops
+
+    monkeypatch.setattr(BatchMultiCrop, "__call__", recording)
+
+    def train(out: str, *extra: str) -> list[tuple[Any, ...]]:
+        seen.clear()
+        _train(ev.dino, shapes_folder, tmp_path / out, "--device-crops", *extra)
+        return list(seen)
+
+    sere = train("a", "--max-steps", "3", "--seed", "7")
+    plain = train("b", "--max-steps", "3", "--seed", "7", "--no-sere")
+    first = train("c", "--max-steps", "1", "--seed", "7")
+    resumed = train("c", "--max-steps", "3", "--seed", "7", "--resume")
+    other = train("d", "--max-steps", "1", "--seed", "8")
+    assert len(sere) == len(plain) == 3
+    for runs in (plain, first + resumed):
+        for (v1, b1, f1), (v2, b2, f2) in zip(sere, runs, strict=True):
+            assert torch.equal(b1, b2)
+            assert torch.equal(f1, f2)
+            assert all(torch.equal(x, y) for x, y in zip(v1, v2, strict=True))
+    assert not torch.equal(other[0][1], sere[0][1])
+    assert not torch.equal(sere[1][1], sere[0][1])  # each step its own crops
+    # The geometry reached SERE: its views are those of the images' crops, 6 of them.
+    assert sere[0][1].shape == (4, 6, 4)
+
+
 def test_trainer_options_of_the_experiment(
     ev: SimpleNamespace, shapes_folder: Path, tmp_path: Path
 ) -> None:
@@ -396,34 +528,113 @@ def test_gpu_tier_refuses_without_a_gpu(reproduce: Any) -> None:
         reproduce.main(["--tier", "gpu"])
 
 
-def test_the_whole_pipeline_smoke(reproduce: Any, tmp_path: Path) -> None:
-    """The experiment from one command, tiny: trains both arms, evaluates, writes the results."""
-    out = tmp_path / "out"
-    record = reproduce.main(["--tier", "smoke", "--work", str(tmp_path / "w"), "--out", str(out)])
+def test_data_that_is_not_an_idx_folder_is_refused(reproduce: Any, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--data .*not a folder of Fashion-MNIST's four idx"):
+        reproduce.main(["--tier", "cpu", "--dry-run", "--data", str(tmp_path)])
+
+
+def _rows(
+    reproduce: Any, random: float, spectrum: float, dino: list[float], sere: list[float]
+) -> list[dict]:
+    """The summary rows of a probe result with these bounds and per-seed arms."""
+
+    def probe(values: list[float]) -> dict[str, Any]:
+        return {"probe": {k: {"miou": v, "pixel_acc": 0.0} for k, v in enumerate(values)}}
+
+    results = {
+        "bounds": {"random": probe([random, random]), "spectrum": probe([spectrum])},
+        "final": {"dino": probe(dino), "dino_sere": probe(sere)},
+        "final_student": {},
+    }
+    return [r for r in reproduce.summarise(results, [0, 1]) if r["metric"] == "miou"]
+
+
+def test_the_statistic_is_read_only_past_the_gate(reproduce: Any) -> None:
+    """Read only when the better arm's mean beats the higher bound by 2 mIoU or more."""
+    # The higher bound is the random weights' (20) here, not the hand-made feature's (15).
+    below = _rows(reproduce, 20.0, 15.0, [21.0, 21.5], [21.8, 22.0])  # best arm 21.9 < 22
+    passed, text = reproduce.probe_gate(below)
+    assert not passed
+    assert "random weights, 20.00" in text
+    assert reproduce.verdict(below).startswith("**Verdict: not read.**")
+    above = _rows(reproduce, 20.0, 15.0, [21.0, 21.5], [22.0, 22.2])  # best arm 22.1 >= 22
+    assert reproduce.probe_gate(above)[0]
+    text = reproduce.verdict(above)
+    # Differences +1.0 and +0.7: mean +0.85, sd 0.212, t(1) 12.706: interval [-1.06, +2.76].
+    assert "+0.85 [-1.06, +2.76]" in text
+    assert "higher in 2 of 2" in text
+    assert "no difference shown" in text
+    clear = _rows(reproduce, 10.0, 15.0, [20.0, 21.0], [23.0, 24.1])  # +3.0, +3.1: above zero
+    assert "SERE helps" in reproduce.verdict(clear)
+    worse = _rows(reproduce, 10.0, 15.0, [23.0, 24.1], [20.0, 21.0])
+    assert "SERE hurts" in reproduce.verdict(worse)
+
+
+def test_epochs_are_planned_to_end_on_time(reproduce: Any) -> None:
+    tier = dataclasses.replace(reproduce.TIERS["gpu"], budget_s=450, jobs=8)
+    cal = {"startup_s": 20.0, "step_s": 0.1}
+    epochs, plan = reproduce.plan_epochs(tier, cal, spent_s=100.0, reserve_s=30.0,
+                                         steps_per_epoch=128)  # fmt: skip
+    # 450 - 100 - 30 = 320 s; one wave of 8 runs: 300 s after the start-up, 0.9 of it in
+    # steps of 0.1 s = 2700 steps.
+    assert plan["steps_fit"] == 2700
+    assert epochs == 2700 // 128
+    two_waves = dataclasses.replace(tier, jobs=4)
+    epochs, plan = reproduce.plan_epochs(two_waves, cal, 100.0, 30.0, 128)
+    assert plan["waves"] == 2
+    assert plan["steps_fit"] == 1260  # 0.9 (320 / 2 - 20) / 0.1
+    assert reproduce.pack_points(list(range(1, 13))) == [3, 6, 9, 12]
+    assert reproduce.pack_points([4, 8]) == [4, 8]
+
+
+def test_the_gpu_plan_dry_run(reproduce: Any, tmp_path: Path) -> None:
+    """The GPU tier's plan, tiny, on the CPU, from a folder of tiny idx files: scenes,
+    crop rates, calibration, epochs from it, training, packs under 16 MiB, the evaluation from
+    the packs (as ``--evaluate`` reads what a GPU run hands back), the results; a rerun trains
+    nothing."""
+    data = tiny_fashion(tmp_path / "fm")
+    work, out = tmp_path / "w", tmp_path / "out"
+    argv = ["--tier", "gpu", "--dry-run", "--data", str(data), "--work", str(work)]
+    record = reproduce.main([*argv, "--out", str(out)])
     for name in ("results.json", "results.md", "fig6_bars.png", "probe.png"):
         assert (out / name).is_file(), name
     assert (out / "invariance_over_training.png").stat().st_size > 10_000
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["meta"]["seeds"] == [0, 1]
-    assert saved["meta"]["environment"]["commit"]
-    table = {row["metric"]: row for row in saved["table"]}
-    for metric in ("spatial_controlled", "student_spatial_controlled", "miou", "top1"):
+    training = json.loads((work / "packed" / "train.json").read_text())
+    assert training["calibration"]["runs_at_once"] == 2
+    assert training["calibration"]["step_s"] > 0
+    assert training["plan"]["epochs_dry_run"] == training["schedule"]["epochs"] == 2
+    assert set(training["estimate"]["phases_s"]) >= {"scenes", "training start-up"}
+    assert training["crop_rates"]["device_crops"] > 0
+    assert sorted(training["runs"]) == ["dino_s0", "dino_s1", "dino_sere_s0", "dino_sere_s1"]
+    assert len(training["runs"]["dino_s0"]["log"]["loss"]) == training["schedule"]["steps"]
+    packs = sorted((work / "packed").glob("backbones-*.pt"))
+    assert [p.name for p in packs] == ["backbones-0000004.pt", "backbones-0000008.pt"]
+    assert all(p.stat().st_size < reproduce.PACK_LIMIT for p in packs)
+    packed = torch.load(packs[-1], weights_only=True)
+    teacher = packed["runs"]["dino_sere_s1"]["teacher"]
+    assert all(v.dtype == torch.float16 for v in teacher.values())
+    saved = torch.load(work / "runs" / "dino_sere_s1" / "checkpoint.pth", weights_only=False)
+    torch.testing.assert_close(teacher["cls_token"], saved["teacher"]["backbone.cls_token"].half())
+    table = {row["metric"]: row for row in record["table"]}
+    for metric in ("miou", "spatial_controlled", "student_spatial_controlled", "top1"):
         row = table[metric]
         assert len(row["dino"]["values"]) == len(row["dino_sere"]["values"]) == 2
-        assert not math.isnan(row["random"]["mean"])  # the bounds are in every row
-        assert not math.isnan(row["spectrum"]["mean"])
+        for bound in ("random", "spectrum", "ceiling"):
+            assert not math.isnan(row[bound]["mean"]), (metric, bound)
     curve = record["results"]["curve"]["student"]["dino_sere"][1]
-    assert [p["epoch"] for p in curve] == [0.0, 1.0, 2.0]  # random init, then every epoch
+    assert [p["epoch"] for p in curve] == [0.0, 1.0, 2.0]  # random init, then each pack
     text = (out / "results.md").read_text()
-    assert "| dense linear probe mIoU (%), teacher | higher |" in text
-    assert "Probe gate" in text
-    # Rerunning skips the finished runs (and would resume an unfinished one).
+    assert text.splitlines()[2].startswith("**Verdict:")
+    assert "| **dense linear probe mIoU (%), teacher** | higher |" in text
+    # Rerunning trains nothing: the runs are finished, the epochs kept from the calibration.
     lines: list[str] = []
-    tier = reproduce.TIERS["smoke"]
-    data, runs = tmp_path / "w" / "data" / "train", tmp_path / "w" / "runs"
-    reproduce.train_all(tier, data, runs, saved["meta"]["steps"], lines.append)
+    tier = reproduce.dry_run_tier(reproduce.TIERS["gpu"])
+    steps = training["schedule"]["steps"]
+    assert (
+        reproduce.train_all(tier, work / "data" / "train", work / "runs", 2, steps, lines.append)
+        == []
+    )
     assert lines == []
-    assert "--resume" in reproduce.train_command(tier, data, runs / "x", 0, "dino")
 
 
 def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
@@ -431,24 +642,28 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
 ) -> None:
     """The experiment's rerun under the trainers' run-directory rules: a run killed mid-way
     continues from its last checkpoint (``--resume`` with the same options), its log keeps each
-    step once, every epoch's checkpoint is kept; a finished run is not started again."""
-    tier = dataclasses.replace(reproduce.TIERS["smoke"], seeds=(0,), jobs=1)
+    step once, every epoch's checkpoint is kept; a finished run is not started again; a run
+    still going at the deadline is stopped and named."""
+    tier = dataclasses.replace(
+        reproduce.dry_run_tier(reproduce.TIERS["cpu"]), data="generated", seeds=(0,), jobs=1
+    )
     train_set = ev.seg.ShapesSegmentation(tier.train_images, tier.image_size, seed=0)
     data, runs = tmp_path / "data", tmp_path / "runs"
     ev.seg.write_image_folder(data, train_set, train_set.num_classes)
     steps_per_epoch = tier.train_images // tier.batch_size
-    steps = steps_per_epoch * tier.epochs
+    epochs = 2
+    steps = steps_per_epoch * epochs
     lines: list[str] = []
     # Killed in the middle of the second epoch: the first epoch's checkpoint is the last one.
     monkeypatch.setenv("EXAMPLES_TEST_FAULT", f"kill:step:{steps_per_epoch + 2}")
     with pytest.raises(SystemExit, match="failed"):
-        reproduce.train_all(tier, data, runs, steps, lines.append)
+        reproduce.train_all(tier, data, runs, epochs, steps, lines.append)
     run = runs / "dino_s0"
-    assert not reproduce.finished(run, tier, steps)
+    assert not reproduce.finished(run, steps)
     assert [s for s, _ in reproduce.kept_checkpoints(run)] == [steps_per_epoch]
     monkeypatch.delenv("EXAMPLES_TEST_FAULT")
     lines.clear()
-    reproduce.train_all(tier, data, runs, steps, lines.append)
+    reproduce.train_all(tier, data, runs, epochs, steps, lines.append)
     assert [line.split(" in ")[0] for line in lines] == [
         "training dino_s0",
         "trained dino_s0",
@@ -456,17 +671,23 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_left_alone(
         "trained dino_sere_s0",
     ]
     assert f"resumed from step {steps_per_epoch}" in (run / "train.log").read_text()
-    assert reproduce.finished(run, tier, steps)
-    assert reproduce.finished(runs / "dino_sere_s0", tier, steps)
+    assert reproduce.finished(run, steps)
+    assert reproduce.finished(runs / "dino_sere_s0", steps)
     logged = [int(row["step"]) for row in ev.rundir.CSVLog.read(run / "log.csv")]
     assert logged == list(range(1, steps + 1))
     assert [s for s, _ in reproduce.kept_checkpoints(run)] == [steps_per_epoch, steps]
     # Finished: nothing is trained again, nothing in the directories changes.
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
     lines.clear()
-    reproduce.train_all(tier, data, runs, steps, lines.append)
+    reproduce.train_all(tier, data, runs, epochs, steps, lines.append)
     assert lines == []
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
+    # Past the deadline, what runs is stopped, and what waits is named too.
+    lines.clear()
+    stopped = reproduce.train_all(tier, data, tmp_path / "late", epochs, steps, lines.append,
+                                  deadline=0.0)  # fmt: skip
+    assert stopped == ["dino_s0", "dino_sere_s0"]
+    assert lines[-1].startswith("stopped dino_s0 at the deadline")
 
 
 def test_voc_folder_errors_name_the_files(ev: SimpleNamespace, tmp_path: Path) -> None:

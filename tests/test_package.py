@@ -62,7 +62,8 @@ def test_version_is_written_once() -> None:
 
 
 def test_import_stays_light() -> None:
-    # Only the transforms may import torchvision; `import sere_loss` must not, and TokenTap
+    # Only the transforms modules (transforms, batch_transforms) may import torchvision;
+    # `import sere_loss` must not, and TokenTap
     # knows timm and transformers models without importing either.
     code = (
         "import sys, sere_loss; "

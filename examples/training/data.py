@@ -8,6 +8,7 @@
   exactly the batches an uninterrupted run would have seen, whatever the number of workers.
 - :class:`ImageReadError`: an image that cannot be used, named by its file; with
   ``--replace-bad-images`` it is replaced by the next image that can be used instead.
+- :func:`collate_images`: batches of decoded images of one or several sizes (``--device-crops``).
 """
 
 from __future__ import annotations
@@ -331,6 +332,7 @@ def build_loader(
     workers: int,
     seed: int,
     replace_bad: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[DataLoader[Any], ResumableSampler]:
     """This process's loader of augmented batches; content depends on ``seed`` and epoch only.
 
@@ -351,6 +353,7 @@ def build_loader(
         num_workers=workers,
         pin_memory=process.device.type == "cuda",
         drop_last=True,
+        collate_fn=collate_fn,
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals,
         # A generator of its own: creating the iterator must not draw from the global RNG,
@@ -358,3 +361,16 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
+
+
+def collate_images(batch: Sequence[tuple[Tensor, Any]]) -> tuple[Tensor | list[Tensor], Tensor]:
+    """Batch ``(image, target)`` pairs of decoded images (``--device-crops``).
+
+    Images are stacked ``(B, C, H, W)`` when they share a size, else kept as a list
+    (``BatchMultiCrop`` takes either); targets become a tensor.
+    """
+    images = [image for image, _ in batch]
+    targets = torch.as_tensor([target for _, target in batch])
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images), targets
+    return images, targets
