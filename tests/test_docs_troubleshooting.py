@@ -68,8 +68,11 @@ ALLOWED: dict[tuple[str, str], str] = {
         "Dataset.__getitem__'s IndexError, the sequence protocol: the samplers never ask for an "
         "index outside the dataset"
     ),
-    ("examples/seg_data.py", "out of range for"): (
+    ("examples/seg_data.py", "out of range for {self.length} scenes"): (
         "Dataset.__getitem__'s IndexError, the sequence protocol, as in examples/training/data.py"
+    ),
+    ("examples/seg_data.py", "out of range for {self.length} images"): (
+        "the same IndexError, in the generated segmentation images"
     ),
 }
 MAX_ALLOWED = 8
