@@ -570,7 +570,9 @@ class _PairedChannelCE(torch.autograd.Function):
                         _inner(ps[i], a, out=ce[k, items]).neg_().add_(total_log_z)
                     stats[v, 0, items] = a_max.squeeze(-1)
                     stats[v, 1, items] = log_z.squeeze(-1)
-            per_pair = ce.div_(channels)
+            # Not in place: compiled under torch 2.11, an output written in place by its own
+            # forward lost its gradient (zero for every view, with the right value).
+            per_pair = ce / channels
         if save:
             ctx.save_for_backward(*students, *q_saved, *p_saved)
         else:
