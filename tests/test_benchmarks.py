@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,51 @@ def test_backbones_takes_every_ratio_within_rounds_against_the_first_row(tmp_pat
     assert other["per_image_vs_first"]["values"] == pytest.approx(expected)
     assert record["rounds"] == 2
     assert "commit" in record["environment"]
+
+
+def _worktrees() -> list[str]:
+    listing = subprocess.run(
+        ["git", "-C", str(BENCHMARKS.parent), "worktree", "list", "--porcelain"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return [line for line in listing.stdout.splitlines() if line.startswith("worktree ")]
+
+
+@pytest.mark.skipif(not (BENCHMARKS.parent / ".git").exists(), reason="needs a git checkout")
+def test_against_times_this_tree_against_a_commit(tmp_path: Path) -> None:
+    before = _worktrees()
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "against.py"), "--ref", "HEAD", "--settings", "quick",
+         "--rounds", "5", "--repeat", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "against-HEAD.json").read_text())
+    assert [(r["backend"], r["recipe"]) for r in saved["rows"]] == [
+        ("auto", "authors"), ("auto", "paper"), ("chunked", "authors"), ("chunked", "paper")
+    ]  # fmt: skip
+    for row in saved["rows"]:
+        assert len(row["seconds"]["this"]) == len(row["seconds"]["other"]) == 5
+        assert row["ratio"]["median"] > 0
+    assert "| quick | chunked | paper |" in (tmp_path / "against-HEAD.md").read_text()
+    assert _worktrees() == before  # the other tree's worktree is removed
+
+
+def test_against_refuses_to_time_two_different_losses() -> None:
+    import against
+
+    import sere_loss
+
+    class Other(sere_loss.SERELoss):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return 1.01 * super().forward(*args, **kwargs)
+
+    other = type(sys)("other")
+    other.SERELoss = Other  # type: ignore[attr-defined]
+    libraries = {"this": sere_loss, "other": other}
+    with pytest.raises(SystemExit, match=r"quick, backend='auto', recipe 'paper': the two trees "):
+        against.compare(libraries, cases.SETTINGS["quick"], "auto", "paper", rounds=5, repeat=1)
+    row = against.compare(
+        {"this": sere_loss, "other": sere_loss}, cases.SETTINGS["quick"], "auto", "paper", 5, 1
+    )
+    assert row["ratio"]["n"] == 5
