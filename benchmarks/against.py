@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     setting = SETTINGS[name]
                     row = compare(libraries, setting, backend, recipe, args.rounds, args.repeat)
                     print(
-                        f"{name} {backend}: here / there {row['ratio']['median']:.3f}", flush=True
+                        f"{name} {backend} {recipe}: here / there {row['ratio']['median']:.3f}", flush=True
                     )
                     rows.append(row)
         finally:
