@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for backend, recipe in itertools.product(args.backends, args.recipes):
                     setting = SETTINGS[name]
                     row = compare(libraries, setting, backend, recipe, args.rounds, args.repeat)
-                    print(
-                        f"{name} {backend} {recipe}: here / there {row['ratio']['median']:.3f}", flush=True
-                    )
+                    ratio = row["ratio"]["median"]
+                    print(f"{name} {backend} {recipe}: here / there {ratio:.3f}", flush=True)
                     rows.append(row)
         finally:
             subprocess.run(
