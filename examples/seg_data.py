@@ -40,7 +40,31 @@ from torch.utils.data import Dataset
 IGNORE = 255  # VOC's label for pixels that count in no class
 
 
-class ShapesSegmentation(Dataset[tuple[Tensor, Tensor]]):
+class _Scenes(Dataset[tuple[Tensor, Tensor]]):
+    """What the generated segmentation data sets share: a length, classes, ``sample(index)``."""
+
+    CLASSES: tuple[str, ...]
+    length: int
+    transform: Callable[[Tensor], Any] | None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background (0)."""
+        return len(self.CLASSES)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        image, mask = self.sample(index)
+        return (image if self.transform is None else self.transform(image)), mask
+
+    def sample(self, index: int) -> tuple[Tensor, Tensor]:
+        """Image ``index``: ``(3, S, S)`` uint8 and its mask ``(S, S)`` int64."""
+        raise NotImplementedError
+
+
+class ShapesSegmentation(_Scenes):
     """Generated images with masks: textured objects of 4 classes on a textured background.
 
     Args:
@@ -63,18 +87,6 @@ class ShapesSegmentation(Dataset[tuple[Tensor, Tensor]]):
         if length < 1 or size < 16:
             raise ValueError(f"need length >= 1 and size >= 16, got length={length}, size={size}")
         self.length, self.size, self.seed, self.transform = length, size, seed, transform
-
-    @property
-    def num_classes(self) -> int:
-        """Classes including the background (0)."""
-        return len(self.CLASSES)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
-        image, mask = self.sample(index)
-        return (image if self.transform is None else self.transform(image)), mask
 
     def sample(self, index: int) -> tuple[Tensor, Tensor]:
         """Image ``index``: ``(3, S, S)`` uint8 and its mask ``(S, S)`` int64."""
@@ -237,7 +249,7 @@ def read_fashion_mnist(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-class FashionScenes(Dataset[tuple[Tensor, Tensor]]):
+class FashionScenes(_Scenes):
     """Scenes of 1 to 3 Fashion-MNIST items on a plain dark background, with exact masks.
 
     Each scene is a function of ``(seed, index)``: a background colour (each channel in
@@ -275,18 +287,6 @@ class FashionScenes(Dataset[tuple[Tensor, Tensor]]):
         if len(self.items) == 0:
             raise ValueError(f"{root}: the {split} split holds no items")
         self.length, self.size, self.seed, self.transform = length, size, seed, transform
-
-    @property
-    def num_classes(self) -> int:
-        """Classes including the background (0)."""
-        return len(self.CLASSES)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
-        image, mask = self.sample(index)
-        return (image if self.transform is None else self.transform(image)), mask
 
     def sample(self, index: int) -> tuple[Tensor, Tensor]:
         """Scene ``index``: ``(3, S, S)`` uint8 and its mask ``(S, S)`` int64."""

@@ -29,7 +29,7 @@ from sere_loss.batch_transforms import (
     BatchMultiCrop,
     batch_dino_sere_transform,
 )
-from sere_loss.transforms import IMAGENET_MEAN, IMAGENET_STD, dino_sere_transform
+from sere_loss.transforms import IMAGENET_MEAN, IMAGENET_STD, CropSpec, dino_sere_transform
 from test_transforms import _centres, _coordinate_image, _crop_pixels, _predict
 
 H0, W0 = 240, 320
@@ -426,6 +426,10 @@ def test_globals_come_first_and_are_largest() -> None:
         BatchMultiCrop([large, small], num_global=3)
     assert BatchMultiCrop([large, large, small]).num_global == 2
     assert BatchMultiCrop([large, large, small]).num_local == 1
+    with pytest.raises(ValueError, match="crops is empty: give one BatchCropSpec per view"):
+        BatchMultiCrop([])
+    with pytest.raises(TypeError, match="non-empty sequence of BatchCropSpec, got \\[CropSpec"):
+        BatchMultiCrop([CropSpec(16, (0.5, 1.0))])  # the CPU transform's spec
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -54,7 +54,15 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from ._checks import check_int, check_positive_int, check_unit_interval
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Crops, _as_image, _check_pixels, _hw
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Crops,
+    _as_image,
+    _check_crops,
+    _check_pixels,
+    _hw,
+)
 
 __all__ = [
     "BatchColour",
@@ -196,23 +204,7 @@ class BatchMultiCrop:
     """
 
     def __init__(self, crops: Sequence[BatchCropSpec], num_global: int | None = None) -> None:
-        if not isinstance(crops, Sequence) or not crops:
-            raise ValueError(f"crops must be a non-empty sequence of BatchCropSpec, got {crops!r}")
-        if not all(isinstance(c, BatchCropSpec) for c in crops):
-            raise TypeError(f"crops must be a sequence of BatchCropSpec, got {crops!r}")
-        areas = [math.prod(_hw(c.size)) for c in crops]
-        if num_global is None:
-            num_global = sum(a == max(areas) for a in areas)
-        num_global = check_positive_int(num_global, "num_global")
-        if num_global > len(crops):
-            raise ValueError(f"num_global={num_global} exceeds the {len(crops)} crops")
-        if min(areas[:num_global]) < max(areas[num_global:], default=0):
-            raise ValueError(
-                f"the {num_global} global crops must come first and be the largest, got sizes "
-                f"{[c.size for c in crops]}"
-            )
-        self.crops = list(crops)
-        self.num_global = num_global
+        self.crops, self.num_global = _check_crops(crops, BatchCropSpec, num_global)
 
     @property
     def num_local(self) -> int:

@@ -259,6 +259,34 @@ def _scaled_to_uint8(levels: Tensor, top: float, what: str) -> Tensor:
     return (levels.to(torch.float64) * (255.0 / top)).round().to(torch.uint8)
 
 
+def _check_crops(crops: object, spec: type, num_global: int | None) -> tuple[list[Any], int]:
+    """Crop specs of class ``spec``, global views first and largest; ``num_global`` resolved.
+
+    ``num_global=None`` counts the crops of the largest area. Shared by ``MultiCropTransform``
+    and ``batch_transforms.BatchMultiCrop``.
+    """
+    name = spec.__name__
+    if not isinstance(crops, Sequence) or isinstance(crops, str):
+        raise TypeError(f"crops must be a non-empty sequence of {name}, got {crops!r}")
+    if not crops:
+        raise ValueError(f"crops is empty: give one {name} per view, global views first")
+    crops = list(crops)
+    if not all(isinstance(c, spec) for c in crops):
+        raise TypeError(f"crops must be a non-empty sequence of {name}, got {crops!r}")
+    areas = [math.prod(_hw(c.size)) for c in crops]
+    if num_global is None:
+        num_global = sum(a == max(areas) for a in areas)
+    num_global = check_positive_int(num_global, "num_global")
+    if num_global > len(crops):
+        raise ValueError(f"num_global={num_global} exceeds the {len(crops)} crops")
+    if min(areas[:num_global]) < max(areas[num_global:], default=0):
+        raise ValueError(
+            f"the {num_global} global crops must come first and be the largest, got sizes "
+            f"{[c.size for c in crops]}"
+        )
+    return crops, num_global
+
+
 class MultiCropTransform:
     """Draw several views of an image and record their crop boxes and flips.
 
@@ -306,26 +334,7 @@ class MultiCropTransform:
         min_overlap: float = 0.0,
         max_tries: int = 10,
     ) -> None:
-        if not isinstance(crops, Sequence):
-            raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
-        if not crops:
-            raise ValueError("crops is empty: give one CropSpec per view, global views first")
-        crops = list(crops)
-        if not all(isinstance(c, CropSpec) for c in crops):
-            raise TypeError(f"crops must be a non-empty sequence of CropSpec, got {crops!r}")
-        areas = [math.prod(_hw(c.size)) for c in crops]
-        if num_global is None:
-            num_global = sum(a == max(areas) for a in areas)
-        num_global = check_positive_int(num_global, "num_global")
-        if num_global > len(crops):
-            raise ValueError(f"num_global={num_global} exceeds the {len(crops)} crops")
-        if min(areas[:num_global]) < max(areas[num_global:], default=0):
-            raise ValueError(
-                f"the {num_global} global crops must come first and be the largest, got sizes "
-                f"{[c.size for c in crops]}"
-            )
-        self.crops = crops
-        self.num_global = num_global
+        self.crops, self.num_global = _check_crops(crops, CropSpec, num_global)
         self.min_overlap = check_unit_interval(min_overlap, "min_overlap")
         self.max_tries = check_positive_int(max_tries, "max_tries")
 
