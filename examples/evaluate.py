@@ -21,9 +21,12 @@ teacher's backbone is read (``--which student`` for the student's).
   patch tokens before the final norm (the tokens SERE trains).
 
 Every table carries its sanity bounds beside the models, so a reader sees whether the probe can
-see anything: **random weights** (the same ViT, untrained: the lower bound) and a **hand-made
-feature** (each patch's colour mean and spread and the magnitude spectrum of its gray levels:
-a fixed feature that sees texture, an upper-ish bound for a model that has learnt little).
+see anything: **random weights** (the same ViT, untrained: the floor, ``kind`` "floor") and a
+**hand-made feature** (each patch's colour mean and spread and the magnitude spectrum of its gray
+levels: a fixed feature that sees texture, ``kind`` "reference", what a model that has learnt
+little should beat). Neither bounds every metric: on the invariance measure the hand-made
+feature can sit above random weights, and on k-NN both can sit below the majority class
+(``kind`` "chance").
 
 Data: ``--data generated`` (the default; :class:`seg_data.ShapesSegmentation`, textured objects
 of 4 classes, ``--images TRAIN,VAL``), a folder of Fashion-MNIST's four idx files
@@ -67,7 +70,10 @@ class Extractor:
     """
 
     name: str
-    kind: str  # "model", "lower bound", "upper bound" (hand-made) or "ceiling" (supervised)
+    # "model", "floor" (random weights), "reference" (hand-made) or "ceiling" (supervised): the
+    # floor and the reference are what a model that learnt nothing, or little, reaches; neither
+    # bounds every metric (a hand-made feature can be less invariant than random weights).
+    kind: str
     patch: int
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
@@ -114,7 +120,7 @@ class PatchSpectrum(Extractor):
     """
 
     def __init__(self, patch: int, name: str = "hand-made patch spectrum") -> None:
-        self.patch, self.name, self.kind = patch, name, "upper bound"
+        self.patch, self.name, self.kind = patch, name, "reference"
 
     def dense(self, images: Tensor) -> Tensor:
         """``(B, 6 + p * (p // 2 + 1) - 1, h, w)``."""
@@ -167,7 +173,7 @@ def random_extractor(preset: dict[str, Any], seed: int) -> ViTExtractor:
     """The lower bound: the same ViT with random weights (seeded)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ViTExtractor(build_backbone(preset), "random weights", "lower bound")
+        return ViTExtractor(build_backbone(preset), "random weights", "floor")
 
 
 def supervised_extractor(
@@ -564,7 +570,11 @@ COLUMNS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line: the task, the checkpoints, the data and the probes' settings."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("task", choices=["probe", "knn", "invariance", "all"])
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument(

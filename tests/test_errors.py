@@ -567,6 +567,23 @@ CASES: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
         ),
     ),
     (
+        "maps channels last",
+        ValueError,
+        r"student_global has 4 channels but the loss was built for 12 \(dim=12\): build it with "
+        r"dim=4, the backbone's width; or, if these are feature maps, give them channels first "
+        r"\(B, C, H, W\): channels last \(B, H, W, 12\) read as 4 channels",
+        _sere_call(student_global=torch.randn(2 * B, 4, 4, 12),
+                   teacher_global=torch.randn(2 * B, 4, 4, 12)),
+    ),
+    (
+        "views stacked, not concatenated",
+        ValueError,
+        r"student_global must hold its views concatenated along dim 0, \(V \* B, T, C\) tokens "
+        r"or \(V \* B, C, H, W\) maps; got shape \(2, 2, 12, 4, 4\), a stack \(V, B, \.\.\.\): "
+        r"give x\.flatten\(0, 1\)",
+        _sere_call(student_global=torch.randn(2, B, 12, 4, 4)),
+    ),
+    (
         "string views",
         TypeError,
         r"tensor \(views concatenated along dim 0\) or a list of tensors, got str",

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -833,3 +836,31 @@ class TestMinOverlap:
     def test_bad_options(self, kwargs: dict, error: type[Exception], match: str) -> None:
         with pytest.raises(error, match=match):
             MultiCropTransform([_spec(), _spec()], **kwargs)
+
+
+def test_a_torchvision_built_for_another_torch_gets_a_message_that_says_what_to_do() -> None:
+    # pip can pair a local CPU-only torch wheel with a registry torchvision built for another
+    # torch; torchvision's import then fails deep inside with "operator torchvision::nms does
+    # not exist". The transforms say what happened and how to repair it.
+    code = """
+import sys
+class Broken:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision.transforms":
+            raise RuntimeError("operator torchvision::nms does not exist")
+sys.meta_path.insert(0, Broken())
+try:
+    import sere_loss.transforms
+except ImportError as error:
+    print(error)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.match(
+        r"torchvision \S+ does not work with the installed torch \S+ \(operator torchvision::nms "
+        r"does not exist\): they must be built for each other\. Install both into a fresh virtual "
+        r"environment",
+        out.stdout,
+    ), out.stdout

@@ -31,6 +31,12 @@ def join_views(
     one of ``num_views`` and ``batch`` must be known; the other is derived and checked.
     """
     if isinstance(x, Tensor):
+        if x.ndim == 5:
+            raise ValueError(
+                f"{name} must hold its views concatenated along dim 0, (V * B, T, C) tokens or "
+                f"(V * B, C, H, W) maps; got shape {tuple(x.shape)}, a stack (V, B, ...): give "
+                "x.flatten(0, 1)"
+            )
         rows = x.shape[0] if x.ndim else 0
         known = batch if batch is not None else num_views
         if not known or rows == 0 or rows % known:

@@ -51,10 +51,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
 from ._checks import check_int, check_positive_int, check_unit_interval
-from .transforms import (
+from .transforms import (  # it explains a torchvision built for another torch
     IMAGENET_MEAN,
     IMAGENET_STD,
     Crops,
@@ -239,6 +238,8 @@ class BatchMultiCrop:
 
         def rand(*shape: int) -> Tensor:
             return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+
+        from torchvision.ops import roi_align  # here, once .transforms has checked torchvision
 
         n = len(batch)
         views, boxes, flips = [], [], []

@@ -336,9 +336,16 @@ def _check_views(
                     if default
                     else f"give it heads that take {channels}"
                 )
+                hint = (
+                    f"; or, if these are feature maps, give them channels first (B, C, H, W): "
+                    f"channels last (B, H, W, {width}) read as {channels} channels, "
+                    f"x.permute(0, 3, 1, 2) turns them"
+                    if tokens.shape[1] % width == 0
+                    else ""
+                )
                 raise ValueError(
                     f"{name} has {channels} channels but the loss was built for {width} "
-                    f"({source}): {fix}, the backbone's width"
+                    f"({source}): {fix}, the backbone's width{hint}"
                 )
 
     def layout(tokens: Tensor, hw: tuple[int, int] | None) -> str:

@@ -42,7 +42,18 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
-import torchvision.transforms as v1
+
+try:
+    import torchvision.transforms as v1
+except RuntimeError as error:  # a torchvision built against another torch: its ops do not load
+    from importlib.metadata import version
+
+    raise ImportError(
+        f"torchvision {version('torchvision')} does not work with the installed torch "
+        f"{torch.__version__} ({error}): they must be built for each other. Install both into a "
+        "fresh virtual environment and let pip choose them together (pip install torch "
+        "torchvision, neither pinned), then check with: python -c 'import torchvision'"
+    ) from error
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import default_collate
