@@ -405,12 +405,20 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
     ("kwargs", "error", "match"),
     [
         ({"blur_taps": 12}, ValueError, "blur_taps must be odd"),
-        ({"hue": 0.7}, ValueError, r"hue must lie in \[0, 0.5\]"),
+        ({"hue": 0.7}, ValueError, r"hue must be a number in \[0, 0.5\]"),
         ({"jitter_p": -0.1}, ValueError, "jitter_p must lie in"),
-        ({"brightness": -0.5}, ValueError, r"brightness must be a number >= 0"),
-        ({"mean": 0.5}, ValueError, "mean must be three numbers"),
+        ({"brightness": -0.5}, ValueError, r"brightness must be a finite number >= 0"),
+        ({"mean": 0.5}, ValueError, "mean must be three finite numbers"),
         ({"blur_sigma": (0.0, 1.0)}, ValueError, "blur_sigma must be > 0"),
-        ({"std": (1.0, 0.0, 1.0)}, ValueError, "std must be three numbers"),
+        ({"std": (1.0, 0.0, 1.0)}, ValueError, "std must be three finite numbers"),
+        # values that passed the checks and gave NaN views, or failed inside torch
+        ({"contrast": math.inf}, ValueError, r"contrast must be a finite number >= 0"),
+        ({"saturation": math.nan}, ValueError, r"saturation must be a finite number >= 0"),
+        ({"blur_sigma": (math.inf, math.inf)}, ValueError, "blur_sigma must be a pair of finite"),
+        ({"std": (math.nan, 1.0, 1.0)}, ValueError, "std must be three finite numbers"),
+        ({"mean": ("a", "b", "c")}, ValueError, "mean must be three finite numbers"),
+        ({"std": ("a", "b", "c")}, ValueError, "std must be three finite numbers"),
+        ({"hue": -0.1}, ValueError, r"hue must be a number in \[0, 0.5\], got -0.1"),
     ],
 )  # fmt: skip
 def test_bad_colours(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -428,7 +436,7 @@ def test_globals_come_first_and_are_largest() -> None:
     assert BatchMultiCrop([large, large, small]).num_local == 1
     with pytest.raises(ValueError, match="crops is empty: give one BatchCropSpec per view"):
         BatchMultiCrop([])
-    with pytest.raises(TypeError, match="non-empty sequence of BatchCropSpec, got \\[CropSpec"):
+    with pytest.raises(TypeError, match=r"crops\[0\] must be a BatchCropSpec, got CropSpec"):
         BatchMultiCrop([CropSpec(16, (0.5, 1.0))])  # the CPU transform's spec
 
 
@@ -457,3 +465,44 @@ def test_cuda_batch_crops_never_wait_for_the_device() -> None:
         for b in range(8):
             box, flip = out.boxes[b, v].cpu(), bool(out.flips[b, v])
             assert max(_errors(view[b].cpu(), box, flip, H0, W0)) <= 1
+
+
+@pytest.mark.parametrize("ratio", [(1.0, math.inf), (math.inf, math.inf), (0.5, math.nan)])
+def test_infinite_ratios_are_refused(ratio: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="ratio must be a pair of finite numbers"):
+        BatchCropSpec(8, (0.1, 0.3), ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [(1e-9, 1e-9), (1e9, 1e9)])
+def test_a_ratio_no_crop_can_take_falls_back_to_a_crop_of_at_least_a_pixel(
+    ratio: tuple[float, float],
+) -> None:
+    # No draw fits, and the centred fallback of that ratio rounded to 0 pixels: the boxes had
+    # zero width or height, which the loss refused only later.
+    images = torch.randint(0, 256, (2, 3, 20, 30), dtype=torch.uint8)
+    spec = BatchCropSpec(8, (0.1, 0.3), ratio=ratio, colour=None)
+    crops = BatchMultiCrop([spec])(images, generator=torch.Generator().manual_seed(0))
+    boxes = crops.boxes[:, 0]
+    assert bool((boxes[:, 2] > boxes[:, 0]).all() & (boxes[:, 3] > boxes[:, 1]).all()), boxes
+    assert torch.isfinite(crops.views[0]).all()
+
+
+def test_float_images_outside_unit_levels_are_refused() -> None:
+    transform = BatchMultiCrop([BatchCropSpec(8, (0.5, 1.0))])
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"images must hold float levels in \[0, 1\], got "
+                       r"values in \[.*, 255\]: scale 0-255 levels by 1/255"):  # fmt: skip
+        transform(images * 255)
+    images[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"got values in \[.*\] and NaN"):
+        transform(images)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got 0"):
+        transform(torch.rand(2, 3, 16, 16), generator=0)
+
+
+def test_as_uint8_refuses_float_levels_it_would_clip() -> None:
+    as_uint8 = BT.as_uint8
+    assert as_uint8(torch.full((3, 2, 2), 1.0)).unique().tolist() == [255]
+    for bad, what in ((3.0, r"values in \[3, 3\]"), (math.nan, "non-finite")):
+        with pytest.raises(ValueError, match=what):
+            as_uint8(torch.full((3, 2, 2), bad))

@@ -547,7 +547,7 @@ class TestBadInput:
         ("crops", "num_global", "error", "match"),
         [
             ([], None, ValueError, "crops is empty"),
-            ([_spec(), "crop"], None, TypeError, "crops"),
+            ([_spec(), "crop"], None, TypeError, r"crops\[1\] must be a CropSpec, got str"),
             ([_spec(), _spec()], 3, ValueError, "num_global"),
             ([_spec(), _spec()], 0, ValueError, "num_global"),
             ([_spec(), _spec()], 1.0, TypeError, "num_global"),

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int, check_positive_int, check_unit_interval
+from ._checks import _on_host, check_int, check_positive_int, check_unit_interval
 from .transforms import (  # it explains a torchvision built for another torch
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -61,6 +61,7 @@ from .transforms import (  # it explains a torchvision built for another torch
     _check_crops,
     _check_pixels,
     _hw,
+    _scaled_to_uint8,
 )
 
 __all__ = [
@@ -79,10 +80,12 @@ def _check_range(value: object, name: str, low: float, high: float) -> tuple[flo
         not isinstance(value, Sequence)
         or len(value) != 2
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not all(math.isfinite(v) for v in value)
         or not low <= value[0] <= value[1] <= high
     ):
         raise ValueError(
-            f"{name} must be a pair (low, high) with {low} <= low <= high <= {high}, got {value!r}"
+            f"{name} must be a pair of finite numbers (low, high) with {low} <= low <= high <= "
+            f"{high}, got {value!r}"
         )
     return float(value[0]), float(value[1])
 
@@ -123,10 +126,17 @@ class BatchColour:
             check_unit_interval(getattr(self, name), name)
         for name in ("brightness", "contrast", "saturation"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0 (ColorJitter's), got {value!r}")
-        if check_unit_interval(self.hue, "hue") > 0.5:
-            raise ValueError(f"hue must lie in [0, 0.5], got {self.hue}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < math.inf
+            ):
+                raise ValueError(
+                    f"{name} must be a finite number >= 0 (ColorJitter's), got {value!r}"
+                )
+        hue = self.hue
+        if isinstance(hue, bool) or not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
+            raise ValueError(f"hue must be a number in [0, 0.5], got {hue!r}")
         sigma = _check_range(self.blur_sigma, "blur_sigma", 0.0, math.inf)
         if sigma[0] <= 0:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma!r}")
@@ -138,9 +148,13 @@ class BatchColour:
             if (
                 not isinstance(value, Sequence)
                 or len(value) != 3
+                or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in value
+                )
                 or (name == "std" and min(value) <= 0)
             ):
-                raise ValueError(f"{name} must be three numbers (std > 0), got {value!r}")
+                raise ValueError(f"{name} must be three finite numbers (std > 0), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +244,8 @@ class BatchMultiCrop:
                           for i in images]  # fmt: skip
         batch, heights, widths = _stack(images)
         device = batch.device
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         if generator is not None and not _same_device(generator.device, device):
             raise ValueError(
                 f"generator is on {generator.device} but the images are on {device}: give a "
@@ -289,9 +305,31 @@ def as_uint8(image: object) -> Tensor:
     only decode.
     """
     levels = _as_image(image).as_subclass(Tensor)
-    if levels.is_floating_point():
-        levels = (levels.clamp(0, 1) * 255).round().to(torch.uint8)
+    if levels.is_floating_point():  # [0, 1] as the PIL "F" images: outside it, or NaN, refused
+        levels = _scaled_to_uint8(levels.double(), 1.0, f"a {levels.dtype} tensor")
     return levels.contiguous()
+
+
+def _check_unit_levels(image: Tensor, what: str) -> None:
+    """Float levels must lie in ``[0, 1]`` (NaN refused), as ``set_value_checks`` says where."""
+    on_host = _on_host(image)
+    if on_host is None or image.numel() == 0:
+        return
+    inside = ((image >= 0) & (image <= 1)).all()  # False for NaN
+    if not on_host:
+        torch._assert_async(
+            inside,
+            f"{what} must hold float levels in [0, 1] (checked on the device; scale 0-255 "
+            "levels by 1/255 or give uint8)",
+        )
+        return
+    if not bool(inside):
+        lo, hi = image.nan_to_num(nan=math.inf).min(), image.nan_to_num(nan=-math.inf).max()
+        nan = " and NaN" if bool(image.isnan().any()) else ""
+        raise ValueError(
+            f"{what} must hold float levels in [0, 1], got values in [{float(lo):.4g}, "
+            f"{float(hi):.4g}]{nan}: scale 0-255 levels by 1/255, or give uint8"
+        )
 
 
 def _levels(image: Tensor, what: str) -> Tensor:
@@ -304,6 +342,7 @@ def _levels(image: Tensor, what: str) -> Tensor:
         image = image.float() / 255
     elif image.is_floating_point():
         image = image.float()
+        _check_unit_levels(image, what)
     else:
         raise TypeError(
             f"{what} must be uint8 or floats in [0, 1], got {image.dtype}: scale other integer "
@@ -386,8 +425,8 @@ def _draw_boxes(
     # The fallback: the whole image, or its largest centred crop of the nearest allowed ratio.
     image_ratio = widths / heights
     tall, wide = image_ratio < ratio[0], image_ratio > ratio[1]
-    fw = torch.where(wide, torch.round(heights * ratio[1]), widths)
-    fh = torch.where(tall, torch.round(widths / ratio[0]), heights)
+    fw = torch.where(wide, torch.round(heights * ratio[1]).clamp(min=1), widths)
+    fh = torch.where(tall, torch.round(widths / ratio[0]).clamp(min=1), heights)
     found = fits.any(dim=1)
     h, w = torch.where(found, h, fh), torch.where(found, w, fw)
     top = torch.where(found, top, torch.floor((heights - fh) / 2))

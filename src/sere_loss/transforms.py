@@ -282,8 +282,9 @@ def _check_crops(crops: object, spec: type, num_global: int | None) -> tuple[lis
     if not crops:
         raise ValueError(f"crops is empty: give one {name} per view, global views first")
     crops = list(crops)
-    if not all(isinstance(c, spec) for c in crops):
-        raise TypeError(f"crops must be a non-empty sequence of {name}, got {crops!r}")
+    for k, crop in enumerate(crops):
+        if not isinstance(crop, spec):
+            raise TypeError(f"crops[{k}] must be a {name}, got {type(crop).__name__}")
     areas = [math.prod(_hw(c.size)) for c in crops]
     if num_global is None:
         num_global = sum(a == max(areas) for a in areas)
