@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -268,6 +269,40 @@ def test_a_compiler_failure_leaves_the_loss_eager_and_says_so() -> None:
     # From then on it is eager: no second attempt, no second warning.
     torch.testing.assert_close(sere(student, teacher, boxes, flips, local), loss)
     assert calls == [1]
+    assert sere._compile_options is None
+
+
+def test_an_explicit_lattice_denser_than_the_tokens_stays_compiled() -> None:
+    # Its warning used to be traced inside the graph, which broke it: the loss went eager
+    # with a "compiling failed" warning.
+    student, teacher, _, boxes, flips = _crops()
+    boxes, flips = boxes[:, :2], flips[:, :2]  # the global views only
+    torch.manual_seed(0)
+    sere = SERELoss(DIM, num_heads=HEADS, global_lattice=9)  # 7 x 7 tokens
+    eager = copy.deepcopy(sere)
+    sere.compile(backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss = sere(student, teacher, boxes, flips)
+    assert sere._compile_options is not None  # still compiled
+    with pytest.warns(UserWarning, match=r"global_lattice=\(9, 9\) is denser than"):
+        expected = eager(student, teacher, boxes, flips)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_recompile_limit_is_named_not_reported_as_a_compiler_bug() -> None:
+    sere = ChannelSelfRelationLoss(DIM)
+    sere.compile(backend="aot_eager")
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, name, 1)
+        student, teacher, local, _, _ = _crops(batch=2)
+        sere(student, teacher, local)
+        student, teacher, local, _, _ = _crops(batch=3)  # a new shape: over the limit
+        with pytest.warns(RuntimeWarning, match=r"met more shapes, dtypes or temperatures than "
+                          r"torch's recompile limit \(1, "):  # fmt: skip
+            sere(student, teacher, local)
     assert sere._compile_options is None
 
 

@@ -441,6 +441,11 @@ class _Compilable(nn.Module):
         - a new autocast state (on or off, another dtype) compiles again, and so does a new
           value of a term's per-call ``teacher_temp=`` or ``student_temp=`` (a constant of the
           graph): pass schedules as the module's attributes only if they change rarely;
+        - after torch's recompile limit (``torch._dynamo.config.recompile_limit``, 8 graphs)
+          the loss runs eager from there on, and says so;
+        - a warning that depends on shapes only (an explicit lattice denser than the token
+          grid) is not given inside the graph: call the loss once before ``compile()`` to see
+          it;
         - under ``mode="reduce-overhead"`` the graph's outputs live in memory that the next
           replay reuses; this module returns copies of them, so a loss or a logged term kept
           from an earlier step stays valid.
@@ -490,13 +495,24 @@ class _Compilable(nn.Module):
             self.__dict__.pop("_compiled_loss", None)
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             said = " ".join(lines[:2])[:300]
-            warnings.warn(
-                f"compiling {type(self).__name__} failed ({type(error).__name__}: {said});"
-                " it runs eager from here on, with the same maths and its usual cost. Report "
-                "the error with your torch version; call compile() again to retry",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if "recompile" in type(error).__name__.lower() or "recompile_limit" in str(error):
+                config = torch._dynamo.config
+                limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", "?"))
+                message = (
+                    f"compiled {type(self).__name__} met more shapes, dtypes or temperatures "
+                    f"than torch's recompile limit ({limit}, "
+                    "torch._dynamo.config.recompile_limit); it runs eager from here on, with "
+                    "the same maths and its usual cost. Keep the batch and crop sizes fixed "
+                    "(drop_last=True) and the temperatures constant; call compile() again to "
+                    "start over"
+                )
+            else:
+                message = (
+                    f"compiling {type(self).__name__} failed ({type(error).__name__}: {said});"
+                    " it runs eager from here on, with the same maths and its usual cost. "
+                    "Report the error with your torch version; call compile() again to retry"
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             return out
         if on_cuda and self.__dict__.get("_compiled_mode") in _GRAPH_MODES:
             # CUDA graphs reuse their output memory at the next replay: hand back copies.
@@ -810,7 +826,8 @@ class SpatialSelfRelationLoss(_Compilable):
             return hw
         denser = explicit[0] > grid[0] or explicit[1] > grid[1]
         key = (name, explicit, grid)
-        if denser and key not in self._warned:
+        # Not inside a compiled graph, where a warning cannot be traced (compile() says so).
+        if denser and key not in self._warned and not torch.compiler.is_compiling():
             self._warned.add(key)
             warnings.warn(
                 f"{name}={explicit} is denser than the {kind} token grid {grid} it reads: the "
