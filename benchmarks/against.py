@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def import_tree(name: str, src: Path) -> ModuleType:
     """``src/sere_loss`` imported as the top-level package ``name``."""
+    init = src / "sere_loss" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"{init.parent} does not exist at that commit: no sere_loss to time")
     spec = importlib.util.spec_from_file_location(
-        name, src / "sere_loss" / "__init__.py", submodule_search_locations=[str(src / "sere_loss")]
+        name, init, submodule_search_locations=[str(src / "sere_loss")]
     )
     if spec is None or spec.loader is None:
         raise SystemExit(f"{src}: no sere_loss package there")
@@ -82,9 +86,16 @@ def compare(
     losses = {}
     for name, library in libraries.items():
         torch.manual_seed(0)
-        losses[name] = library.SERELoss(
-            setting.dim, num_heads=setting.heads, backend=backend, **RECIPES[recipe]
-        )
+        try:
+            losses[name] = library.SERELoss(
+                setting.dim, num_heads=setting.heads, backend=backend, **RECIPES[recipe]
+            )
+        except TypeError as error:  # an older SERELoss without one of the settings
+            where = "this tree" if name == "this" else "the other commit"
+            raise SystemExit(
+                f"{where}'s SERELoss does not take backend={backend!r} with the {recipe!r} recipe "
+                f"written out ({error}): choose a newer --ref"
+            ) from error
 
     def step(name: str) -> torch.Tensor:
         for leaf in inputs.leaves():
@@ -162,7 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--ref", required=True, help="the commit, branch or tag to compare against")
     p.add_argument("--settings", nargs="+", default=["dino_b32"], choices=sorted(SETTINGS))
-    p.add_argument("--backends", nargs="+", default=["auto", "chunked"])
+    p.add_argument(
+        "--backends", nargs="+", default=["auto", "chunked"],
+        choices=["auto", "reference", "dense", "chunked", "triton"],
+    )  # fmt: skip
     p.add_argument("--recipes", nargs="+", default=["authors", "paper"], choices=sorted(RECIPES))
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds, at least 5")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per round and tree")
@@ -171,30 +185,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.rounds < 5 or args.repeat < 1:
         p.error(f"--rounds must be >= 5 and --repeat >= 1, got {args.rounds} and {args.repeat}")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    try:  # before the timing, not after it
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        p.error(f"--out {args.out}: cannot write there ({error})")
     ref_commit = git("rev-parse", "--verify", f"{args.ref}^{{commit}}")
     if ref_commit == "unknown":
         p.error(f"--ref {args.ref!r} is not a commit of this repository")
     started, load_start = environment(torch.device("cpu")), load()
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM, SIGHUP: clean up as Ctrl-C does
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
-        subprocess.run(
-            [
-                "git",
-                "-C",
-                str(ROOT),
-                "worktree",
-                "add",
-                "--detach",
-                "--quiet",
-                str(tree),
-                ref_commit,
-            ],
-            check=True,
-        )
+        add = ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree)]
         try:
-            libraries = {"this": this_tree(), "other": import_tree("sere_loss_other", tree / "src")}
+            subprocess.run([*add, ref_commit], check=True)
+            other = import_tree("sere_loss_other", tree / "src")
+            libraries = {"this": this_tree(), "other": other}
             rows = []
             for name in args.settings:
                 for backend, recipe in itertools.product(args.backends, args.recipes):
@@ -203,10 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ratio = row["ratio"]["median"]
                     print(f"{name} {backend} {recipe}: here / there {ratio:.3f}", flush=True)
                     rows.append(row)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
-            )
+        finally:  # also after a failed or interrupted add, which leaves a prunable entry
+            remove = ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)]
+            subprocess.run(remove, check=False, capture_output=True)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
     record = {
         "ref": args.ref,
         "ref_commit": ref_commit,
@@ -219,7 +234,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     stem = "against-" + "".join(c if c.isalnum() or c in "-." else "_" for c in args.ref)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(record))
     print(markdown(record))
