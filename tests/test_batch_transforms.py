@@ -467,6 +467,12 @@ def test_cuda_batch_crops_never_wait_for_the_device() -> None:
             assert max(_errors(view[b].cpu(), box, flip, H0, W0)) <= 1
 
 
+def test_the_dino_recipe_names_a_bad_normalisation() -> None:
+    with pytest.raises(ValueError, match=r"mean must be three finite numbers \(std > 0\), got 0.5"):
+        BT.batch_dino_sere_transform(mean=0.5)  # type: ignore[arg-type]
+    assert BT.batch_dino_sere_transform(std=[0.5, 0.5, 0.5]).crops[0].colour.std == (0.5,) * 3
+
+
 @pytest.mark.parametrize("ratio", [(1.0, math.inf), (math.inf, math.inf), (0.5, math.nan)])
 def test_infinite_ratios_are_refused(ratio: tuple[float, float]) -> None:
     with pytest.raises(ValueError, match="ratio must be a pair of finite numbers"):

@@ -155,6 +155,7 @@ class BatchColour:
                 or (name == "std" and min(value) <= 0)
             ):
                 raise ValueError(f"{name} must be three finite numbers (std > 0), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,7 +615,7 @@ def batch_dino_sere_transform(
     (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2.
     """
     num_local = check_int(num_local, "num_local", 0)
-    norm = {"mean": tuple(mean), "std": tuple(std)}
+    norm = {"mean": mean, "std": std}  # BatchColour checks them and names them
     global1 = BatchColour(blur_p=1.0, **norm)  # type: ignore[arg-type]
     global2 = BatchColour(blur_p=0.1, solarize_p=0.2, **norm)  # type: ignore[arg-type]
     local = BatchColour(blur_p=0.5, **norm)  # type: ignore[arg-type]
