@@ -498,21 +498,24 @@ class _Compilable(nn.Module):
             if "recompile" in type(error).__name__.lower() or "recompile_limit" in str(error):
                 config = torch._dynamo.config
                 limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", "?"))
-                message = (
+                warnings.warn(
                     f"compiled {type(self).__name__} met more shapes, dtypes or temperatures "
                     f"than torch's recompile limit ({limit}, "
                     "torch._dynamo.config.recompile_limit); it runs eager from here on, with "
                     "the same maths and its usual cost. Keep the batch and crop sizes fixed "
                     "(drop_last=True) and the temperatures constant; call compile() again to "
-                    "start over"
+                    "start over",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
             else:
-                message = (
+                warnings.warn(
                     f"compiling {type(self).__name__} failed ({type(error).__name__}: {said});"
                     " it runs eager from here on, with the same maths and its usual cost. "
-                    "Report the error with your torch version; call compile() again to retry"
+                    "Report the error with your torch version; call compile() again to retry",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
             return out
         if on_cuda and self.__dict__.get("_compiled_mode") in _GRAPH_MODES:
             # CUDA graphs reuse their output memory at the next replay: hand back copies.
