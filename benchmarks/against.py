@@ -4,8 +4,9 @@ A change that is meant not to cost anything (a refactor, a check moved, a path m
 compilable) is held to the loss before it: both versions of ``sere_loss`` are imported into one
 process (the other from a temporary ``git worktree``), build the same ``SERELoss`` from the
 same seed, are checked to give the same loss, and are timed in interleaved rounds on the
-inputs of ``cases.py``'s settings. The figure is the median of the per-round ratios
-(this tree / the other), with its IQR and an interval for the median (``stats.py``)::
+inputs of ``cases.py``'s settings, as ``run.py`` times its cases (``run.time_rounds``). The
+figure is the median of the per-round ratios (this tree / the other), with its IQR and an
+interval for the median (``stats.py``)::
 
     python benchmarks/against.py --ref main --threads 1                  # the default: dino_b32
     python benchmarks/against.py --ref v0.1.0 --settings dino_b32 g448_b8 --backends auto chunked
@@ -23,15 +24,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from cases import SETTINGS, Setting, make_inputs
+from cases import SETTINGS, Case, Setting, make_inputs
 from record import environment, git, load
+from run import time_rounds
 from stats import ratio_summary
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,9 +82,9 @@ def compare(
     backend: str,
     recipe: str,
     rounds: int,
-    repeat: int,
+    min_sample: float,
 ) -> dict[str, Any]:
-    """Interleaved rounds of one setting and backend: each round times both, best of ``repeat``."""
+    """Interleaved rounds of one setting and backend (``run.time_rounds``): both, each round."""
     inputs = make_inputs(setting, torch.device("cpu"))
     losses = {}
     for name, library in libraries.items():
@@ -97,36 +100,25 @@ def compare(
                 f"written out ({error}): choose a newer --ref"
             ) from error
 
-    def step(name: str) -> torch.Tensor:
-        for leaf in inputs.leaves():
-            leaf.grad = None
-        loss = losses[name](
+    def call(loss: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        return lambda: loss(
             inputs.student_global,
             inputs.teacher_global,
             inputs.boxes,
             inputs.flips,
             inputs.student_local,
         )
-        loss.backward()
-        return loss.detach()
 
-    values = {name: step(name) for name in libraries}  # also the warm-up
-    this, other = values["this"], values["other"]
+    leaves = inputs.leaves()
+    built = [Case(setting, name, "sere", call(loss), leaves) for name, loss in losses.items()]
+    this, other = (case.step() for case in built)
     if not torch.allclose(this, other, rtol=1e-5, atol=1e-6):
         raise SystemExit(
             f"{setting.name}, backend={backend!r}, recipe {recipe!r}: the two trees give "
             f"different losses ({float(this):.6g} here, {float(other):.6g} at the other "
             "commit): a timing of two different computations says nothing"
         )
-    times: dict[str, list[float]] = {name: [] for name in libraries}
-    for r in range(rounds):
-        for name in list(libraries) if r % 2 == 0 else list(libraries)[::-1]:
-            best = float("inf")
-            for _ in range(repeat):
-                tic = time.perf_counter()
-                step(name)
-                best = min(best, time.perf_counter() - tic)
-            times[name].append(best)
+    times, numbers, cpu = time_rounds(built, rounds, torch.device("cpu"), min_sample)
     return {
         "setting": setting.name,
         "description": setting.description,
@@ -134,6 +126,8 @@ def compare(
         "recipe": recipe,
         "loss": float(this),
         "seconds": times,
+        "cpu_seconds": cpu,
+        "steps_per_sample": numbers,
         "ratio": ratio_summary(times["this"], times["other"]),
     }
 
@@ -145,8 +139,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"# This tree against {record['ref']} ({record['ref_commit'][:10]})",
         "",
         f"SERE's whole loss, forward and backward, on {env['device']['name']}, "
-        f"{record['threads']} torch thread(s), {record['rounds']} interleaved rounds (best of "
-        f"{record['repeat']} per round); this tree at {env['commit'][:10]}"
+        f"{record['threads']} torch thread(s), {record['rounds']} interleaved rounds "
+        f"(each sample the mean of steps lasting {record['min_sample']} s or more); this tree "
+        f"at {env['commit'][:10]}"
         f"{' with uncommitted changes' if env['dirty'] else ''}, torch "
         f"{env['versions']['torch']}; load average {record['load_start']} at the start, "
         f"{record['load_end']} at the end. A ratio below 1 is faster here.",
@@ -179,12 +174,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     p.add_argument("--recipes", nargs="+", default=["authors", "paper"], choices=sorted(RECIPES))
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds, at least 5")
-    p.add_argument("--repeat", type=int, default=3, help="timed steps per round and tree")
+    p.add_argument("--min-sample", type=float, default=0.2, help="seconds per sample, at least")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    if args.rounds < 5 or args.repeat < 1:
-        p.error(f"--rounds must be >= 5 and --repeat >= 1, got {args.rounds} and {args.repeat}")
+    if args.rounds < 5 or not args.min_sample >= 0:
+        p.error(
+            f"--rounds must be >= 5 and --min-sample >= 0, got {args.rounds} and {args.min_sample}"
+        )
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in args.settings:
                 for backend, recipe in itertools.product(args.backends, args.recipes):
                     setting = SETTINGS[name]
-                    row = compare(libraries, setting, backend, recipe, args.rounds, args.repeat)
+                    row = compare(libraries, setting, backend, recipe, args.rounds, args.min_sample)
                     ratio = row["ratio"]["median"]
                     print(f"{name} {backend} {recipe}: here / there {ratio:.3f}", flush=True)
                     rows.append(row)
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ref_commit": ref_commit,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "repeat": args.repeat,
+        "min_sample": args.min_sample,
         "environment": started,
         "load_start": load_start,
         "load_end": load(),
