@@ -24,14 +24,19 @@ from conftest import EXAMPLES, train_tiny
 pytest.importorskip("timm", reason="the examples need the 'examples' extra (timm, tqdm)")
 
 
-def test_a_checkpoint_with_non_finite_values_is_never_written(
-    examples: Any, tmp_path: Path
-) -> None:
+def _saved_once(examples: Any, tmp_path: Path) -> tuple[Any, Any, bytes]:
+    """A run directory, its checkpointer, and the bytes of a first good checkpoint (step 1)."""
     process = examples.distributed.Process(0, 1, torch.device("cpu"))
     output = examples.rundir.OutputDir(tmp_path, resume=None, process=process)
     checkpointer = examples.checkpoints.Checkpointer(output)
     checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
-    before = (tmp_path / "checkpoint.pth").read_bytes()
+    return output, checkpointer, (tmp_path / "checkpoint.pth").read_bytes()
+
+
+def test_a_checkpoint_with_non_finite_values_is_never_written(
+    examples: Any, tmp_path: Path
+) -> None:
+    _, checkpointer, before = _saved_once(examples, tmp_path)
     with pytest.raises(SystemExit, match=r"non-finite values in model\.w\. .*untouched"):
         checkpointer.save({"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 2}, 2)
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
@@ -40,12 +45,7 @@ def test_a_checkpoint_with_non_finite_values_is_never_written(
 def test_a_checkpoint_that_reads_back_wrong_never_replaces_the_last_one(
     examples: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    output = examples.rundir.OutputDir(
-        tmp_path, resume=None, process=examples.distributed.Process(0, 1, torch.device("cpu"))
-    )
-    checkpointer = examples.checkpoints.Checkpointer(output)
-    checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
-    before = (tmp_path / "checkpoint.pth").read_bytes()
+    output, checkpointer, before = _saved_once(examples, tmp_path)
     save = torch.save
 
     def corrupting_save(state: dict[str, Any], f: Any) -> None:  # the bytes on disk differ
@@ -62,12 +62,7 @@ def test_a_checkpoint_that_reads_back_wrong_never_replaces_the_last_one(
 def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_one(
     examples: Any, tmp_path: Path
 ) -> None:
-    output = examples.rundir.OutputDir(
-        tmp_path, resume=None, process=examples.distributed.Process(0, 1, torch.device("cpu"))
-    )
-    checkpointer = examples.checkpoints.Checkpointer(output)
-    checkpointer.save({"model": {"w": torch.ones(2)}, "step": 1}, 1)
-    before = (tmp_path / "checkpoint.pth").read_bytes()
+    output, checkpointer, before = _saved_once(examples, tmp_path)
     (tmp_path / "checkpoint.pth.tmp" / "in-the-way").mkdir(parents=True)  # cannot be written
     with pytest.raises(
         SystemExit, match=rf"cannot write the checkpoint {tmp_path}/checkpoint.pth.tmp .*untouched"
