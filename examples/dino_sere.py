@@ -287,16 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device_crops:
         transform, device_crops = as_uint8, batch_dino_sere_transform(**views_of)  # SERE: same
     crop_seed = torch.Generator(device)  # each step's device crops: a function of its seed
-    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(
-        dataset, transform, process, args.check_images, preset.workers,
-        replace_bad=args.replace_bad_images,
-    )  # fmt: skip
-    loader, sampler = data.build_loader(
-        dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed, replace_bad=args.replace_bad_images,
-        collate_fn=data.collate_images if device_crops else None,
-    )  # fmt: skip
+    dataset, loader, sampler = data.prepare(
+        args, preset, transform, process, data.collate_images if device_crops else None
+    )
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
 

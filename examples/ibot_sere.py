@@ -355,15 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         global_scale=preset.global_scale, local_scale=preset.local_scale,
     )  # fmt: skip
     transform = MaskedMultiCrop(multicrop, preset.patch, args.mask_ranges)
-    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(
-        dataset, transform, process, args.check_images, preset.workers,
-        replace_bad=args.replace_bad_images,
-    )  # fmt: skip
-    loader, sampler = data.build_loader(
-        dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
-        seed=args.seed, replace_bad=args.replace_bad_images,
-    )  # fmt: skip
+    dataset, loader, sampler = data.prepare(args, preset, transform, process)
     steps_per_epoch = len(sampler) // preset.batch_size
     total_steps = preset.epochs * steps_per_epoch
 

@@ -246,20 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data: two views, with their crop boxes and flips recorded.
     transform = mocov3_transform(size=preset.global_px)  # SERE: records each view's box and flip
-    dataset = data.build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
-    data.check_images(
-        dataset, transform, process, args.check_images, preset.workers,
-        replace_bad=args.replace_bad_images,
-    )  # fmt: skip
-    loader, sampler = data.build_loader(
-        dataset,
-        transform,
-        process,
-        batch_size=preset.batch_size,
-        workers=preset.workers,
-        seed=args.seed,
-        replace_bad=args.replace_bad_images,
-    )
+    dataset, loader, sampler = data.prepare(args, preset, transform, process)
     steps_per_epoch = len(sampler) // preset.batch_size
 
     # Student (encoder + predictor) and momentum encoder, which starts as the student's.

@@ -9,6 +9,7 @@
 - :class:`ImageReadError`: an image that cannot be used, named by its file; with
   ``--replace-bad-images`` it is replaced by the next image that can be used instead.
 - :func:`collate_images`: batches of decoded images of one or several sizes (``--device-crops``).
+- :func:`prepare`: data set, check and loader as a trainer calls them, from its options.
 """
 
 from __future__ import annotations
@@ -361,6 +362,31 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
+
+
+def prepare(
+    args: Any,
+    preset: Any,
+    transform: Callable[[Any], Any],
+    process: Process,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> tuple[Dataset[Any], DataLoader[Any], ResumableSampler]:
+    """A trainer's data: the data set, its images checked, and this process's loader.
+
+    :func:`build_dataset` from ``--data`` (or the preset's synthetic images),
+    :func:`check_images` as ``--check-images`` and ``--replace-bad-images`` say, then
+    :func:`build_loader` at the preset's batch size and workers with the run's seed.
+    """
+    dataset = build_dataset(args.data, preset.synthetic_length, preset.synthetic_size)
+    check_images(
+        dataset, transform, process, args.check_images, preset.workers,
+        replace_bad=args.replace_bad_images,
+    )  # fmt: skip
+    loader, sampler = build_loader(
+        dataset, transform, process, batch_size=preset.batch_size, workers=preset.workers,
+        seed=args.seed, replace_bad=args.replace_bad_images, collate_fn=collate_fn,
+    )  # fmt: skip
+    return dataset, loader, sampler
 
 
 def collate_images(batch: Sequence[tuple[Tensor, Any]]) -> tuple[Tensor | list[Tensor], Tensor]:
